@@ -1,0 +1,1 @@
+"""Stateful actors: Station, Rental and Wallet, and the runtime that serializes their commands."""

@@ -1,0 +1,67 @@
+"""Doorbells on Dramatiq: a message says only "this entity has mail".
+
+With `REDIS_URL` the Redis broker carries them between processes; otherwise Dramatiq's
+in-process stub broker and worker threads do, and the async actor runs on the process's own
+event loop, so HTTP, MQTT and actors share one loop and one SQLite engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import dramatiq
+from dramatiq.asyncio import EventLoopThread, set_event_loop_thread
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
+
+from powerbank.actors import runtime as actor_runtime
+
+QUEUE_NAME = "mailboxes"
+_actor: dramatiq.Actor | None = None
+
+
+def _middleware() -> list:
+    return [AgeLimit(), TimeLimit(), ShutdownNotifications(), Callbacks(), Pipelines(), Retries(max_retries=20, min_backoff=50, max_backoff=5000)]
+
+
+def setup_broker(redis_url: str | None) -> dramatiq.Broker:
+    """Create the broker and declare the mailbox actor on it."""
+    global _actor
+    if redis_url:
+        from dramatiq.brokers.redis import RedisBroker
+        from dramatiq.middleware.asyncio import AsyncIO
+
+        broker = RedisBroker(url=redis_url, middleware=[*_middleware(), AsyncIO()])
+    else:
+        broker = StubBroker(middleware=_middleware())
+    dramatiq.set_broker(broker)
+    _actor = dramatiq.actor(drain_mailbox, queue_name=QUEUE_NAME, max_retries=20, broker=broker)
+    return broker
+
+
+async def drain_mailbox(kind: str, entity_id: str) -> None:
+    await actor_runtime.current().drain(kind, entity_id)
+
+
+class DramatiqDispatcher:
+    def ring(self, kind: str, entity_id: str) -> None:
+        assert _actor is not None, "setup_broker() first"
+        _actor.send(kind, entity_id)
+
+
+class SharedLoop(EventLoopThread):
+    """Lets Dramatiq's worker threads run async actors on an already running loop (ours)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        import logging
+
+        self.interrupt_check_ival = 0.1
+        self.logger = logging.getLogger("powerbank.dispatch")
+        self.loop = loop
+
+
+def start_embedded_worker(broker: dramatiq.Broker, loop: asyncio.AbstractEventLoop, threads: int = 8) -> dramatiq.Worker:
+    set_event_loop_thread(SharedLoop(loop))  # type: ignore[arg-type]
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
+    worker.start()
+    return worker

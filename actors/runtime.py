@@ -1,0 +1,421 @@
+"""The actor runtime: every mutation of a Station, Rental or Wallet is a command in that entity's
+mailbox, applied one at a time, in order, exactly once.
+
+Why it holds, in short (docs/actors.md has the long form):
+- The mailbox is a table. A command is *accepted* when its row commits; its id orders it
+  within the entity; (kind, command_id) is unique, so a re-sent command is not accepted twice
+  and its caller gets the stored result.
+- A Dramatiq message only rings the doorbell ("entity X has mail"). Duplicate, late or reordered
+  doorbells are harmless because the order comes from the table, not from the queue.
+- Whoever drains an entity first takes an entity lock (a PostgreSQL advisory transaction lock
+  across processes; an in-process flag in the embedded mode), then applies the pending commands
+  in id order inside one transaction, together with their follow-up commands to other entities
+  and their outbox rows. A crash rolls all of it back; the doorbell is redelivered or the sweeper
+  rings again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from powerbank.storage.models import ActorCommand, OutboxMessage
+from powerbank.storage.types import utcnow
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["ActorContext", str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+HANDLERS: dict[tuple[str, str], Handler] = {}
+DEFAULT_BATCH_SIZE = 64
+
+
+def handles(kind: str, name: str) -> Callable[[Handler], Handler]:
+    """Register the function that applies command `name` to an entity of `kind`."""
+
+    def register(fn: Handler) -> Handler:
+        HANDLERS[(kind, name)] = fn
+        return fn
+
+    return register
+
+
+class CommandRejected(Exception):
+    """A handler's way to refuse a command: the refusal is the command's result, not a crash."""
+
+    def __init__(self, reason: str, **details: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.details = details
+
+    def as_result(self) -> dict[str, Any]:
+        return {"ok": False, "reason": self.reason, **self.details}
+
+
+@dataclass
+class Envelope:
+    kind: str
+    entity_id: str
+    name: str
+    payload: dict[str, Any]
+    command_id: str
+
+
+@dataclass
+class CommandOutcome:
+    status: str  # "pending", "applied" or "failed"
+    result: dict[str, Any] | None
+    duplicate: bool = False
+
+
+@dataclass
+class ActorContext:
+    """What a handler may touch: the open transaction, and ways to say things that happen only
+    if this transaction commits."""
+
+    session: AsyncSession
+    now: datetime
+    sent: list[Envelope] = field(default_factory=list)
+    notifications: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    outbox_ids: list[int] = field(default_factory=list)
+
+    async def send(
+        self, kind: str, entity_id: str, name: str, payload: dict[str, Any], command_id: str
+    ) -> None:
+        """Accept a command for another entity in this same transaction."""
+        envelope = Envelope(kind, str(entity_id), name, payload, command_id)
+        inserted = await insert_command(self.session, envelope)
+        if inserted:
+            self.sent.append(envelope)
+
+    async def publish_mqtt(self, topic: str, payload: dict[str, Any]) -> None:
+        row = OutboxMessage(channel="mqtt", topic=topic, payload=payload, created_at=self.now)
+        self.session.add(row)
+        await self.session.flush()
+        self.outbox_ids.append(row.id)
+
+    def notify(self, channel: str, event: dict[str, Any]) -> None:
+        self.notifications.append((channel, event))
+
+
+class Dispatcher(Protocol):
+    def ring(self, kind: str, entity_id: str) -> None: ...
+
+
+class OutboxSink(Protocol):
+    async def deliver(self, messages: list[OutboxMessage]) -> None: ...
+
+
+class Bus(Protocol):
+    async def publish(self, channel: str, message: Any) -> None: ...
+
+    def subscribe(self, *channels: str) -> Any: ...
+
+
+def result_channel(kind: str, command_id: str) -> str:
+    return f"cmd:{kind}:{command_id}"
+
+
+async def insert_command(session: AsyncSession, envelope: Envelope) -> bool:
+    """Insert unless (kind, command_id) exists; True when this call accepted it."""
+    values = dict(
+        kind=envelope.kind,
+        entity_id=envelope.entity_id,
+        command_id=envelope.command_id,
+        name=envelope.name,
+        payload=envelope.payload,
+        status="pending",
+        accepted_at=utcnow(),
+    )
+    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(ActorCommand)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["kind", "command_id"])
+    )
+    result = await session.execute(statement)
+    return result.rowcount == 1
+
+
+class EntityLocks(Protocol):
+    async def try_lock(self, session: AsyncSession, kind: str, entity_id: str) -> bool: ...
+
+    def release(self, kind: str, entity_id: str) -> None: ...
+
+
+class AdvisoryLocks:
+    """PostgreSQL transaction-scoped advisory locks: released on commit, rollback or a dead
+    connection, so a killed worker can never leave an entity locked."""
+
+    async def try_lock(self, session: AsyncSession, kind: str, entity_id: str) -> bool:
+        key = lock_key(kind, entity_id)
+        result = await session.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": key})
+        return bool(result.scalar_one())
+
+    def release(self, kind: str, entity_id: str) -> None:
+        return None
+
+
+class ProcessLocks:
+    """For the embedded default, where one process owns the SQLite file."""
+
+    def __init__(self) -> None:
+        self._held: set[tuple[str, str]] = set()
+
+    async def try_lock(self, session: AsyncSession, kind: str, entity_id: str) -> bool:
+        key = (kind, entity_id)
+        if key in self._held:
+            return False
+        self._held.add(key)
+        return True
+
+    def release(self, kind: str, entity_id: str) -> None:
+        self._held.discard((kind, entity_id))
+
+
+def lock_key(kind: str, entity_id: str) -> int:
+    digest = hashlib.blake2b(f"{kind}:{entity_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class Runtime:
+    """Accepts commands, drains mailboxes, and hands committed effects to the outside."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        bus: Bus,
+        dispatcher: Dispatcher | None = None,
+        outbox_sink: OutboxSink | None = None,
+        locks: EntityLocks | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        self.sessions = sessions
+        self.bus = bus
+        self.dispatcher = dispatcher
+        self.outbox_sink = outbox_sink
+        self.locks = locks or ProcessLocks()
+        self.batch_size = batch_size
+
+    # --- the sending side ------------------------------------------------------------------
+
+    async def submit(
+        self,
+        kind: str,
+        entity_id: str,
+        name: str,
+        payload: dict[str, Any],
+        command_id: str | None = None,
+    ) -> CommandOutcome:
+        """Accept a command durably and ring the entity's doorbell; does not wait for it."""
+        envelope = Envelope(kind, str(entity_id), name, payload, command_id or str(uuid.uuid4()))
+        async with self.sessions.begin() as session:
+            inserted = await insert_command(session, envelope)
+            if not inserted:
+                return await self._existing_outcome(session, envelope)
+        self.ring(kind, envelope.entity_id)
+        return CommandOutcome(status="pending", result=None)
+
+    async def call(
+        self,
+        kind: str,
+        entity_id: str,
+        name: str,
+        payload: dict[str, Any],
+        command_id: str | None = None,
+        timeout_s: float = 10.0,
+    ) -> dict[str, Any]:
+        """Submit and wait until the command is applied; returns its result (the first result
+        when the same command id was seen before)."""
+        command_id = command_id or str(uuid.uuid4())
+        async with self.bus.subscribe(result_channel(kind, command_id)) as subscription:
+            outcome = await self.submit(kind, entity_id, name, payload, command_id)
+            if outcome.status != "pending":
+                return outcome.result or {}
+            return await self._await_result(subscription, kind, command_id, timeout_s)
+
+    async def _await_result(self, subscription, kind: str, command_id: str, timeout_s: float):
+        try:
+            _, message = await subscription.get(timeout_s)
+            return message
+        except TimeoutError:
+            # The bus is not the source of truth: the result may have committed unseen.
+            outcome = await self.outcome(kind, command_id)
+            if outcome is not None and outcome.status != "pending":
+                return outcome.result or {}
+            raise
+
+    async def outcome(self, kind: str, command_id: str) -> CommandOutcome | None:
+        async with self.sessions() as session:
+            row = await _find_command(session, kind, command_id)
+            return None if row is None else CommandOutcome(row.status, row.result, duplicate=True)
+
+    async def _existing_outcome(self, session: AsyncSession, envelope: Envelope) -> CommandOutcome:
+        row = await _find_command(session, envelope.kind, envelope.command_id)
+        if row.entity_id != envelope.entity_id or row.name != envelope.name:
+            raise ValueError(f"command id {envelope.command_id!r} reused for a different command")
+        return CommandOutcome(status=row.status, result=row.result, duplicate=True)
+
+    def ring(self, kind: str, entity_id: str) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.ring(kind, entity_id)
+
+    # --- the applying side -----------------------------------------------------------------
+
+    async def drain(self, kind: str, entity_id: str) -> int:
+        """Apply the entity's pending commands, a batch per transaction, until none is left.
+
+        Returns how many were applied here; 0 also when another drainer holds the entity (it
+        keeps going until the mailbox is empty, and re-rings when it saw a late arrival)."""
+        applied = 0
+        while True:
+            batch = await self._drain_batch(kind, entity_id)
+            if batch is None:
+                return applied
+            applied += batch
+            if batch == 0:
+                return applied
+
+    async def _drain_batch(self, kind: str, entity_id: str) -> int | None:
+        async with self.sessions() as session:
+            await session.begin()
+            if not await self.locks.try_lock(session, kind, entity_id):
+                await session.rollback()
+                self._ring_later(kind, entity_id)
+                return None
+            try:
+                ctx, rows = await self._apply_pending(session, kind, entity_id)
+                await session.commit()
+            finally:
+                self.locks.release(kind, entity_id)
+        if rows:
+            await self._after_commit(ctx, rows)
+        return len(rows)
+
+    async def _apply_pending(self, session: AsyncSession, kind: str, entity_id: str):
+        rows = list(
+            (
+                await session.execute(
+                    select(ActorCommand)
+                    .where(
+                        ActorCommand.kind == kind,
+                        ActorCommand.entity_id == entity_id,
+                        ActorCommand.status == "pending",
+                    )
+                    .order_by(ActorCommand.id)
+                    .limit(self.batch_size)
+                )
+            ).scalars()
+        )
+        ctx = ActorContext(session=session, now=utcnow())
+        for row in rows:
+            await self._apply_one(ctx, row)
+        return ctx, rows
+
+    async def _apply_one(self, ctx: ActorContext, row: ActorCommand) -> None:
+        handler = HANDLERS.get((row.kind, row.name))
+        row.applied_at = ctx.now
+        if handler is None:
+            row.status, row.result = "failed", {"ok": False, "reason": "unknown_command"}
+            return
+        try:
+            async with ctx.session.begin_nested():
+                result = await handler(ctx, row.entity_id, row.payload)
+            row.status, row.result = "applied", result or {"ok": True}
+        except CommandRejected as rejection:
+            row.status, row.result = "applied", rejection.as_result()
+        except Exception:
+            log.exception("command %s %s/%s failed", row.name, row.kind, row.entity_id)
+            row.status, row.result = "failed", {"ok": False, "reason": "internal_error"}
+
+    async def _after_commit(self, ctx: ActorContext, rows: list[ActorCommand]) -> None:
+        for envelope in ctx.sent:
+            self.ring(envelope.kind, envelope.entity_id)
+        for row in rows:
+            await self.bus.publish(result_channel(row.kind, row.command_id), row.result)
+        for channel, event in ctx.notifications:
+            await self.bus.publish(channel, event)
+        if ctx.outbox_ids and self.outbox_sink is not None:
+            await self.flush_outbox(ctx.outbox_ids)
+
+    def _ring_later(self, kind: str, entity_id: str) -> None:
+        """Another drainer holds the entity; it may have looked at the mailbox just before our
+        command committed, so ask again shortly instead of trusting it to see ours."""
+        if self.dispatcher is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.005, self.ring, kind, entity_id)
+
+    # --- outbox and recovery ---------------------------------------------------------------
+
+    async def flush_outbox(self, ids: list[int] | None = None) -> int:
+        """Deliver unsent outbox rows (these, or all) and mark them sent. Delivery is at least
+        once: a crash between publish and mark re-sends, and receivers dedupe by command id."""
+        if self.outbox_sink is None:
+            return 0
+        async with self.sessions() as session:
+            query = select(OutboxMessage).where(OutboxMessage.sent_at.is_(None))
+            if ids is not None:
+                query = query.where(OutboxMessage.id.in_(ids))
+            messages = list((await session.execute(query.order_by(OutboxMessage.id).limit(500))).scalars())
+        if not messages:
+            return 0
+        await self.outbox_sink.deliver(messages)
+        async with self.sessions.begin() as session:
+            await session.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.id.in_([m.id for m in messages]))
+                .values(sent_at=utcnow())
+            )
+        return len(messages)
+
+    async def ring_stalled(self, older_than_s: float = 2.0) -> int:
+        """Ring every entity with a command pending longer than `older_than_s`: recovers from a
+        doorbell lost with a crashed process. Ringing twice is harmless."""
+        cutoff = utcnow().timestamp() - older_than_s
+        async with self.sessions() as session:
+            rows = (
+                await session.execute(
+                    select(ActorCommand.kind, ActorCommand.entity_id, ActorCommand.accepted_at)
+                    .where(ActorCommand.status == "pending")
+                    .order_by(ActorCommand.id)
+                    .limit(5000)
+                )
+            ).all()
+        stalled = {(k, e) for k, e, accepted in rows if accepted.timestamp() < cutoff}
+        for kind, entity_id in stalled:
+            self.ring(kind, entity_id)
+        return len(stalled)
+
+
+async def _find_command(session: AsyncSession, kind: str, command_id: str) -> ActorCommand | None:
+    return (
+        await session.execute(
+            select(ActorCommand).where(ActorCommand.kind == kind, ActorCommand.command_id == command_id)
+        )
+    ).scalar_one_or_none()
+
+
+_current: Runtime | None = None
+
+
+def install(runtime: Runtime) -> Runtime:
+    """Make `runtime` the one the Dramatiq actors of this process drain with."""
+    global _current
+    _current = runtime
+    return runtime
+
+
+def current() -> Runtime:
+    if _current is None:
+        raise RuntimeError("no actor runtime installed in this process")
+    return _current

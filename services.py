@@ -1,0 +1,38 @@
+"""The process's shared parts, built once from settings: storage, the bus, the actor runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from powerbank.actors.bus import LocalBus, RedisBus
+from powerbank.actors.runtime import AdvisoryLocks, ProcessLocks, Runtime, install
+from powerbank.config import Settings
+from powerbank.storage.db import create_engine, session_factory
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    bus: LocalBus | RedisBus
+    runtime: Runtime
+
+    async def close(self) -> None:
+        await self.bus.close()
+        await self.engine.dispose()
+
+
+def build_services(settings: Settings, *, dispatcher=None, outbox_sink=None) -> Services:
+    """Wire storage, bus and runtime. The dispatcher (Dramatiq) and the outbox sink (MQTT) are
+    attached by the process that has them; see powerbank.processes."""
+    engine = create_engine(settings.database_url)
+    sessions = session_factory(engine)
+    bus = RedisBus(settings.redis_url) if settings.redis_url else LocalBus()
+    locks = ProcessLocks() if engine.dialect.name == "sqlite" else AdvisoryLocks()
+    runtime = install(
+        Runtime(sessions, bus=bus, dispatcher=dispatcher, outbox_sink=outbox_sink, locks=locks)
+    )
+    return Services(settings=settings, engine=engine, sessions=sessions, bus=bus, runtime=runtime)

@@ -1,0 +1,554 @@
+"""The tables. Names follow the endpoint map in the brief (seed 002), in snake case.
+
+Rules kept throughout: UUID keys for entities, timezone-aware UTC timestamps, money as integer
+minor units with a currency, CHECK constraints on every enumerated or bounded column, an explicit
+ON DELETE on every foreign key, and an index on every foreign key, status and time column that a
+query filters by.
+
+Who writes what: the Station actor owns `stations`, `station_slots`, `station_events` and the
+location columns of `power_banks`; the Rental actor owns `rentals`; the Wallet actor owns `wallets`,
+`ledger_accounts` and `ledger_transfers`. Other code reads them, never writes them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    BigInteger,
+    Float,
+    Uuid,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from powerbank.storage.types import BigSerial, JSONDoc, UTCDateTime, new_id, utcnow
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONDoc, uuid.UUID: Uuid()}
+
+
+def one_of(column: str, values: tuple[str, ...], name: str | None = None) -> CheckConstraint:
+    allowed = ", ".join(f"'{v}'" for v in values)
+    return CheckConstraint(f"{column} IN ({allowed})", name=name or f"{column}_valid")
+
+
+def created_at_column() -> Mapped[datetime]:
+    return mapped_column(default=utcnow)
+
+
+def updated_at_column() -> Mapped[datetime]:
+    return mapped_column(default=utcnow, onupdate=utcnow)
+
+
+# --- people -------------------------------------------------------------------------------
+
+USER_ROLES = ("user", "operator", "admin", "superadmin")
+USER_STATUSES = ("active", "blocked", "deleted")
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (
+        one_of("role", USER_ROLES),
+        one_of("status", USER_STATUSES),
+        Index(None, "status"),
+        Index(None, "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    # Null after account deletion: the row stays so money and audit records keep their subject.
+    phone: Mapped[str | None] = mapped_column(String(20), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="user")
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    referral_code: Mapped[str] = mapped_column(String(16), unique=True)
+    max_active_rentals: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+    last_login_at: Mapped[datetime | None]
+
+
+class UserProfile(Base):
+    __tablename__ = "user_profiles"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    full_name: Mapped[str | None] = mapped_column(String(120))
+    email: Mapped[str | None] = mapped_column(String(254))
+    avatar_url: Mapped[str | None] = mapped_column(String(500))
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class UserDevice(Base):
+    __tablename__ = "user_devices"
+    __table_args__ = (
+        UniqueConstraint("user_id", "device_id"),
+        one_of("platform", ("ios", "android", "web", "other")),
+        Index(None, "user_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(String(128))
+    platform: Mapped[str] = mapped_column(String(16), default="other")
+    push_token: Mapped[str | None] = mapped_column(String(500))
+    app_version: Mapped[str | None] = mapped_column(String(32))
+    # Refresh tokens are rotated per device; a reused one revokes the whole family.
+    refresh_family: Mapped[uuid.UUID | None]
+    refresh_jti: Mapped[uuid.UUID | None]
+    revoked_at: Mapped[datetime | None]
+    last_seen_at: Mapped[datetime] = created_at_column()
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class OtpChallenge(Base):
+    """A one-time code sent to a phone; only its hash is kept."""
+
+    __tablename__ = "otp_challenges"
+    __table_args__ = (
+        one_of("purpose", ("login", "register")),
+        CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        Index(None, "phone", "created_at"),
+        Index(None, "expires_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    phone: Mapped[str] = mapped_column(String(20))
+    purpose: Mapped[str] = mapped_column(String(16))
+    code_hash: Mapped[str] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime]
+    consumed_at: Mapped[datetime | None]
+    requester_ip: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class SmsFcmLog(Base):
+    """Every SMS or push message handed to a provider (the default provider only logs)."""
+
+    __tablename__ = "sms_fcm_log"
+    __table_args__ = (
+        one_of("channel", ("sms", "fcm")),
+        one_of("status", ("queued", "sent", "failed")),
+        Index(None, "user_id"),
+        Index(None, "created_at"),
+        Index(None, "status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    channel: Mapped[str] = mapped_column(String(8))
+    recipient: Mapped[str] = mapped_column(String(500))
+    purpose: Mapped[str] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    provider: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    created_at: Mapped[datetime] = created_at_column()
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+class AppConfig(Base):
+    __tablename__ = "app_config"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict[str, Any]]
+    description: Mapped[str | None] = mapped_column(String(300))
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class RentalPackage(Base):
+    __tablename__ = "rental_packages"
+    __table_args__ = (
+        CheckConstraint("duration_minutes > 0", name="duration_positive"),
+        CheckConstraint("price_minor >= 0", name="price_non_negative"),
+        CheckConstraint("grace_minutes >= 0", name="grace_non_negative"),
+        CheckConstraint("late_fee_per_hour_minor >= 0", name="late_fee_non_negative"),
+        CheckConstraint("late_fee_daily_cap_minor >= 0", name="late_cap_non_negative"),
+        CheckConstraint("max_duration_minutes >= duration_minutes", name="max_after_duration"),
+        CheckConstraint("length(currency) = 3", name="currency_iso"),
+        Index(None, "is_active"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(80))
+    duration_minutes: Mapped[int] = mapped_column(Integer)
+    price_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    grace_minutes: Mapped[int] = mapped_column(Integer, default=5)
+    late_fee_per_hour_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    late_fee_daily_cap_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Past this a bank counts as lost and its price is charged.
+    max_duration_minutes: Mapped[int] = mapped_column(Integer)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    sort_order: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+# --- stations and banks -----------------------------------------------------------------------
+
+STATION_STATUSES = ("online", "offline", "maintenance")
+SLOT_STATUSES = ("empty", "occupied", "ejecting", "fault")
+BANK_STATUSES = ("in_slot", "ejecting", "rented", "lost", "faulty")
+
+
+class Station(Base):
+    __tablename__ = "stations"
+    __table_args__ = (
+        one_of("status", STATION_STATUSES),
+        CheckConstraint("slot_count BETWEEN 1 AND 64", name="slot_count_range"),
+        CheckConstraint("latitude BETWEEN -90 AND 90", name="latitude_range"),
+        CheckConstraint("longitude BETWEEN -180 AND 180", name="longitude_range"),
+        Index(None, "status"),
+        Index(None, "latitude", "longitude"),
+        Index(None, "last_seen_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    serial: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(120))
+    address: Mapped[str | None] = mapped_column(String(300))
+    latitude: Mapped[float] = mapped_column(Float)
+    longitude: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="offline")
+    slot_count: Mapped[int] = mapped_column(Integer)
+    firmware_version: Mapped[str | None] = mapped_column(String(32))
+    hardware_version: Mapped[str | None] = mapped_column(String(32))
+    # MQTT credentials: the station logs in with its serial and this password (argon2 hash).
+    mqtt_password_hash: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_interval_s: Mapped[int] = mapped_column(Integer, default=30)
+    last_heartbeat_at: Mapped[datetime | None]
+    last_seen_at: Mapped[datetime | None]
+    # Highest event sequence number applied; (station, seq) makes every event idempotent.
+    last_event_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class PowerBank(Base):
+    __tablename__ = "power_banks"
+    __table_args__ = (
+        one_of("status", BANK_STATUSES),
+        CheckConstraint("charge_percent BETWEEN 0 AND 100", name="charge_range"),
+        CheckConstraint("price_minor >= 0", name="price_non_negative"),
+        Index(None, "status"),
+        Index(None, "station_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    serial: Mapped[str] = mapped_column(String(32), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="in_slot")
+    charge_percent: Mapped[int] = mapped_column(Integer, default=100)
+    capacity_mah: Mapped[int] = mapped_column(Integer, default=5000)
+    # Charged when the bank is lost.
+    price_minor: Mapped[int] = mapped_column(BigInteger, default=250000)
+    currency: Mapped[str] = mapped_column(String(3))
+    station_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("stations.id", ondelete="SET NULL")
+    )
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class StationSlot(Base):
+    __tablename__ = "station_slots"
+    __table_args__ = (
+        UniqueConstraint("station_id", "slot_number"),
+        one_of("status", SLOT_STATUSES),
+        CheckConstraint("slot_number >= 1", name="slot_number_positive"),
+        # A slot with a bank is occupied or ejecting; an empty slot has none.
+        CheckConstraint(
+            "(status IN ('occupied', 'ejecting')) = (power_bank_id IS NOT NULL)"
+            " OR status = 'fault'",
+            name="bank_matches_status",
+        ),
+        Index(None, "status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
+    slot_number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="empty")
+    # Unique: one bank is in at most one slot anywhere.
+    power_bank_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("power_banks.id", ondelete="SET NULL"), unique=True
+    )
+    # The rental an in-flight eject is for, and the command id the station was sent.
+    ejecting_rental_id: Mapped[uuid.UUID | None]
+    eject_command_id: Mapped[str | None] = mapped_column(String(64))
+    eject_deadline_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class StationEvent(Base):
+    """Every station event received once, keyed by (station, seq) so re-sends are harmless."""
+
+    __tablename__ = "station_events"
+    __table_args__ = (
+        UniqueConstraint("station_id", "seq"),
+        Index(None, "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigSerial, primary_key=True, autoincrement=True)
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]]
+    station_time: Mapped[datetime]
+    received_at: Mapped[datetime] = created_at_column()
+
+
+# --- rentals ----------------------------------------------------------------------------------
+
+RENTAL_STATUSES = (
+    "pending",  # accepted, funds being held
+    "ejecting",  # funds held, the station is ejecting a bank
+    "active",
+    "overdue",
+    "completed",
+    "cancelled",
+    "lost",
+)
+RENTAL_FINAL_STATUSES = ("completed", "cancelled", "lost")
+
+
+class Rental(Base):
+    __tablename__ = "rentals"
+    __table_args__ = (
+        one_of("status", RENTAL_STATUSES),
+        CheckConstraint("hold_minor >= 0", name="hold_non_negative"),
+        CheckConstraint("fee_minor >= 0", name="fee_non_negative"),
+        CheckConstraint("charged_minor >= 0", name="charged_non_negative"),
+        CheckConstraint("due_minor >= 0", name="due_non_negative"),
+        CheckConstraint("length(currency) = 3", name="currency_iso"),
+        Index(None, "user_id", "status"),
+        Index(None, "status", "due_at"),
+        Index(None, "station_id"),
+        Index(None, "return_station_id"),
+        Index(None, "power_bank_id"),
+        Index(None, "package_id"),
+        Index(None, "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="RESTRICT"))
+    package_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("rental_packages.id", ondelete="RESTRICT")
+    )
+    power_bank_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("power_banks.id", ondelete="SET NULL")
+    )
+    slot_number: Mapped[int | None] = mapped_column(Integer)
+    return_station_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("stations.id", ondelete="SET NULL")
+    )
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    currency: Mapped[str] = mapped_column(String(3))
+    hold_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    fee_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    charged_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    due_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    quick_return: Mapped[bool] = mapped_column(Boolean, default=False)
+    cancel_reason: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime | None]
+    due_at: Mapped[datetime | None]
+    returned_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+# --- money ------------------------------------------------------------------------------------
+
+ACCOUNT_KINDS = (
+    "user_wallet",
+    "user_points",
+    "holds",
+    "provider_clearing",
+    "platform_revenue",
+    "operator_payable",
+    "admin_adjustments",
+)
+TRANSFER_STATES = ("posted", "pending", "voided")
+
+
+class LedgerAccount(Base):
+    """A double-entry account. Balances are kept as posted and pending debit/credit totals.
+
+    A credit-normal account with `no_overdraft` can never have its debits (posted plus pending)
+    exceed its posted credits; the database enforces that as well as the Wallet actor.
+    """
+
+    __tablename__ = "ledger_accounts"
+    __table_args__ = (
+        one_of("kind", ACCOUNT_KINDS),
+        CheckConstraint("length(currency) = 3", name="currency_iso"),
+        CheckConstraint(
+            "debits_posted >= 0 AND credits_posted >= 0"
+            " AND debits_pending >= 0 AND credits_pending >= 0",
+            name="totals_non_negative",
+        ),
+        CheckConstraint(
+            "NOT no_overdraft OR debits_posted + debits_pending <= credits_posted",
+            name="no_overdraft",
+        ),
+        Index(None, "user_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    code: Mapped[str] = mapped_column(String(120), unique=True)
+    kind: Mapped[str] = mapped_column(String(24))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    currency: Mapped[str] = mapped_column(String(3))
+    no_overdraft: Mapped[bool] = mapped_column(Boolean, default=False)
+    debits_posted: Mapped[int] = mapped_column(BigInteger, default=0)
+    credits_posted: Mapped[int] = mapped_column(BigInteger, default=0)
+    debits_pending: Mapped[int] = mapped_column(BigInteger, default=0)
+    credits_pending: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class LedgerTransfer(Base):
+    """An immutable movement between two accounts, idempotent by id.
+
+    Two-phase holds: a `pending` transfer reserves funds; a later transfer with `pending_id` set
+    posts it (possibly for less) or voids it, exactly once. The pending row's state records which.
+    """
+
+    __tablename__ = "ledger_transfers"
+    __table_args__ = (
+        one_of("state", TRANSFER_STATES),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        CheckConstraint("debit_account_id <> credit_account_id", name="distinct_accounts"),
+        CheckConstraint("length(currency) = 3", name="currency_iso"),
+        Index(None, "debit_account_id", "created_at"),
+        Index(None, "credit_account_id", "created_at"),
+        Index(None, "rental_id"),
+        Index(None, "pending_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    debit_account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("ledger_accounts.id", ondelete="RESTRICT")
+    )
+    credit_account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("ledger_accounts.id", ondelete="RESTRICT")
+    )
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    pending_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("ledger_transfers.id", ondelete="RESTRICT")
+    )
+    rental_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("rentals.id", ondelete="SET NULL")
+    )
+    description: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class Wallet(Base):
+    """A person's money and points: two ledger accounts owned by one Wallet actor."""
+
+    __tablename__ = "wallets"
+    __table_args__ = (CheckConstraint("length(currency) = 3", name="currency_iso"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="RESTRICT"), unique=True
+    )
+    currency: Mapped[str] = mapped_column(String(3))
+    account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("ledger_accounts.id", ondelete="RESTRICT"), unique=True
+    )
+    points_account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("ledger_accounts.id", ondelete="RESTRICT"), unique=True
+    )
+    created_at: Mapped[datetime] = created_at_column()
+
+
+# --- the actor runtime ------------------------------------------------------------------------
+
+ACTOR_KINDS = ("station", "rental", "wallet")
+COMMAND_STATUSES = ("pending", "applied", "failed")
+
+
+class ActorCommand(Base):
+    """An entity's mailbox: a command is accepted once this row commits.
+
+    The id orders an entity's commands; (kind, command_id) makes acceptance idempotent, and the
+    stored result is what a retried caller gets back.
+    """
+
+    __tablename__ = "actor_commands"
+    __table_args__ = (
+        UniqueConstraint("kind", "command_id"),
+        one_of("kind", ACTOR_KINDS),
+        one_of("status", COMMAND_STATUSES),
+        Index(
+            "ix_actor_commands_pending",
+            "kind",
+            "entity_id",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index(None, "status", "accepted_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigSerial, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    entity_id: Mapped[str] = mapped_column(String(64))
+    command_id: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(48))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    result: Mapped[dict[str, Any] | None]
+    accepted_at: Mapped[datetime] = created_at_column()
+    applied_at: Mapped[datetime | None]
+
+
+class OutboxMessage(Base):
+    """A message to the outside world committed with the state change that caused it."""
+
+    __tablename__ = "outbox_messages"
+    __table_args__ = (
+        one_of("channel", ("mqtt",)),
+        Index(
+            "ix_outbox_messages_unsent",
+            "id",
+            postgresql_where=text("sent_at IS NULL"),
+            sqlite_where=text("sent_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigSerial, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    topic: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = created_at_column()
+    sent_at: Mapped[datetime | None]
