@@ -1,8 +1,9 @@
 """Doorbells on Dramatiq: a message says only "this entity has mail".
 
 With `REDIS_URL` the Redis broker carries them between processes; otherwise Dramatiq's
-in-process stub broker and worker threads do, and the async actor runs on the process's own
-event loop, so HTTP, MQTT and actors share one loop and one SQLite engine.
+in-process stub broker does. Either way the worker threads run the async actor on the process's
+own event loop (`SharedLoop`), so every process is one asyncio loop: HTTP, MQTT and actors share
+it, and with it one database engine.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ _actor: dramatiq.Actor | None = None
 
 
 def _middleware() -> list:
-    return [AgeLimit(), TimeLimit(), ShutdownNotifications(), Callbacks(), Pipelines(), Retries(max_retries=20, min_backoff=50, max_backoff=5000)]
+    # A failed drain is retried quickly: the commands stay pending in the table meanwhile.
+    retries = Retries(max_retries=20, min_backoff=50, max_backoff=5000)
+    return [AgeLimit(), TimeLimit(), ShutdownNotifications(), Callbacks(), Pipelines(), retries]
 
 
 def setup_broker(redis_url: str | None) -> dramatiq.Broker:
@@ -29,9 +32,8 @@ def setup_broker(redis_url: str | None) -> dramatiq.Broker:
     global _actor
     if redis_url:
         from dramatiq.brokers.redis import RedisBroker
-        from dramatiq.middleware.asyncio import AsyncIO
 
-        broker = RedisBroker(url=redis_url, middleware=[*_middleware(), AsyncIO()])
+        broker = RedisBroker(url=redis_url, middleware=_middleware())
     else:
         broker = StubBroker(middleware=_middleware())
     dramatiq.set_broker(broker)
@@ -60,7 +62,7 @@ class SharedLoop(EventLoopThread):
         self.loop = loop
 
 
-def start_embedded_worker(broker: dramatiq.Broker, loop: asyncio.AbstractEventLoop, threads: int = 8) -> dramatiq.Worker:
+def start_worker(broker: dramatiq.Broker, loop: asyncio.AbstractEventLoop, threads: int = 8) -> dramatiq.Worker:
     set_event_loop_thread(SharedLoop(loop))  # type: ignore[arg-type]
     worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
     worker.start()

@@ -447,7 +447,8 @@ class LedgerTransfer(Base):
         Index(None, "debit_account_id", "created_at"),
         Index(None, "credit_account_id", "created_at"),
         Index(None, "rental_id"),
-        Index(None, "pending_id"),
+        # At most one resolution (post or void) per pending transfer.
+        UniqueConstraint("pending_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)

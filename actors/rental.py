@@ -1,0 +1,282 @@
+"""The Rental actor: one per rental (entity id = rental id), driving the rental's saga.
+
+    StartRental -> (Wallet) PlaceHold -> HoldPlaced -> (Station) ReserveAndEject
+        -> BankEjected: active            -> BankReturned: completed -> (Wallet) CaptureHold
+        -> EjectFailed: cancelled, (Wallet) VoidHold                 -> ChargeSettled
+    HoldRefused: cancelled
+
+Each step is one command; follow-ups to other actors commit with the step that caused them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from powerbank.actors.runtime import ActorContext, CommandRejected, Runtime, handles
+from powerbank.storage.models import Rental, RentalPackage, Station, User
+
+QUICK_RETURN_S = 5 * 60
+WAITING_STATUSES = ("pending", "ejecting")
+OPEN_STATUSES = ("active", "overdue")
+
+
+# --- pure decisions ---------------------------------------------------------------------------
+
+
+def rental_fee_minor(package: RentalPackage, started_at: datetime, returned_at: datetime) -> int:
+    """The package price, plus a late fee per started hour past duration + grace, capped per
+    started day of lateness."""
+    used_s = max(0.0, (returned_at - started_at).total_seconds())
+    allowed_s = (package.duration_minutes + package.grace_minutes) * 60
+    if used_s <= allowed_s:
+        return package.price_minor
+    late_s = used_s - package.duration_minutes * 60
+    late_fee = math.ceil(late_s / 3600) * package.late_fee_per_hour_minor
+    if package.late_fee_daily_cap_minor > 0:
+        late_fee = min(late_fee, math.ceil(late_s / 86400) * package.late_fee_daily_cap_minor)
+    return package.price_minor + late_fee
+
+
+def is_quick_return(started_at: datetime, returned_at: datetime) -> bool:
+    return (returned_at - started_at).total_seconds() < QUICK_RETURN_S
+
+
+def hold_amount_minor(package: RentalPackage) -> int:
+    return package.price_minor
+
+
+# --- views and notifications ------------------------------------------------------------------
+
+
+def rental_view(rental: Rental) -> dict[str, Any]:
+    def iso(value: datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    return {
+        "id": str(rental.id),
+        "user_id": str(rental.user_id),
+        "status": rental.status,
+        "station_id": str(rental.station_id),
+        "return_station_id": str(rental.return_station_id) if rental.return_station_id else None,
+        "package_id": str(rental.package_id),
+        "power_bank_id": str(rental.power_bank_id) if rental.power_bank_id else None,
+        "slot_number": rental.slot_number,
+        "currency": rental.currency,
+        "hold_minor": rental.hold_minor,
+        "fee_minor": rental.fee_minor,
+        "charged_minor": rental.charged_minor,
+        "due_minor": rental.due_minor,
+        "quick_return": rental.quick_return,
+        "cancel_reason": rental.cancel_reason,
+        "started_at": iso(rental.started_at),
+        "due_at": iso(rental.due_at),
+        "returned_at": iso(rental.returned_at),
+        "created_at": iso(rental.created_at),
+    }
+
+
+def _publish(ctx: ActorContext, rental: Rental, event: str) -> dict[str, Any]:
+    view = rental_view(rental)
+    message = {"type": "rental.updated", "event": event, "rental": view}
+    ctx.notify(f"rental:{rental.id}", message)
+    ctx.notify(f"user:{rental.user_id}", message)
+    return view
+
+
+async def _load(ctx: ActorContext, rental_id: str) -> Rental:
+    rental = await ctx.session.get(Rental, uuid.UUID(rental_id))
+    if rental is None:
+        raise CommandRejected("rental_not_found")
+    return rental
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+@handles("rental", "StartRental")
+async def start(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    existing = await ctx.session.get(Rental, uuid.UUID(rental_id))
+    if existing is not None:
+        return {"ok": True, "rental": rental_view(existing)}
+    user = await ctx.session.get(User, uuid.UUID(payload["user_id"]))
+    package = await ctx.session.get(RentalPackage, uuid.UUID(payload["package_id"]))
+    station = await ctx.session.get(Station, uuid.UUID(payload["station_id"]))
+    if user is None or package is None or station is None or not package.is_active:
+        raise CommandRejected("invalid_rental_request")
+    rental = Rental(
+        id=uuid.UUID(rental_id),
+        user_id=user.id,
+        station_id=station.id,
+        package_id=package.id,
+        status="pending",
+        currency=package.currency,
+        hold_minor=hold_amount_minor(package),
+        created_at=ctx.now,
+    )
+    ctx.session.add(rental)
+    await ctx.session.flush()
+    await ctx.send(
+        "wallet",
+        str(user.id),
+        "PlaceHold",
+        {
+            "rental_id": rental_id,
+            "amount_minor": rental.hold_minor,
+            "currency": rental.currency,
+            "max_active_rentals": user.max_active_rentals,
+        },
+        f"hold:{rental_id}",
+    )
+    return {"ok": True, "rental": _publish(ctx, rental, "requested")}
+
+
+@handles("rental", "HoldPlaced")
+async def hold_placed(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    rental = await _load(ctx, rental_id)
+    if rental.status != "pending":
+        return {"ok": True, "ignored": rental.status}
+    rental.status = "ejecting"
+    await ctx.send(
+        "station",
+        str(rental.station_id),
+        "ReserveAndEject",
+        {"rental_id": rental_id, "user_id": str(rental.user_id)},
+        f"eject:{rental_id}",
+    )
+    _publish(ctx, rental, "funds_held")
+    return {"ok": True}
+
+
+@handles("rental", "HoldRefused")
+async def hold_refused(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    rental = await _load(ctx, rental_id)
+    if rental.status != "pending":
+        return {"ok": True, "ignored": rental.status}
+    rental.status, rental.cancel_reason = "cancelled", payload["reason"]
+    _publish(ctx, rental, "cancelled")
+    return {"ok": True}
+
+
+@handles("rental", "BankEjected")
+async def bank_ejected(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    rental = await _load(ctx, rental_id)
+    if rental.status != "ejecting":
+        # The station only reports ejects it still considers in flight for this rental.
+        raise CommandRejected("not_ejecting", status=rental.status)
+    package = await ctx.session.get(RentalPackage, rental.package_id)
+    rental.status = "active"
+    rental.power_bank_id = uuid.UUID(payload["power_bank_id"])
+    rental.slot_number = payload["slot_number"]
+    rental.started_at = ctx.now
+    rental.due_at = ctx.now + timedelta(minutes=package.duration_minutes)
+    _publish(ctx, rental, "started")
+    return {"ok": True}
+
+
+@handles("rental", "EjectFailed")
+async def eject_failed(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    rental = await _load(ctx, rental_id)
+    if rental.status not in WAITING_STATUSES:
+        return {"ok": True, "ignored": rental.status}
+    rental.status, rental.cancel_reason = "cancelled", payload.get("reason", "eject_failed")
+    await ctx.send("wallet", str(rental.user_id), "VoidHold", {"rental_id": rental_id}, f"void:{rental_id}")
+    _publish(ctx, rental, "cancelled")
+    return {"ok": True}
+
+
+@handles("rental", "BankReturned")
+async def bank_returned(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    rental = await _load(ctx, rental_id)
+    if rental.status not in OPEN_STATUSES:
+        return {"ok": True, "ignored": rental.status}
+    package = await ctx.session.get(RentalPackage, rental.package_id)
+    returned_at = datetime.fromisoformat(payload["returned_at"])
+    # A station clock running behind must not make the rental end before it began.
+    returned_at = max(returned_at, rental.started_at)
+    rental.status = "completed"
+    rental.returned_at = returned_at
+    rental.return_station_id = uuid.UUID(payload["station_id"])
+    rental.fee_minor = rental_fee_minor(package, rental.started_at, returned_at)
+    rental.quick_return = is_quick_return(rental.started_at, returned_at)
+    await ctx.send(
+        "wallet",
+        str(rental.user_id),
+        "CaptureHold",
+        {"rental_id": rental_id, "amount_minor": rental.fee_minor},
+        f"capture:{rental_id}",
+    )
+    _publish(ctx, rental, "returned")
+    return {"ok": True}
+
+
+@handles("rental", "ChargeSettled")
+async def charge_settled(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    rental = await _load(ctx, rental_id)
+    rental.charged_minor = payload["charged_minor"]
+    rental.due_minor = payload["due_minor"]
+    _publish(ctx, rental, "charged")
+    return {"ok": True}
+
+
+# --- the caller's side ------------------------------------------------------------------------
+
+
+async def start_rental(
+    runtime: Runtime,
+    *,
+    rental_id: uuid.UUID,
+    user_id: uuid.UUID,
+    station_id: uuid.UUID,
+    package_id: uuid.UUID,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Start a rental and wait until it is active or cancelled, or the deadline passes; returns
+    the rental's latest view. Safe to repeat with the same rental id."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with runtime.bus.subscribe(f"rental:{rental_id}") as subscription:
+        result = await runtime.call(
+            "rental",
+            str(rental_id),
+            "StartRental",
+            {"user_id": str(user_id), "station_id": str(station_id), "package_id": str(package_id)},
+            command_id=f"start:{rental_id}",
+            timeout_s=timeout_s,
+        )
+        if not result.get("ok"):
+            return {"id": str(rental_id), "status": "cancelled", "cancel_reason": result.get("reason")}
+        view = result["rental"]
+        while view["status"] in WAITING_STATUSES:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                _, message = await subscription.get(remaining)
+            except TimeoutError:
+                break
+            view = message["rental"]
+    if view["status"] in WAITING_STATUSES:
+        view = await read_rental(runtime, rental_id) or view
+    return view
+
+
+async def read_rental(runtime: Runtime, rental_id: uuid.UUID) -> dict[str, Any] | None:
+    async with runtime.sessions() as session:
+        rental = await session.get(Rental, rental_id)
+        return rental_view(rental) if rental else None
+
+
+async def open_rental_for_bank(session, power_bank_id: uuid.UUID) -> Rental | None:
+    """The rental a bank is out on, if any (read by the Station actor on a return)."""
+    return (
+        await session.execute(
+            select(Rental).where(Rental.power_bank_id == power_bank_id, Rental.status.in_(OPEN_STATUSES))
+        )
+    ).scalar_one_or_none()
+

@@ -1,0 +1,1 @@
+"""Alembic migrations; `powerbank migrate` runs them (upgrade and downgrade both work)."""

@@ -1,0 +1,81 @@
+"""End-of-run invariant checks, in the spirit of Jepsen's bank and set checks.
+
+Each check returns a list of human-readable violations; an empty list means it holds.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from powerbank.storage.ledger import ledger_discrepancies
+from powerbank.storage.models import ActorCommand, PowerBank, Rental, StationSlot
+
+TRANSIENT_RENTAL_STATUSES = ("pending", "ejecting")
+OPEN_RENTAL_STATUSES = ("active", "overdue")
+
+
+async def banks_in_two_places(session: AsyncSession) -> list[str]:
+    """A bank is in at most one slot, at most one open rental, and never in both at once."""
+    problems = []
+    in_rentals = (
+        await session.execute(
+            select(Rental.power_bank_id, func.count())
+            .where(Rental.status.in_(OPEN_RENTAL_STATUSES), Rental.power_bank_id.is_not(None))
+            .group_by(Rental.power_bank_id)
+        )
+    ).all()
+    for bank_id, count in in_rentals:
+        if count > 1:
+            problems.append(f"bank {bank_id} is in {count} open rentals")
+    rented = {bank_id for bank_id, _ in in_rentals}
+    slotted = set(
+        (await session.execute(select(StationSlot.power_bank_id).where(StationSlot.power_bank_id.is_not(None)))).scalars()
+    )
+    for bank_id in rented & slotted:
+        problems.append(f"bank {bank_id} is both in a slot and out on a rental")
+    return problems
+
+
+async def rentals_left_transient(session: AsyncSession) -> list[str]:
+    rows = (await session.execute(select(Rental.id, Rental.status).where(Rental.status.in_(TRANSIENT_RENTAL_STATUSES)))).all()
+    return [f"rental {rental_id} left in {status}" for rental_id, status in rows]
+
+
+async def commands_left_pending(session: AsyncSession) -> list[str]:
+    count = await session.scalar(select(func.count()).select_from(ActorCommand).where(ActorCommand.status == "pending"))
+    return [f"{count} commands still pending"] if count else []
+
+
+async def commands_failed(session: AsyncSession) -> list[str]:
+    rows = (await session.execute(select(ActorCommand.kind, ActorCommand.name, ActorCommand.entity_id).where(ActorCommand.status == "failed"))).all()
+    return [f"command {name} on {kind}/{entity} failed" for kind, name, entity in rows]
+
+
+async def rented_banks_without_rental(session: AsyncSession) -> list[str]:
+    rented = set((await session.execute(select(PowerBank.id).where(PowerBank.status == "rented"))).scalars())
+    open_ = set(
+        (await session.execute(select(Rental.power_bank_id).where(Rental.status.in_(OPEN_RENTAL_STATUSES)))).scalars()
+    )
+    return [f"bank {bank_id} marked rented with no open rental" for bank_id in rented - open_]
+
+
+CHECKS = {
+    "bank_in_two_places": banks_in_two_places,
+    "rental_transient": rentals_left_transient,
+    "ledger": ledger_discrepancies,
+    "command_pending": commands_left_pending,
+    "command_failed": commands_failed,
+    "rented_bank_without_rental": rented_banks_without_rental,
+}
+
+
+async def audit(sessions: async_sessionmaker[AsyncSession]) -> dict[str, list[str]]:
+    """Run every check; returns violations by check name (only non-empty ones)."""
+    found: dict[str, list[str]] = {}
+    async with sessions() as session:
+        for name, check in CHECKS.items():
+            problems = await check(session)
+            if problems:
+                found[name] = problems
+    return found

@@ -1,0 +1,223 @@
+"""Double-entry ledger primitives, used only by the Wallet actor.
+
+Every movement is one immutable row in `ledger_transfers` between two accounts, idempotent by id.
+Holds are two-phase: a `pending` row reserves funds; exactly one later row with `pending_id` set
+resolves it, either `posted` (for at most the held amount) or `voided`. The unique index on
+`pending_id` makes "exactly once" a database fact, not a hope.
+
+Account totals are updated with atomic increments in the same transaction as the transfer row,
+so the totals always equal the sum of the rows (checked by `ledger_discrepancies`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from powerbank.storage.models import LedgerAccount, LedgerTransfer
+from powerbank.storage.types import utcnow
+
+
+class LedgerError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Balance:
+    posted_minor: int
+    held_minor: int
+
+    @property
+    def available_minor(self) -> int:
+        return self.posted_minor - self.held_minor
+
+
+def credit_balance(account: LedgerAccount) -> Balance:
+    """Balance of a credit-normal account (a person's wallet or points)."""
+    return Balance(account.credits_posted - account.debits_posted, account.debits_pending)
+
+
+async def get_or_create_account(
+    session: AsyncSession, code: str, kind: str, currency: str, *, user_id=None, no_overdraft=False
+) -> LedgerAccount:
+    account = (await session.execute(select(LedgerAccount).where(LedgerAccount.code == code))).scalar_one_or_none()
+    if account is None:
+        account = LedgerAccount(
+            code=code, kind=kind, currency=currency, user_id=user_id, no_overdraft=no_overdraft
+        )
+        session.add(account)
+        await session.flush()
+    return account
+
+
+async def system_account(session: AsyncSession, kind: str, currency: str) -> LedgerAccount:
+    return await get_or_create_account(session, f"{kind}:{currency}", kind, currency)
+
+
+async def transfer(
+    session: AsyncSession,
+    *,
+    transfer_id: uuid.UUID,
+    debit: LedgerAccount,
+    credit: LedgerAccount,
+    amount_minor: int,
+    kind: str,
+    pending: bool = False,
+    rental_id: uuid.UUID | None = None,
+    description: str | None = None,
+) -> LedgerTransfer:
+    """Record a posted or pending transfer; a repeat with the same id and data returns the first."""
+    _check_amount(amount_minor, debit, credit)
+    existing = await session.get(LedgerTransfer, transfer_id)
+    if existing is not None:
+        return _same_transfer_or_error(existing, debit, credit, amount_minor, kind)
+    _check_overdraft(debit, amount_minor)
+    row = LedgerTransfer(
+        id=transfer_id,
+        debit_account_id=debit.id,
+        credit_account_id=credit.id,
+        amount_minor=amount_minor,
+        currency=debit.currency,
+        kind=kind,
+        state="pending" if pending else "posted",
+        rental_id=rental_id,
+        description=description,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    await _bump(session, debit.id, ("debits_pending" if pending else "debits_posted"), amount_minor)
+    await _bump(session, credit.id, ("credits_pending" if pending else "credits_posted"), amount_minor)
+    return row
+
+
+async def resolve_pending(
+    session: AsyncSession, pending: LedgerTransfer, *, post_amount_minor: int | None
+) -> LedgerTransfer | None:
+    """Post a pending transfer for at most its amount (None or 0 voids it). Idempotent: once
+    resolved, the first resolution is returned."""
+    resolution_id = uuid.uuid5(pending.id, "resolution")
+    existing = await session.get(LedgerTransfer, resolution_id)
+    if existing is not None:
+        return existing
+    if post_amount_minor is not None and not 0 <= post_amount_minor <= pending.amount_minor:
+        raise LedgerError("post_exceeds_pending")
+    posting = bool(post_amount_minor)
+    amount = post_amount_minor if posting else pending.amount_minor
+    row = LedgerTransfer(
+        id=resolution_id,
+        debit_account_id=pending.debit_account_id,
+        credit_account_id=pending.credit_account_id,
+        amount_minor=amount,
+        currency=pending.currency,
+        kind=pending.kind + (":post" if posting else ":void"),
+        state="posted" if posting else "voided",
+        pending_id=pending.id,
+        rental_id=pending.rental_id,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    await _bump(session, pending.debit_account_id, "debits_pending", -pending.amount_minor)
+    await _bump(session, pending.credit_account_id, "credits_pending", -pending.amount_minor)
+    if posting:
+        await _bump(session, pending.debit_account_id, "debits_posted", amount)
+        await _bump(session, pending.credit_account_id, "credits_posted", amount)
+    return row
+
+
+async def open_holds(session: AsyncSession, account_id: uuid.UUID, kind: str) -> list[LedgerTransfer]:
+    """Pending transfers out of the account that have not been resolved yet."""
+    resolved = select(LedgerTransfer.pending_id).where(LedgerTransfer.pending_id.is_not(None))
+    query = select(LedgerTransfer).where(
+        LedgerTransfer.debit_account_id == account_id,
+        LedgerTransfer.state == "pending",
+        LedgerTransfer.kind == kind,
+        LedgerTransfer.id.not_in(resolved),
+    )
+    return list((await session.execute(query)).scalars())
+
+
+def _check_amount(amount_minor: int, debit: LedgerAccount, credit: LedgerAccount) -> None:
+    if not isinstance(amount_minor, int) or isinstance(amount_minor, bool) or amount_minor <= 0:
+        raise LedgerError("invalid_amount")
+    if debit.currency != credit.currency:
+        raise LedgerError("currency_mismatch")
+    if debit.id == credit.id:
+        raise LedgerError("same_account")
+
+
+def _check_overdraft(debit: LedgerAccount, amount_minor: int) -> None:
+    if debit.no_overdraft and credit_balance(debit).available_minor < amount_minor:
+        raise LedgerError("insufficient_funds")
+
+
+def _same_transfer_or_error(existing, debit, credit, amount_minor, kind) -> LedgerTransfer:
+    same = (
+        existing.debit_account_id == debit.id
+        and existing.credit_account_id == credit.id
+        and existing.amount_minor == amount_minor
+        and existing.kind == kind
+    )
+    if not same:
+        raise LedgerError("transfer_id_reused")
+    return existing
+
+
+async def _bump(session: AsyncSession, account_id: uuid.UUID, column: str, delta: int) -> None:
+    # An atomic increment: system accounts (revenue, adjustments) are shared by every wallet.
+    # The ORM's default synchronize_session keeps loaded account objects current.
+    await session.execute(
+        update(LedgerAccount)
+        .where(LedgerAccount.id == account_id)
+        .values({column: getattr(LedgerAccount, column) + delta})
+    )
+
+
+async def ledger_discrepancies(session: AsyncSession) -> list[str]:
+    """Every way the stored totals disagree with the transfer rows, or debits differ from credits.
+
+    Used by the demo's final audit and by tests after every step; empty means balanced."""
+    problems: list[str] = []
+    totals = (
+        await session.execute(
+            select(
+                func.coalesce(func.sum(LedgerAccount.debits_posted), 0),
+                func.coalesce(func.sum(LedgerAccount.credits_posted), 0),
+                func.coalesce(func.sum(LedgerAccount.debits_pending), 0),
+                func.coalesce(func.sum(LedgerAccount.credits_pending), 0),
+            )
+        )
+    ).one()
+    if totals[0] != totals[1] or totals[2] != totals[3]:
+        problems.append(f"debits != credits: {tuple(totals)}")
+    expected = await _expected_totals(session)
+    for account in (await session.execute(select(LedgerAccount))).scalars():
+        want = expected.get(account.id, (0, 0, 0, 0))
+        have = (account.debits_posted, account.credits_posted, account.debits_pending, account.credits_pending)
+        if tuple(want) != have:
+            problems.append(f"account {account.code}: stored {have} != transfers {tuple(want)}")
+    return problems
+
+
+async def _expected_totals(session: AsyncSession) -> dict[uuid.UUID, list[int]]:
+    """Recompute (debits_posted, credits_posted, debits_pending, credits_pending) from the rows."""
+    resolved_ids = set((await session.execute(
+        select(LedgerTransfer.pending_id).where(LedgerTransfer.pending_id.is_not(None))
+    )).scalars())
+    expected: dict[uuid.UUID, list[int]] = {}
+    rows = (await session.execute(select(LedgerTransfer))).scalars()
+    for row in rows:
+        debit = expected.setdefault(row.debit_account_id, [0, 0, 0, 0])
+        credit = expected.setdefault(row.credit_account_id, [0, 0, 0, 0])
+        if row.state == "posted":
+            debit[0] += row.amount_minor
+            credit[1] += row.amount_minor
+        elif row.state == "pending" and row.id not in resolved_ids:
+            debit[2] += row.amount_minor
+            credit[3] += row.amount_minor
+    return expected
+

@@ -1,0 +1,113 @@
+"""Shared fixtures: a fresh database per test on SQLite (always) or PostgreSQL (marked), and a
+runtime that drains in-process so actor tests need no Dramatiq worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+
+from powerbank.actors.bus import LocalBus
+from powerbank.actors.runtime import AdvisoryLocks, ProcessLocks, Runtime
+from powerbank.storage.db import create_engine, session_factory
+from powerbank.storage.models import Base
+
+POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# Importing the actor modules registers their handlers.
+import powerbank.actors.rental  # noqa: E402,F401
+import powerbank.actors.wallet  # noqa: E402,F401
+
+
+async def create_postgres_database() -> tuple[str, str]:
+    import asyncpg
+
+    name = f"pb_test_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    return name, f"{base}/{name}"
+
+
+async def drop_postgres_database(name: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def sqlite_url(tmp_path):
+    return f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
+
+
+@pytest.fixture
+async def postgres_url():
+    name, url = await create_postgres_database()
+    try:
+        yield url
+    finally:
+        await drop_postgres_database(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def database_url(request, tmp_path):
+    """Runs a test on both backends."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
+        return
+    name, url = await create_postgres_database()
+    try:
+        yield url
+    finally:
+        await drop_postgres_database(name)
+
+
+class TaskDispatcher:
+    """Rings a doorbell by draining on the running loop: the runtime's semantics without Dramatiq."""
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    def ring(self, kind: str, entity_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.runtime.drain(kind, entity_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def settle(self, timeout_s: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.tasks:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("mailboxes did not settle")
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def engine(database_url):
+    engine = create_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def runtime(engine):
+    dispatcher = TaskDispatcher()
+    locks = ProcessLocks() if engine.dialect.name == "sqlite" else AdvisoryLocks()
+    rt = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=locks)
+    dispatcher.runtime = rt
+    rt.test_dispatcher = dispatcher  # type: ignore[attr-defined]
+    yield rt
+    await dispatcher.settle()
