@@ -245,6 +245,9 @@ class Station(Base):
     last_seen_at: Mapped[datetime | None]
     # Highest event sequence number applied; (station, seq) makes every event idempotent.
     last_event_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Estimated (receive time - station clock) from the latest boot or heartbeat; added to a
+    # station timestamp to put it on the server's clock. Null until the first estimate.
+    clock_offset_ms: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
 
@@ -300,6 +303,11 @@ class StationSlot(Base):
     ejecting_rental_id: Mapped[uuid.UUID | None]
     eject_command_id: Mapped[str | None] = mapped_column(String(64))
     eject_deadline_at: Mapped[datetime | None]
+    # 1 for the first eject of a rental at this station, 2 for the one retry.
+    eject_attempt: Mapped[int | None] = mapped_column(Integer)
+    # Seq of the newest station event that set this slot; an older event arriving late (reordered)
+    # is recorded but does not move the slot back in time.
+    last_event_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = updated_at_column()
 
 
