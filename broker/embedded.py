@@ -1,0 +1,334 @@
+"""The embedded MQTT broker (amqtt) with station authentication and topic ACLs.
+
+Who may connect:
+- a station: username = its serial = its MQTT client id, password checked against the argon2
+  hash in `stations.mqtt_password_hash`; if it sets a last will, the will topic must be its own
+  `.../status` (amqtt publishes wills without asking the ACL plugin, so the check happens here);
+- the bridge: `settings.bridge_username` / `settings.bridge_password`;
+- nobody anonymously.
+
+What they may do (the ACL plugin):
+- a station publishes only to its own `.../events` and `.../status`, subscribes to (and
+  receives) only its own `.../commands` and `.../errors`, with no wildcards;
+- the bridge may do everything.
+
+amqtt loads plugins by dotted class path and builds their config from a dict, so the plugins
+cannot be handed live objects. Each started broker registers a `BrokerAuthority` (settings,
+database sessions, caches) under a random key and passes only the key in the plugin config.
+
+Known amqtt limitation (documented in docs/station-protocol.md): amqtt removes an existing
+session with the same client id before it authenticates the newcomer, so a client that knows a
+station's serial can knock that station off (not impersonate it). Production deployments that
+worry about this run Mosquitto or EMQX with an equivalent ACL; the bridge works with both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BaseContext
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from powerbank.broker.protocol import (
+    STATION_PUBLISHES,
+    STATION_SUBSCRIBES,
+    Topics,
+    is_valid_serial,
+)
+from powerbank.config import Settings
+from powerbank.storage.models import Station
+
+log = logging.getLogger(__name__)
+
+# Station passwords are 192-bit random tokens, so argon2 here guards a leaked table against
+# nothing weaker than brute force of random bytes; OWASP's minimum parameters keep a
+# verification near 20 ms so a reconnect storm of a few thousand stations stays cheap.
+PASSWORD_HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+STATION_PASSWORD_BYTES = 24
+HASH_CACHE_TTL_S = 30.0
+REFUSAL_CACHE_TTL_S = 5.0
+VERIFIED_CACHE_SIZE = 50_000
+
+ROLE_ATTRIBUTE = "powerbank_role"
+SERIAL_ATTRIBUTE = "powerbank_serial"
+ROLE_BRIDGE = "bridge"
+ROLE_STATION = "station"
+
+
+# --- credentials ------------------------------------------------------------------------------
+
+
+def hash_password(password: str) -> str:
+    return PASSWORD_HASHER.hash(password)
+
+
+def verify_password(stored_hash: str, password: str) -> bool:
+    try:
+        return PASSWORD_HASHER.verify(stored_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+async def provision_station_password(session: AsyncSession, station_id: uuid.UUID | str) -> str:
+    """Give a station new MQTT credentials; returns the plain password (shown once, never stored).
+
+    Writes only `stations.mqtt_password_hash` in the caller's transaction (the caller commits).
+    Credentials are an operator action, not station state, so this is not a Station-actor command.
+    A broker process may accept the old password for up to HASH_CACHE_TTL_S afterwards."""
+    station = await session.get(Station, uuid.UUID(str(station_id)))
+    if station is None:
+        raise LookupError(f"no station {station_id}")
+    password = secrets.token_urlsafe(STATION_PASSWORD_BYTES)
+    station.mqtt_password_hash = await asyncio.to_thread(hash_password, password)
+    await session.flush()
+    return password
+
+
+# --- the shared authority ---------------------------------------------------------------------
+
+
+@dataclass
+class BrokerAuthority:
+    """Decides who may connect and what they may touch; one per running embedded broker."""
+
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    topics: Topics = field(default_factory=Topics)
+    # serial -> (argon2 hash or None, monotonic expiry)
+    _hashes: dict[str, tuple[str | None, float]] = field(default_factory=dict)
+    # (serial, password digest) -> the hash it verified against
+    _verified: OrderedDict[tuple[str, bytes], str] = field(default_factory=OrderedDict)
+    # (serial, password digest) -> monotonic expiry; throttles argon2 work for a wrong password
+    _refused: dict[tuple[str, bytes], float] = field(default_factory=dict)
+    # Keyed digest: the caches never hold a plain password, and the key dies with the process.
+    _digest_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    refused_logins: int = 0
+
+    async def authenticate(self, session: Session) -> bool:
+        username, password = session.username, session.password or ""
+        if not username:
+            return False  # anonymous
+        if username == self.settings.bridge_username:
+            return self._authenticate_bridge(session, password)
+        return await self._authenticate_station(session, username, password)
+
+    def _authenticate_bridge(self, session: Session, password: str) -> bool:
+        expected = self.settings.bridge_password
+        if not expected or not hmac.compare_digest(password.encode(), expected.encode()):
+            return False
+        session.attributes[ROLE_ATTRIBUTE] = ROLE_BRIDGE
+        return True
+
+    async def _authenticate_station(self, session: Session, serial: str, password: str) -> bool:
+        if not is_valid_serial(serial) or session.client_id != serial:
+            return False
+        if session.will_flag and session.will_topic != self.topics.status(serial):
+            return False
+        if not await self.check_station_password(serial, password):
+            return False
+        session.attributes[ROLE_ATTRIBUTE] = ROLE_STATION
+        session.attributes[SERIAL_ATTRIBUTE] = serial
+        return True
+
+    async def check_station_password(self, serial: str, password: str) -> bool:
+        stored = await self._station_hash(serial)
+        if stored is None or not password:
+            return False
+        key = (serial, hmac.digest(self._digest_key, password.encode(), hashlib.sha256))
+        if self._verified.get(key) == stored:
+            self._verified.move_to_end(key)
+            return True
+        now = time.monotonic()
+        if self._refused.get(key, 0.0) > now:
+            return False
+        if await asyncio.to_thread(verify_password, stored, password):
+            self._remember_verified(key, stored)
+            return True
+        self.refused_logins += 1
+        self._refused[key] = now + REFUSAL_CACHE_TTL_S
+        if len(self._refused) > VERIFIED_CACHE_SIZE:
+            self._refused = {k: t for k, t in self._refused.items() if t > now}
+        return False
+
+    def _remember_verified(self, key: tuple[str, bytes], stored: str) -> None:
+        self._verified[key] = stored
+        while len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+
+    async def _station_hash(self, serial: str) -> str | None:
+        cached = self._hashes.get(serial)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        async with self.sessions() as db:
+            stored = (
+                await db.execute(select(Station.mqtt_password_hash).where(Station.serial == serial))
+            ).scalar_one_or_none()
+        self._hashes[serial] = (stored, now + HASH_CACHE_TTL_S)
+        return stored
+
+    def forget(self, serial: str) -> None:
+        """Drop cached credentials of one station (after re-provisioning in this process)."""
+        self._hashes.pop(serial, None)
+
+    def may(self, session: Session | None, topic: str | None, action: Action | None) -> bool:
+        if session is None or not topic:
+            return False
+        role = session.attributes.get(ROLE_ATTRIBUTE)
+        if role == ROLE_BRIDGE:
+            return True
+        if role != ROLE_STATION:
+            return False
+        serial = session.attributes.get(SERIAL_ATTRIBUTE)
+        return station_may(self.topics, serial, topic, action)
+
+
+def station_may(topics: Topics, serial: str | None, topic: str, action: Action | None) -> bool:
+    """The station ACL as a pure function: own events/status to publish, own commands/errors
+    to subscribe and receive. Exact topics only, so a wildcard filter is always refused."""
+    if not serial:
+        return False
+    if action == Action.PUBLISH:
+        allowed = STATION_PUBLISHES
+    elif action in (Action.SUBSCRIBE, Action.RECEIVE):
+        allowed = STATION_SUBSCRIBES
+    else:
+        return False
+    return any(topic == topics.topic(serial, channel) for channel in allowed)
+
+
+_AUTHORITIES: dict[str, BrokerAuthority] = {}
+
+
+def _authority(key: str) -> BrokerAuthority | None:
+    return _AUTHORITIES.get(key)
+
+
+# --- the amqtt plugins ------------------------------------------------------------------------
+
+
+class StationAuthPlugin(BaseAuthPlugin):
+    """Refuses anonymous clients; admits stations by argon2-checked password and the bridge."""
+
+    @dataclass
+    class Config:
+        authority_key: str = ""
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._key = self.config.authority_key
+
+    async def authenticate(self, *, session: Session) -> bool:
+        authority = _authority(self._key)
+        if authority is None or session is None:
+            return False
+        try:
+            return await authority.authenticate(session)
+        except Exception:  # a database hiccup must refuse one login, not kill the listener
+            log.exception("authentication of %r failed", session.username)
+            return False
+
+
+class StationTopicPlugin(BaseTopicPlugin):
+    """The topic ACL; see `station_may`."""
+
+    @dataclass
+    class Config:
+        authority_key: str = ""
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._key = self.config.authority_key
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        authority = _authority(self._key)
+        return authority is not None and authority.may(session, topic, action)
+
+
+# --- start / stop -----------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddedBroker:
+    """A running embedded broker. `port` is the bound port (useful when started on port 0)."""
+
+    broker: Broker
+    authority: BrokerAuthority
+    host: str
+    port: int
+    _key: str
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    async def stop(self) -> None:
+        try:
+            await self.broker.shutdown()
+        finally:
+            _AUTHORITIES.pop(self._key, None)
+
+
+def broker_config(settings: Settings, key: str, extra_listeners: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    listeners: dict[str, Any] = {
+        "default": {"type": "tcp", "bind": f"{settings.mqtt_host}:{settings.mqtt_port}"}
+    }
+    listeners.update(extra_listeners or {})
+    return {
+        "listeners": listeners,
+        "timeout_disconnect_delay": 2,
+        "plugins": {
+            f"{__name__}.StationAuthPlugin": {"authority_key": key},
+            f"{__name__}.StationTopicPlugin": {"authority_key": key},
+        },
+    }
+
+
+async def start_embedded_broker(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    extra_listeners: dict[str, dict[str, Any]] | None = None,
+    topics: Topics | None = None,
+) -> EmbeddedBroker:
+    """Start the broker on settings.mqtt_host:mqtt_port (port 0 picks a free one), plus any
+    `extra_listeners` in amqtt's listener format, e.g. {"ws": {"type": "ws", "bind": "0.0.0.0:8083"}}."""
+    if not settings.bridge_password:
+        raise ValueError("settings.bridge_password is empty; the bridge could not log in")
+    key = uuid.uuid4().hex
+    authority = BrokerAuthority(settings=settings, sessions=sessions, topics=topics or Topics())
+    _AUTHORITIES[key] = authority
+    try:
+        broker = Broker(broker_config(settings, key, extra_listeners))
+        await broker.start()
+    except BaseException:
+        _AUTHORITIES.pop(key, None)
+        raise
+    port = _bound_port(broker, settings.mqtt_port)
+    log.info("embedded MQTT broker listening on %s:%s", settings.mqtt_host, port)
+    return EmbeddedBroker(broker=broker, authority=authority, host=settings.mqtt_host, port=port, _key=key)
+
+
+def _bound_port(broker: Broker, configured: int) -> int:
+    server = broker._servers.get("default")  # amqtt keeps listeners private; read-only use
+    sockets = getattr(getattr(server, "instance", None), "sockets", None) or ()
+    for sock in sockets:
+        return sock.getsockname()[1]
+    return configured
