@@ -1,0 +1,126 @@
+"""The Litestar application: validate (msgspec), authenticate, authorize, enqueue or await an
+actor command, read storage, push live events.
+
+`create_app(services)` builds it around already started services; the process that owns the
+services (see powerbank.processes) opens and closes them. Nothing in here runs at import.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from litestar import Litestar, Response, get
+from litestar.datastructures import State
+from litestar.middleware.base import DefineMiddleware
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.plugins.prometheus import PrometheusConfig
+from litestar.enums import ScopeType
+from litestar.types import Scopes
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from powerbank import __version__
+from powerbank.http.auth import BEARER_SCHEME, AuthPolicy, JwtAuthMiddleware, LogOtpSender, OtpSender
+from powerbank.http.errors import EXCEPTION_HANDLERS
+from powerbank.http.routes_admin import AdminController
+from powerbank.http.routes_app import AppController, PaymentController
+from powerbank.http.routes_auth import AuthController
+from powerbank.http.routes_rentals import RentalController, RentalStarter, start_rental_via_actor
+from powerbank.http.routes_wallet import UserWalletController
+from powerbank.http.websocket import live_events
+
+if TYPE_CHECKING:
+    from powerbank.services import Services
+
+MAX_REQUEST_BODY_BYTES = 64 * 1024  # every body here is a small JSON document
+
+
+@get("/metrics", opt={"exclude_from_auth": True}, include_in_schema=False)
+async def metrics() -> Response[bytes]:
+    """Prometheus exposition of this process's registry (HTTP, actors, bridge)."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="powerbank",
+        version=__version__,
+        description=(
+            "Real-time backend for shared power-bank rental networks. Every error body is "
+            '`{"error": "<machine_code>", "detail": "..."}`; validation errors add `fields`. '
+            "Live events: websocket `GET /api/ws?token=<access token>`."
+        ),
+        path="/schema",
+        render_plugins=[SwaggerRenderPlugin()],
+        components=Components(
+            security_schemes={
+                BEARER_SCHEME: SecurityScheme(type="http", scheme="bearer", bearer_format="JWT", description="access token")
+            }
+        ),
+        tags=[
+            Tag(name="auth", description="phone OTP, tokens"),
+            Tag(name="app", description="stations, health"),
+            Tag(name="payment", description="packages"),
+            Tag(name="wallet", description="the caller's money and points"),
+            Tag(name="rentals", description="rent, follow, history"),
+            Tag(name="admin", description="admin and superadmin only"),
+        ],
+        use_handler_docstrings=True,
+    )
+
+
+def create_app(
+    services: "Services | None",
+    *,
+    auth_policy: AuthPolicy | None = None,
+    otp_sender: OtpSender | None = None,
+    start_rental: RentalStarter | None = None,
+    debug: bool = False,
+) -> Litestar:
+    """Build the app. `auth_policy` defaults to the environment (POWERBANK_OTP_ECHO,
+    OTP_RATE_PER_IP, ...), `otp_sender` to the log-only provider, `start_rental` to
+    `powerbank.actors.rental.start_rental`. `services` may be None only to render OpenAPI."""
+    state = State(
+        {
+            "services": services,
+            "auth_policy": auth_policy or AuthPolicy.from_env(),
+            "otp_sender": otp_sender or LogOtpSender(),
+            "start_rental": start_rental or start_rental_via_actor,
+        }
+    )
+    prometheus = PrometheusConfig(
+        app_name="powerbank", prefix="powerbank_http", group_path=True, exclude=["^/metrics", "^/schema"]
+    )
+    http_only: Scopes = {ScopeType.HTTP}
+    return Litestar(
+        route_handlers=[
+            AuthController,
+            AppController,
+            PaymentController,
+            UserWalletController,
+            RentalController,
+            AdminController,
+            live_events,
+            metrics,
+        ],
+        state=state,
+        middleware=[
+            prometheus.middleware,
+            # The websocket authenticates itself, so it can close with 4401 instead of a 401.
+            DefineMiddleware(JwtAuthMiddleware, scopes=http_only),
+        ],
+        exception_handlers=dict(EXCEPTION_HANDLERS),
+        openapi_config=openapi_config(),
+        request_max_body_size=MAX_REQUEST_BODY_BYTES,
+        logging_config=None,  # the process configures logging (structlog), not the app
+        debug=debug,
+    )
+
+
+def openapi_document(services: "Services | None" = None) -> dict[str, Any]:
+    """The OpenAPI document as a dict, without serving anything (for the CLI and docs)."""
+    return create_app(services).openapi_schema.to_schema()
+
+
+__all__ = ["create_app", "openapi_document"]

@@ -1,0 +1,99 @@
+"""Admin endpoints (role admin or superadmin). Money changes go through the Wallet actor like
+every other wallet mutation; this layer only authorizes, validates and waits for the result."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from litestar import Controller, Request, post
+from litestar.datastructures import State
+from litestar.params import FromPath, JSONBody
+
+from powerbank.http.auth import BEARER_SECURITY, AuthUser, require_admin
+from powerbank.http.deps import services_of
+from powerbank.http.errors import ApiError, error_responses
+from powerbank.http.routes_wallet import read_wallet
+from powerbank.http.schemas import CreditRequest, CreditResult
+from powerbank.storage.models import User
+
+log = logging.getLogger(__name__)
+
+# Fixed namespace: the same idempotency key for the same user always names the same transfer.
+CREDIT_NAMESPACE = uuid.UUID("3f0d7c52-2a8e-4d0f-9a51-6b1f0c8e9d21")
+CREDIT_WAIT_S = 10.0
+NOT_FOUND_REASONS = frozenset({"wallet_not_found", "no_wallet", "wallet_not_open"})
+
+
+def credit_transfer_id(user_id: uuid.UUID, idempotency_key: str | None) -> uuid.UUID:
+    if idempotency_key is None:
+        return uuid.uuid4()
+    return uuid.uuid5(CREDIT_NAMESPACE, f"{user_id}:{idempotency_key}")
+
+
+def refusal_error(result: dict) -> ApiError:
+    reason = str(result.get("reason") or "credit_refused")
+    status = 404 if reason in NOT_FOUND_REASONS else 409
+    details = {k: v for k, v in result.items() if k not in ("ok", "reason") and _json_scalar(v)}
+    return ApiError(status, reason, f"the wallet refused the credit: {reason}", **details)
+
+
+def _json_scalar(value) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
+class AdminController(Controller):
+    path = "/api/admin"
+    tags = ["admin"]
+    security = BEARER_SECURITY
+    guards = [require_admin]
+
+    @post(
+        "/wallets/{user_id:uuid}/credit",
+        status_code=200,
+        responses=error_responses(400, 401, 403, 404, 409, 503),
+    )
+    async def credit_wallet(self, state: State, request: Request, user_id: FromPath[uuid.UUID], data: JSONBody[CreditRequest]) -> CreditResult:
+        """Credit a user's wallet (goodwill, corrections, demo top-ups). With `idempotency_key`
+        a retried request credits once and returns the same result."""
+        services = services_of(state)
+        admin: AuthUser = request.user
+        async with services.sessions() as session:
+            if await session.get(User, user_id) is None:
+                raise ApiError(404, "user_not_found", f"no user {user_id}")
+        transfer_id = credit_transfer_id(user_id, data.idempotency_key)
+        payload = {
+            "amount_minor": data.amount_minor,
+            "currency": data.currency,
+            "transfer_id": str(transfer_id),
+            "reason": data.reason,
+        }
+        try:
+            result = await services.runtime.call(
+                "wallet", str(user_id), "CreditWallet", payload,
+                command_id=f"credit:{transfer_id}", timeout_s=CREDIT_WAIT_S,
+            )
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            raise ApiError(
+                503, "wallet_timeout",
+                "the credit is accepted but not applied yet; repeat with the same idempotency_key to see it",
+                transfer_id=str(transfer_id),
+            ) from exc
+        except ValueError as exc:  # the runtime saw this command id used for another entity
+            raise ApiError(409, "idempotency_key_reused", str(exc)) from exc
+        log.info(
+            "admin %s credited %s %s to %s (%s): %s",
+            admin.id, data.amount_minor, data.currency, user_id, data.reason, result,
+        )
+        if not result.get("ok", False):
+            raise refusal_error(result)
+        async with services.sessions() as session:
+            wallet = await read_wallet(session, user_id, services.settings.currency)
+        return CreditResult(
+            user_id=user_id,
+            transfer_id=transfer_id,
+            amount_minor=int(result.get("amount_minor", data.amount_minor)),
+            currency=data.currency,
+            wallet=wallet,
+        )

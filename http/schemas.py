@@ -1,0 +1,228 @@
+"""Request and response bodies. Requests forbid unknown fields, so a typo (`amount` for
+`amount_minor`) is a validation error instead of a silently ignored value. Money is always an
+integer in minor units next to its ISO 4217 currency.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+# E.164: a plus, a country code that does not start with 0, at most 15 digits in all.
+PHONE_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+Phone = Annotated[str, Meta(pattern=PHONE_PATTERN, description="E.164 phone number, e.g. +9779812345678")]
+OtpCode = Annotated[str, Meta(pattern=r"^[0-9]{6}$", description="the 6-digit code sent by SMS")]
+Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+DeviceId = Annotated[str, Meta(min_length=1, max_length=128)]
+IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=100)]
+Platform = Literal["ios", "android", "web", "other"]
+OtpPurpose = Literal["login", "register"]
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True):
+    """Base for request bodies."""
+
+
+class Response(msgspec.Struct, omit_defaults=False):
+    """Base for response bodies."""
+
+
+# --- auth ---------------------------------------------------------------------------------
+
+
+class OtpRequest(Request):
+    phone: Phone
+    purpose: OtpPurpose
+
+
+class OtpSent(Response, omit_defaults=True):
+    phone: str
+    purpose: str
+    expires_in_s: int
+    # Only when POWERBANK_OTP_ECHO=1 (development and the demo's simulated riders).
+    debug_code: str | None = None
+
+
+class RegisterRequest(Request):
+    phone: Phone
+    code: OtpCode
+    full_name: Annotated[str, Meta(min_length=1, max_length=120)] | None = None
+    device_id: DeviceId | None = None
+    platform: Platform = "other"
+
+
+class LoginRequest(Request):
+    phone: Phone
+    code: OtpCode
+    device_id: DeviceId | None = None
+    platform: Platform = "other"
+
+
+class VerifyOtpRequest(Request):
+    """Verifies a code and signs in: `purpose` register creates the account, login opens a session."""
+
+    phone: Phone
+    code: OtpCode
+    purpose: OtpPurpose
+    full_name: Annotated[str, Meta(min_length=1, max_length=120)] | None = None
+    device_id: DeviceId | None = None
+    platform: Platform = "other"
+
+
+class RefreshRequest(Request):
+    refresh_token: Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
+class UserView(Response):
+    id: uuid.UUID
+    phone: str | None
+    role: str
+    status: str
+    referral_code: str
+    full_name: str | None
+    email: str | None
+    created_at: datetime
+
+
+class TokenPair(Response):
+    access_token: str
+    refresh_token: str
+    expires_in_s: int
+    user: UserView
+    token_type: str = "bearer"
+
+
+# --- stations and packages ----------------------------------------------------------------
+
+
+class StationSummary(Response):
+    id: uuid.UUID
+    serial: str
+    name: str
+    address: str | None
+    latitude: float
+    longitude: float
+    status: str
+    slot_count: int
+    # Banks a person could rent now: in an occupied slot and charged at least the minimum.
+    available_banks: int
+    empty_slots: int
+    last_seen_at: datetime | None
+    distance_m: float | None = None
+
+
+class StationPage(Response):
+    items: list[StationSummary]
+    page: int
+    page_size: int
+    total: int
+
+
+class SlotView(Response):
+    slot_number: int
+    status: str
+    power_bank_serial: str | None
+    charge_percent: int | None
+    rentable: bool
+
+
+class StationDetail(StationSummary, kw_only=True):
+    slots: list[SlotView]
+
+
+class PackageView(Response):
+    id: uuid.UUID
+    code: str
+    name: str
+    duration_minutes: int
+    price_minor: int
+    currency: str
+    grace_minutes: int
+    late_fee_per_hour_minor: int
+    late_fee_daily_cap_minor: int
+    max_duration_minutes: int
+
+
+class HealthView(Response):
+    status: str
+    database: str
+    time: datetime
+
+
+# --- money --------------------------------------------------------------------------------
+
+
+class WalletView(Response):
+    currency: str
+    balance_minor: int
+    held_minor: int
+    available_minor: int
+    points: int
+    points_held: int
+
+
+class CreditRequest(Request):
+    amount_minor: Annotated[int, Meta(gt=0, le=10**12)]
+    currency: Currency
+    reason: Annotated[str, Meta(min_length=1, max_length=200)]
+    idempotency_key: IdempotencyKey | None = None
+
+
+class CreditResult(Response):
+    user_id: uuid.UUID
+    transfer_id: uuid.UUID
+    amount_minor: int
+    currency: str
+    wallet: WalletView
+
+
+# --- rentals ------------------------------------------------------------------------------
+
+
+class StartRentalRequest(Request):
+    station_sn: Annotated[str, Meta(min_length=1, max_length=32)]
+    package_id: uuid.UUID
+    # The same key from the same person names the same rental: a retried request starts nothing new.
+    idempotency_key: IdempotencyKey | None = None
+
+
+class RentalView(Response):
+    id: uuid.UUID
+    status: str
+    station_id: uuid.UUID
+    station_sn: str | None
+    package_id: uuid.UUID
+    package_code: str | None
+    power_bank_serial: str | None
+    slot_number: int | None
+    return_station_sn: str | None
+    currency: str
+    hold_minor: int
+    fee_minor: int
+    charged_minor: int
+    due_minor: int
+    quick_return: bool
+    cancel_reason: str | None
+    started_at: datetime | None
+    due_at: datetime | None
+    returned_at: datetime | None
+    created_at: datetime
+
+
+class RentalPage(Response):
+    items: list[RentalView]
+    page: int
+    page_size: int
+    total: int
+
+
+class RentalRefused(Response):
+    """409 body of a refused start: `error` is the reason (insufficient_funds, no_bank_available...)."""
+
+    error: str
+    detail: str
+    rental: RentalView | None = None
