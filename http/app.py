@@ -108,7 +108,7 @@ def create_app(
         middleware=[
             prometheus.middleware,
             # The websocket authenticates itself, so it can close with 4401 instead of a 401.
-            DefineMiddleware(JwtAuthMiddleware, scopes=http_only),
+            DefineMiddleware(JwtAuthMiddleware, scopes=http_only, exclude=["^/schema"]),
         ],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         openapi_config=openapi_config(),
