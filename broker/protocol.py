@@ -17,6 +17,7 @@ Rules that shape the code:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -352,6 +353,11 @@ class Topics:
     others (or a test sharing the machine's Mosquitto) picks its own root."""
 
     root: str = DEFAULT_TOPIC_ROOT
+
+    @classmethod
+    def from_env(cls) -> "Topics":
+        """The root from `MQTT_TOPIC_ROOT`, so every process of a deployment agrees on it."""
+        return cls(os.environ.get("MQTT_TOPIC_ROOT") or DEFAULT_TOPIC_ROOT)
 
     @property
     def base(self) -> str:

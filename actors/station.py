@@ -1,0 +1,951 @@
+"""The Station actor: one per station (entity id = station id), the only writer of `stations`,
+`station_slots`, `station_events` and of where a power bank is (`power_banks.station_id`,
+`status`, `charge_percent`).
+
+Commands come from two sides:
+- the bridge turns every MQTT message of the station into one command (Boot, Inventory,
+  Heartbeat, BankInserted, BankRemoved, Battery, SlotFault, EjectAck, MarkOffline); the payload
+  is the decoded protocol message plus `received_at` (ISO, the bridge's clock);
+- the Rental actor sends ReserveAndEject; the scheduler sends ExpireEject and MarkOffline.
+
+Every station event first becomes a `station_events` row keyed by (station, seq), so a
+re-sent event is a no-op. Station timestamps are put on the server clock with an offset
+estimated as (receive time - station ts) on the latest boot or heartbeat: the estimate includes
+the network delay (tens of ms), which is fine for billing minutes. Boot and heartbeat are never
+re-sent by a station, so their receive time is fresh; a re-sent slot event is placed with the
+current estimate, which is exactly right for a station whose clock drifts slowly.
+
+The decisions (which slot to eject, what an inventory report means, what a failed eject leaves
+behind) are pure functions over plain data at the top of this module; the handlers below them
+load rows, call them and write the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Iterable
+
+from sqlalchemy import select, update
+
+from powerbank.actors.rental import OPEN_STATUSES, open_rental_for_bank
+from powerbank.actors.runtime import ActorContext, CommandRejected, Runtime, handles
+from powerbank.broker.protocol import (
+    EJECT_JAMMED,
+    EJECT_OK,
+    EJECT_SLOT_EMPTY,
+    Config,
+    Eject,
+    Topics,
+    epoch_ms,
+    from_epoch_ms,
+    to_payload,
+)
+from powerbank.storage.models import PowerBank, Rental, Station, StationEvent, StationSlot
+from powerbank.storage.types import utcnow
+
+log = logging.getLogger(__name__)
+
+KIND = "station"
+MIN_EJECT_CHARGE_PERCENT = 20
+MAX_EJECT_ATTEMPTS = 2
+MISSED_HEARTBEATS_BEFORE_OFFLINE = 3
+EJECT_TIMEOUT_REASON = "timeout"
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StationPolicy:
+    """The settings the Station actor needs, read once per process."""
+
+    eject_timeout_ms: int = 8000
+    heartbeat_interval_s: int = 30
+    min_eject_charge_percent: int = MIN_EJECT_CHARGE_PERCENT
+    currency: str = "NPR"
+    topics: Topics = field(default_factory=lambda: Topics.from_env())
+
+
+_policy: StationPolicy | None = None
+
+
+def configure(settings=None, **overrides: Any) -> StationPolicy:
+    """Set the policy from settings (and/or explicit overrides); returns it. Processes call this
+    at start; without it the first command loads settings from the environment."""
+    global _policy
+    base = StationPolicy()
+    if settings is not None:
+        base = replace(
+            base,
+            eject_timeout_ms=settings.eject_timeout_ms,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            currency=settings.currency,
+        )
+    _policy = replace(base, **overrides)
+    return _policy
+
+
+def policy() -> StationPolicy:
+    if _policy is None:
+        from powerbank.config import load_settings
+
+        return configure(load_settings())
+    return _policy
+
+
+# --- pure decisions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What a decision needs to know about one slot and the bank in it."""
+
+    number: int
+    status: str
+    bank_serial: str | None = None
+    bank_status: str | None = None
+    charge: int | None = None
+
+
+def is_ejectable(slot: SlotView, min_charge_percent: int = MIN_EJECT_CHARGE_PERCENT) -> bool:
+    """A bank can be handed out: it sits in a working slot, nobody is ejecting it, and it is
+    charged enough to be useful."""
+    return (
+        slot.status == "occupied"
+        and slot.bank_status == "in_slot"
+        and slot.charge is not None
+        and slot.charge >= min_charge_percent
+    )
+
+
+def choose_eject_slot(
+    slots: Iterable[SlotView],
+    *,
+    min_charge_percent: int = MIN_EJECT_CHARGE_PERCENT,
+    exclude: Iterable[int] = (),
+) -> SlotView | None:
+    """The slot whose bank has the highest charge; ties go to the lowest slot number so the
+    choice is deterministic."""
+    excluded = set(exclude)
+    candidates = [s for s in slots if s.number not in excluded and is_ejectable(s, min_charge_percent)]
+    return max(candidates, key=lambda s: (s.charge, -s.number), default=None)
+
+
+def availability(slots: Iterable[SlotView], min_charge_percent: int = MIN_EJECT_CHARGE_PERCENT) -> tuple[int, int]:
+    """(banks ready to rent, empty slots ready for a return)."""
+    slots = list(slots)
+    return (
+        sum(1 for s in slots if is_ejectable(s, min_charge_percent)),
+        sum(1 for s in slots if s.status == "empty"),
+    )
+
+
+def slot_status_after_failed_eject(code: str) -> str:
+    """Where a slot stands after an eject that did not release its bank."""
+    if code == EJECT_JAMMED:
+        return "fault"
+    if code == EJECT_SLOT_EMPTY:
+        return "empty"
+    return "occupied"
+
+
+def estimate_clock_offset_ms(received_at: datetime, station_ts_ms: int) -> int:
+    return epoch_ms(received_at) - station_ts_ms
+
+
+def corrected_station_time(station_ts_ms: int, clock_offset_ms: int | None) -> datetime:
+    return from_epoch_ms(station_ts_ms + (clock_offset_ms or 0))
+
+
+@dataclass(frozen=True)
+class ReportedSlot:
+    number: int
+    bank_serial: str | None = None
+    charge: int | None = None
+    fault: str | None = None
+
+
+@dataclass(frozen=True)
+class SlotTarget:
+    number: int
+    status: str  # empty, occupied or fault
+    bank_serial: str | None
+    charge: int | None
+
+
+@dataclass
+class InventoryPlan:
+    targets: list[SlotTarget]  # slots whose stored state must change (or that are new)
+    charges: dict[str, int]  # every reported bank's charge
+    missing_banks: list[str]  # banks stored here that the station no longer has
+    surplus_slots: list[int]  # stored slots beyond the reported slot count
+    discrepancies: list[dict[str, Any]]
+
+
+def plan_inventory(stored: Iterable[SlotView], reported: Iterable[ReportedSlot], slot_count: int) -> InventoryPlan:
+    """What a full inventory report means for the stored slots.
+
+    The report is the truth about what is physically in the station, except for slots with an
+    eject in flight: those are settled by the eject's ack or its expiry, never by a snapshot
+    that may have been taken a moment before the latch opened."""
+    stored_by_number = {s.number: s for s in stored}
+    reported_by_number = {r.number: r for r in reported}
+    ejecting = {n for n, s in stored_by_number.items() if s.status == "ejecting"}
+    targets: list[SlotTarget] = []
+    discrepancies: list[dict[str, Any]] = []
+    for number in range(1, slot_count + 1):
+        seen = reported_by_number.get(number)
+        known = stored_by_number.get(number)
+        if number in ejecting:
+            if seen is None or seen.bank_serial != known.bank_serial:
+                discrepancies.append(
+                    {"kind": "ejecting_slot_differs", "slot": number, "expected": known.bank_serial,
+                     "reported": seen.bank_serial if seen else None}
+                )
+            continue
+        target = _target_for(number, seen)
+        if known is None or (known.status, known.bank_serial) != (target.status, target.bank_serial):
+            targets.append(target)
+            if known is not None:
+                discrepancies.append(
+                    {"kind": "slot_corrected", "slot": number,
+                     "was": {"status": known.status, "bank": known.bank_serial},
+                     "now": {"status": target.status, "bank": target.bank_serial}}
+                )
+    reported_serials = {r.bank_serial for r in reported_by_number.values() if r.bank_serial}
+    missing = sorted(
+        s.bank_serial for s in stored_by_number.values()
+        if s.bank_serial and s.status != "ejecting" and s.bank_serial not in reported_serials
+    )
+    discrepancies.extend({"kind": "bank_missing", "bank": serial} for serial in missing)
+    surplus = sorted(n for n in stored_by_number if n > slot_count and n not in ejecting)
+    discrepancies.extend({"kind": "slot_removed", "slot": n} for n in surplus)
+    charges = {
+        r.bank_serial: r.charge for r in reported_by_number.values() if r.bank_serial and r.charge is not None
+    }
+    return InventoryPlan(targets, charges, missing, surplus, discrepancies)
+
+
+def _target_for(number: int, seen: ReportedSlot | None) -> SlotTarget:
+    if seen is None:
+        return SlotTarget(number, "empty", None, None)
+    if seen.fault:
+        return SlotTarget(number, "fault", seen.bank_serial, seen.charge)
+    if seen.bank_serial:
+        return SlotTarget(number, "occupied", seen.bank_serial, seen.charge)
+    return SlotTarget(number, "empty", None, None)
+
+
+# --- loading a station ------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """A station with its slots and the banks in them, as ORM rows in the open transaction."""
+
+    station: Station
+    slots: dict[int, StationSlot]
+    banks: dict[uuid.UUID, PowerBank]
+
+    def bank_in(self, slot: StationSlot) -> PowerBank | None:
+        return self.banks.get(slot.power_bank_id) if slot.power_bank_id else None
+
+    def view(self, slot: StationSlot) -> SlotView:
+        bank = self.bank_in(slot)
+        return SlotView(
+            number=slot.slot_number,
+            status=slot.status,
+            bank_serial=bank.serial if bank else None,
+            bank_status=bank.status if bank else None,
+            charge=bank.charge_percent if bank else None,
+        )
+
+    def views(self) -> list[SlotView]:
+        return [self.view(slot) for slot in sorted(self.slots.values(), key=lambda s: s.slot_number)]
+
+    def slot_ejecting(self, eject_command_id: str) -> StationSlot | None:
+        for slot in self.slots.values():
+            if slot.status == "ejecting" and slot.eject_command_id == eject_command_id:
+                return slot
+        return None
+
+
+async def _load(ctx: ActorContext, station_id: str) -> Loaded | None:
+    station = await ctx.session.get(Station, uuid.UUID(station_id))
+    if station is None:
+        return None
+    slots = list(
+        (await ctx.session.execute(select(StationSlot).where(StationSlot.station_id == station.id))).scalars()
+    )
+    bank_ids = [s.power_bank_id for s in slots if s.power_bank_id]
+    banks = {}
+    if bank_ids:
+        rows = await ctx.session.execute(select(PowerBank).where(PowerBank.id.in_(bank_ids)))
+        banks = {bank.id: bank for bank in rows.scalars()}
+    return Loaded(station, {s.slot_number: s for s in slots}, banks)
+
+
+async def _load_or_reject(ctx: ActorContext, station_id: str) -> Loaded:
+    loaded = await _load(ctx, station_id)
+    if loaded is None:
+        raise CommandRejected("unknown_station", station_id=station_id)
+    return loaded
+
+
+def _notify(ctx: ActorContext, loaded: Loaded) -> None:
+    available, empty = availability(loaded.views(), policy().min_eject_charge_percent)
+    station = loaded.station
+    ctx.notify(
+        f"station:{station.id}",
+        {
+            "type": "station.updated",
+            "station_id": str(station.id),
+            "serial": station.serial,
+            "status": station.status,
+            "available": available,
+            "empty_slots": empty,
+        },
+    )
+
+
+# --- recording events -------------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    """A station event being applied: its seq and its times on the server clock."""
+
+    seq: int
+    station_time: datetime
+    received_at: datetime
+    fresh: bool  # False when (station, seq) was recorded before
+
+
+def _received_at(ctx: ActorContext, payload: dict[str, Any]) -> datetime:
+    raw = payload.get("received_at")
+    return datetime.fromisoformat(raw) if raw else ctx.now
+
+
+async def _record_event(
+    ctx: ActorContext,
+    loaded: Loaded,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    sets_clock: bool = False,
+    apply_when_seen: bool = False,
+) -> Event:
+    """Store the event once per (station, seq) and note that the station is alive. A seq seen
+    before changes nothing (`fresh` is False), unless `apply_when_seen` (boot: see there)."""
+    station = loaded.station
+    seq, ts = int(payload["seq"]), int(payload["ts"])
+    received_at = _received_at(ctx, payload)
+    seen = (
+        await ctx.session.execute(
+            select(StationEvent.id).where(StationEvent.station_id == station.id, StationEvent.seq == seq)
+        )
+    ).first() is not None
+    if seen and not apply_when_seen:
+        return Event(seq, corrected_station_time(ts, station.clock_offset_ms), received_at, fresh=False)
+    if sets_clock:
+        station.clock_offset_ms = estimate_clock_offset_ms(received_at, ts)
+    station_time = corrected_station_time(ts, station.clock_offset_ms)
+    if not seen:
+        ctx.session.add(
+            StationEvent(
+                station_id=station.id, seq=seq, kind=kind, payload=payload,
+                station_time=station_time, received_at=received_at,
+            )
+        )
+        station.last_event_seq = max(station.last_event_seq or 0, seq)
+    _mark_seen(station, received_at)
+    return Event(seq, station_time, received_at, fresh=not seen)
+
+
+def _mark_seen(station: Station, received_at: datetime) -> None:
+    """Any message proves the station is alive: online again unless an operator parked it."""
+    if station.last_seen_at is None or received_at > station.last_seen_at:
+        station.last_seen_at = received_at
+    if station.status == "offline":
+        station.status = "online"
+
+
+def _duplicate(event: Event) -> dict[str, Any]:
+    return {"ok": True, "duplicate": True, "seq": event.seq}
+
+
+def _is_stale(slot: StationSlot, event: Event) -> bool:
+    """An event older than the newest one that set this slot arrived late; it is recorded, but
+    the slot already reflects a later truth."""
+    return event.seq < (slot.last_event_seq or 0)
+
+
+def _log_discrepancies(station: Station, discrepancies: list[dict[str, Any]]) -> None:
+    for item in discrepancies:
+        log.warning("station %s discrepancy: %s", station.serial, item)
+
+
+# --- placing and removing banks ---------------------------------------------------------------
+
+
+async def _bank_by_serial(ctx: ActorContext, serial: str) -> PowerBank | None:
+    return (await ctx.session.execute(select(PowerBank).where(PowerBank.serial == serial))).scalar_one_or_none()
+
+
+async def _release_from_other_slot(
+    ctx: ActorContext, loaded: Loaded, bank: PowerBank, slot: StationSlot
+) -> dict[str, Any] | None:
+    """Free the bank from whatever slot the database still has it in, because it is physically
+    here now. Returns a discrepancy, or one with kind `bank_claimed_by_eject` when it cannot be
+    freed (another station is ejecting it right now).
+
+    A slot of *another* station is the one place this actor writes outside its own rows: a
+    guarded single UPDATE that only empties a slot still holding this bank and not ejecting it.
+    Physics justifies it (a bank cannot be in two slots), and the guard makes it safe against
+    that station's actor running at the same moment."""
+    for other in loaded.slots.values():
+        if other is not slot and other.power_bank_id == bank.id:
+            if other.status == "ejecting":
+                return {"kind": "bank_claimed_by_eject", "bank": bank.serial, "slot": other.slot_number}
+            other.power_bank_id, other.status = None, "empty"
+            await ctx.session.flush()
+            return {"kind": "bank_moved_within_station", "bank": bank.serial, "from_slot": other.slot_number}
+    row = (
+        await ctx.session.execute(
+            select(StationSlot.id, StationSlot.station_id, StationSlot.status).where(
+                StationSlot.power_bank_id == bank.id, StationSlot.station_id != loaded.station.id
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.status == "ejecting":
+        return {"kind": "bank_claimed_by_eject", "bank": bank.serial, "station_id": str(row.station_id)}
+    await ctx.session.execute(
+        update(StationSlot)
+        .where(StationSlot.id == row.id, StationSlot.power_bank_id == bank.id, StationSlot.status != "ejecting")
+        .values(power_bank_id=None, status="empty", updated_at=ctx.now)
+        .execution_options(synchronize_session=False)
+    )
+    return {"kind": "bank_seen_elsewhere", "bank": bank.serial, "was_at_station": str(row.station_id)}
+
+
+async def _place_bank(
+    ctx: ActorContext,
+    loaded: Loaded,
+    slot: StationSlot,
+    serial: str,
+    charge: int | None,
+    *,
+    slot_status: str = "occupied",
+    bank: PowerBank | None = None,
+) -> tuple[PowerBank | None, list[dict[str, Any]]]:
+    """Put the bank with `serial` into `slot` (creating the bank if it was never seen)."""
+    discrepancies: list[dict[str, Any]] = []
+    bank = bank or await _bank_by_serial(ctx, serial)
+    if bank is None:
+        bank = PowerBank(
+            serial=serial, status="in_slot", charge_percent=charge if charge is not None else 0,
+            currency=policy().currency, station_id=loaded.station.id,
+        )
+        ctx.session.add(bank)
+        await ctx.session.flush()
+        discrepancies.append({"kind": "bank_created", "bank": serial})
+    else:
+        moved = await _release_from_other_slot(ctx, loaded, bank, slot)
+        if moved is not None:
+            discrepancies.append(moved)
+            if moved["kind"] == "bank_claimed_by_eject":
+                slot.power_bank_id, slot.status = None, "fault"
+                return None, discrepancies
+    if slot.power_bank_id not in (None, bank.id):
+        discrepancies.extend(await _detach_bank(ctx, loaded, slot, "replaced_in_slot"))
+    loaded.banks[bank.id] = bank
+    bank.station_id = loaded.station.id
+    if bank.status != "faulty":
+        bank.status = "in_slot"
+    if charge is not None:
+        bank.charge_percent = charge
+    slot.power_bank_id, slot.status = bank.id, slot_status
+    slot.ejecting_rental_id = slot.eject_command_id = slot.eject_deadline_at = slot.eject_attempt = None
+    return bank, discrepancies
+
+
+async def _detach_bank(ctx: ActorContext, loaded: Loaded, slot: StationSlot, why: str) -> list[dict[str, Any]]:
+    """The bank in `slot` left without a rental: nobody knows where it is, so it counts as lost
+    until some station sees it again."""
+    bank = loaded.bank_in(slot)
+    slot.power_bank_id, slot.status = None, "empty"
+    await ctx.session.flush()
+    if bank is None:
+        return []
+    bank.station_id, bank.status = None, "lost"
+    return [{"kind": why, "bank": bank.serial, "slot": slot.slot_number}]
+
+
+async def _slot(ctx: ActorContext, loaded: Loaded, number: int) -> StationSlot:
+    slot = loaded.slots.get(number)
+    if slot is None:
+        slot = StationSlot(station_id=loaded.station.id, slot_number=number, status="empty", last_event_seq=0)
+        ctx.session.add(slot)
+        loaded.slots[number] = slot
+        await ctx.session.flush()
+    return slot
+
+
+async def _send_returned_if_rented(ctx: ActorContext, loaded: Loaded, bank: PowerBank, event: Event) -> str | None:
+    """A bank out on a rental is back in a slot: tell its rental (once, by command id)."""
+    rental = await open_rental_for_bank(ctx.session, bank.id)
+    if rental is None:
+        return None
+    await _send_returned(ctx, loaded, bank, str(rental.id), event)
+    return str(rental.id)
+
+
+async def _send_returned(ctx: ActorContext, loaded: Loaded, bank: PowerBank, rental_id: str, event: Event) -> None:
+    await ctx.send(
+        "rental",
+        rental_id,
+        "BankReturned",
+        {
+            "station_id": str(loaded.station.id),
+            "power_bank_id": str(bank.id),
+            "returned_at": event.station_time.isoformat(),
+            "received_at": event.received_at.isoformat(),
+        },
+        command_id=f"returned:{rental_id}",
+    )
+
+
+# --- inventory --------------------------------------------------------------------------------
+
+
+def _reported(payload: dict[str, Any]) -> list[ReportedSlot]:
+    return [
+        ReportedSlot(s["slot"], s.get("bank"), s.get("charge"), s.get("fault")) for s in payload.get("slots", [])
+    ]
+
+
+async def _apply_inventory(
+    ctx: ActorContext, loaded: Loaded, payload: dict[str, Any], event: Event
+) -> dict[str, Any]:
+    station = loaded.station
+    slot_count = int(payload["slot_count"])
+    station.slot_count = slot_count
+    plan = plan_inventory(loaded.views(), _reported(payload), slot_count)
+    discrepancies = list(plan.discrepancies)
+    for serial in plan.missing_banks:
+        slot = next(s for s in loaded.slots.values() if (b := loaded.bank_in(s)) and b.serial == serial)
+        await _detach_bank(ctx, loaded, slot, "bank_missing_detached")
+    # Free every slot that changes first: the unique bank-per-slot index must never see a bank
+    # in two slots, even between two statements of this transaction.
+    for target in plan.targets:
+        if target.number in loaded.slots:
+            loaded.slots[target.number].power_bank_id = None
+            loaded.slots[target.number].status = "empty"
+    for number in plan.surplus_slots:
+        await ctx.session.delete(loaded.slots.pop(number))
+    await ctx.session.flush()
+    known = await _banks_by_serial(ctx, [t.bank_serial for t in plan.targets if t.bank_serial])
+    for target in plan.targets:
+        slot = await _slot(ctx, loaded, target.number)
+        slot.last_event_seq = max(slot.last_event_seq or 0, event.seq)
+        if target.bank_serial:
+            _, found = await _place_bank(
+                ctx, loaded, slot, target.bank_serial, target.charge,
+                slot_status=target.status, bank=known.get(target.bank_serial),
+            )
+            discrepancies.extend(found)
+            await ctx.session.flush()
+        else:
+            slot.status = target.status
+    for slot in loaded.slots.values():
+        slot.last_event_seq = max(slot.last_event_seq or 0, event.seq)
+        bank = loaded.bank_in(slot)
+        if bank is not None and bank.serial in plan.charges:
+            bank.charge_percent = plan.charges[bank.serial]
+    returned = await _return_rentals_of_banks_in_slots(ctx, loaded, event)
+    discrepancies.extend(
+        {"kind": "rental_closed_by_inventory", "bank": serial, "rental_id": rental_id}
+        for serial, rental_id in returned
+    )
+    _log_discrepancies(station, discrepancies)
+    return {"ok": True, "seq": event.seq, "discrepancies": discrepancies, "returned_rentals": [r for _, r in returned]}
+
+
+async def _return_rentals_of_banks_in_slots(
+    ctx: ActorContext, loaded: Loaded, event: Event
+) -> list[tuple[str, str]]:
+    """Reconcile: every bank seen in a slot whose rental is still open closes that rental."""
+    in_slots = {
+        bank.id: bank
+        for slot in loaded.slots.values()
+        if slot.status != "ejecting" and (bank := loaded.bank_in(slot)) is not None
+    }
+    if not in_slots:
+        return []
+    rows = await ctx.session.execute(
+        select(Rental.id, Rental.power_bank_id).where(
+            Rental.power_bank_id.in_(list(in_slots)), Rental.status.in_(OPEN_STATUSES)
+        )
+    )
+    returned = []
+    for rental_id, bank_id in rows.all():
+        await _send_returned(ctx, loaded, in_slots[bank_id], str(rental_id), event)
+        returned.append((in_slots[bank_id].serial, str(rental_id)))
+    return returned
+
+
+async def _banks_by_serial(ctx: ActorContext, serials: list[str]) -> dict[str, PowerBank]:
+    if not serials:
+        return {}
+    rows = await ctx.session.execute(select(PowerBank).where(PowerBank.serial.in_(serials)))
+    return {bank.serial: bank for bank in rows.scalars()}
+
+
+# --- handlers: station -> backend -------------------------------------------------------------
+
+
+@handles(KIND, "Boot")
+async def boot(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A station powered up: record who it is, take its inventory as the truth, answer with
+    config. Applied even when its seq was seen before (a station that lost its counter), so
+    the config reply can tell it where to continue."""
+    loaded = await _load_or_reject(ctx, station_id)
+    station = loaded.station
+    event = await _record_event(ctx, loaded, "boot", payload, sets_clock=True, apply_when_seen=True)
+    station.firmware_version = payload.get("firmware")
+    station.hardware_version = payload.get("hardware")
+    station.heartbeat_interval_s = policy().heartbeat_interval_s
+    station.last_heartbeat_at = event.received_at
+    result = await _apply_inventory(ctx, loaded, payload, event)
+    await ctx.publish_mqtt(
+        policy().topics.commands(station.serial),
+        to_payload(
+            Config(
+                heartbeat_interval_s=station.heartbeat_interval_s,
+                server_time=epoch_ms(ctx.now),
+                eject_timeout_ms=policy().eject_timeout_ms,
+                last_seq=station.last_event_seq or 0,
+            )
+        ),
+    )
+    _notify(ctx, loaded)
+    return result
+
+
+@handles(KIND, "Inventory")
+async def inventory(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    loaded = await _load_or_reject(ctx, station_id)
+    event = await _record_event(ctx, loaded, "inventory", payload)
+    if not event.fresh:
+        return _duplicate(event)
+    result = await _apply_inventory(ctx, loaded, payload, event)
+    _notify(ctx, loaded)
+    return result
+
+
+@handles(KIND, "Heartbeat")
+async def heartbeat(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    loaded = await _load_or_reject(ctx, station_id)
+    was = loaded.station.status
+    event = await _record_event(ctx, loaded, "heartbeat", payload, sets_clock=True)
+    if not event.fresh:
+        return _duplicate(event)
+    loaded.station.last_heartbeat_at = event.received_at
+    if loaded.station.status != was:
+        _notify(ctx, loaded)
+    return {"ok": True, "seq": event.seq, "clock_offset_ms": loaded.station.clock_offset_ms}
+
+
+@handles(KIND, "BankInserted")
+async def bank_inserted(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A bank went into a slot: a return when it is out on a rental, a restock otherwise."""
+    loaded = await _load_or_reject(ctx, station_id)
+    event = await _record_event(ctx, loaded, "bank_inserted", payload)
+    if not event.fresh:
+        return _duplicate(event)
+    slot = await _slot(ctx, loaded, int(payload["slot"]))
+    if _is_stale(slot, event):
+        return {"ok": True, "seq": event.seq, "stale": True}
+    slot.last_event_seq = event.seq
+    if slot.status == "ejecting":
+        discrepancy = {"kind": "insert_into_ejecting_slot", "slot": slot.slot_number, "bank": payload["bank"]}
+        _log_discrepancies(loaded.station, [discrepancy])
+        return {"ok": True, "seq": event.seq, "discrepancies": [discrepancy]}
+    bank, discrepancies = await _place_bank(ctx, loaded, slot, payload["bank"], int(payload["charge"]))
+    rental_id = await _send_returned_if_rented(ctx, loaded, bank, event) if bank else None
+    _log_discrepancies(loaded.station, discrepancies)
+    _notify(ctx, loaded)
+    return {"ok": True, "seq": event.seq, "returned_rental_id": rental_id, "discrepancies": discrepancies}
+
+
+@handles(KIND, "BankRemoved")
+async def bank_removed(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A bank left a slot without an eject (forced, or taken by an operator). During an eject
+    the ack decides, not this: the station sends both, and only the ack names the command."""
+    loaded = await _load_or_reject(ctx, station_id)
+    event = await _record_event(ctx, loaded, "bank_removed", payload)
+    if not event.fresh:
+        return _duplicate(event)
+    slot = await _slot(ctx, loaded, int(payload["slot"]))
+    if _is_stale(slot, event) or slot.status == "ejecting":
+        return {"ok": True, "seq": event.seq, "stale": _is_stale(slot, event)}
+    slot.last_event_seq = event.seq
+    discrepancies = await _detach_bank(ctx, loaded, slot, "unsolicited_removal")
+    slot.status = "empty"
+    _log_discrepancies(loaded.station, discrepancies)
+    _notify(ctx, loaded)
+    return {"ok": True, "seq": event.seq, "discrepancies": discrepancies}
+
+
+@handles(KIND, "Battery")
+async def battery(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    loaded = await _load_or_reject(ctx, station_id)
+    event = await _record_event(ctx, loaded, "battery", payload)
+    if not event.fresh:
+        return _duplicate(event)
+    slot = loaded.slots.get(int(payload["slot"]))
+    bank = loaded.bank_in(slot) if slot else None
+    if slot is None or bank is None or bank.serial != payload["bank"] or _is_stale(slot, event):
+        return {"ok": True, "seq": event.seq, "ignored": True}
+    before = loaded.view(slot)
+    bank.charge_percent = int(payload["charge"])
+    if is_ejectable(before) != is_ejectable(loaded.view(slot)):
+        _notify(ctx, loaded)
+    return {"ok": True, "seq": event.seq}
+
+
+@handles(KIND, "SlotFault")
+async def slot_fault(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A broken slot keeps its bank (if any) but is never chosen for an eject; the next
+    inventory without the fault puts it back in service."""
+    loaded = await _load_or_reject(ctx, station_id)
+    event = await _record_event(ctx, loaded, "slot_fault", payload)
+    if not event.fresh:
+        return _duplicate(event)
+    slot = await _slot(ctx, loaded, int(payload["slot"]))
+    if _is_stale(slot, event) or slot.status == "ejecting":
+        return {"ok": True, "seq": event.seq, "ignored": True}
+    slot.last_event_seq = event.seq
+    slot.status = "fault"
+    _notify(ctx, loaded)
+    return {"ok": True, "seq": event.seq, "code": payload["code"]}
+
+
+@handles(KIND, "EjectAck")
+async def eject_ack(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    loaded = await _load_or_reject(ctx, station_id)
+    event = await _record_event(ctx, loaded, "eject_ack", payload)
+    if not event.fresh:
+        return _duplicate(event)
+    slot = loaded.slot_ejecting(payload["command_id"])
+    if slot is None:
+        return await _late_eject_ack(ctx, loaded, payload, event)
+    slot.last_event_seq = max(slot.last_event_seq or 0, event.seq)
+    if payload["code"] == EJECT_OK:
+        result = await _bank_ejected(ctx, loaded, slot, event)
+    else:
+        result = await _eject_failed(ctx, loaded, slot, payload["code"])
+    _notify(ctx, loaded)
+    return {"seq": event.seq, **result}
+
+
+async def _late_eject_ack(
+    ctx: ActorContext, loaded: Loaded, payload: dict[str, Any], event: Event
+) -> dict[str, Any]:
+    """An ack for a command no longer in flight (it expired, and its rental was failed).
+
+    If the station says the bank did leave, believe the hardware: the bank is out of the slot,
+    with no rental, so it counts as lost and the discrepancy is logged. The rental is not
+    revived: it was cancelled and its hold voided, and nobody should pay for a bank the app
+    told them they did not get. (Stations refuse expired commands, so this takes an ack that
+    was sent in time and delivered late.)"""
+    if payload["code"] != EJECT_OK:
+        return {"ok": True, "seq": event.seq, "stale_ack": True}
+    slot = loaded.slots.get(int(payload["slot"]))
+    bank = loaded.bank_in(slot) if slot else None
+    if slot is None or bank is None or slot.status == "ejecting" or (payload.get("bank") not in (None, bank.serial)):
+        return {"ok": True, "seq": event.seq, "stale_ack": True}
+    discrepancies = await _detach_bank(ctx, loaded, slot, "ejected_after_expiry")
+    slot.last_event_seq = max(slot.last_event_seq or 0, event.seq)
+    _log_discrepancies(loaded.station, discrepancies)
+    _notify(ctx, loaded)
+    return {"ok": True, "seq": event.seq, "stale_ack": True, "discrepancies": discrepancies}
+
+
+@handles(KIND, "MarkOffline")
+async def mark_offline(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """From the last will (`reason` = last_will) or the scheduler (`reason` = silent, with the
+    `seen_before` time it judged by: a station heard from since then stays online)."""
+    loaded = await _load_or_reject(ctx, station_id)
+    station = loaded.station
+    seen_before = payload.get("seen_before")
+    if seen_before and station.last_seen_at and station.last_seen_at > datetime.fromisoformat(seen_before):
+        return {"ok": True, "ignored": "seen_since"}
+    if station.status != "online":
+        return {"ok": True, "ignored": station.status}
+    station.status = "offline"
+    _notify(ctx, loaded)
+    return {"ok": True, "status": "offline", "reason": payload.get("reason")}
+
+
+# --- handlers: ejecting -----------------------------------------------------------------------
+
+
+@handles(KIND, "ReserveAndEject")
+async def reserve_and_eject(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Hand the best-charged bank to a rental. Never refuses by exception: the rental always
+    hears back (BankEjected or EjectFailed), so a refusal is a follow-up command, not a rollback."""
+    rental_id = payload["rental_id"]
+    loaded = await _load(ctx, station_id)
+    if loaded is None or loaded.station.status != "online":
+        return await _fail_rental(ctx, rental_id, "station_offline")
+    for slot in loaded.slots.values():
+        if slot.status == "ejecting" and str(slot.ejecting_rental_id) == rental_id:
+            return {"ok": True, "already_ejecting": slot.slot_number}
+    choice = choose_eject_slot(loaded.views(), min_charge_percent=policy().min_eject_charge_percent)
+    if choice is None:
+        return await _fail_rental(ctx, rental_id, "no_bank_available")
+    result = await _start_eject(ctx, loaded, loaded.slots[choice.number], uuid.UUID(rental_id), attempt=1)
+    _notify(ctx, loaded)
+    return result
+
+
+@handles(KIND, "ExpireEject")
+async def expire_eject(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler saw an eject past its deadline. Only acts if that very command is still
+    in flight and past its deadline as of the scheduler's clock (`as_of`)."""
+    loaded = await _load_or_reject(ctx, station_id)
+    slot = loaded.slot_ejecting(payload["eject_command_id"])
+    as_of = datetime.fromisoformat(payload["as_of"]) if payload.get("as_of") else ctx.now
+    if slot is None or slot.eject_deadline_at is None or slot.eject_deadline_at > as_of:
+        return {"ok": True, "ignored": True}
+    result = await _eject_failed(ctx, loaded, slot, EJECT_TIMEOUT_REASON)
+    _notify(ctx, loaded)
+    return result
+
+
+async def _start_eject(
+    ctx: ActorContext, loaded: Loaded, slot: StationSlot, rental_id: uuid.UUID, *, attempt: int
+) -> dict[str, Any]:
+    bank = loaded.bank_in(slot)
+    command_id = str(uuid.uuid4())
+    deadline = ctx.now + timedelta(milliseconds=policy().eject_timeout_ms)
+    slot.status, bank.status = "ejecting", "ejecting"
+    slot.ejecting_rental_id, slot.eject_command_id = rental_id, command_id
+    slot.eject_deadline_at, slot.eject_attempt = deadline, attempt
+    # The station judges expiry by its own clock, so the deadline is sent in its time.
+    expires_at_station = epoch_ms(deadline) - (loaded.station.clock_offset_ms or 0)
+    await ctx.publish_mqtt(
+        policy().topics.commands(loaded.station.serial),
+        to_payload(Eject(command_id=command_id, slot=slot.slot_number, bank=bank.serial, expires_at=max(0, expires_at_station))),
+    )
+    return {"ok": True, "slot": slot.slot_number, "eject_command_id": command_id, "attempt": attempt}
+
+
+async def _bank_ejected(ctx: ActorContext, loaded: Loaded, slot: StationSlot, event: Event) -> dict[str, Any]:
+    bank = loaded.bank_in(slot)
+    rental_id = str(slot.ejecting_rental_id)
+    bank.status, bank.station_id = "rented", None
+    _clear_eject(slot)
+    slot.power_bank_id, slot.status = None, "empty"
+    await ctx.send(
+        "rental",
+        rental_id,
+        "BankEjected",
+        {
+            "power_bank_id": str(bank.id),
+            "power_bank_serial": bank.serial,
+            "slot_number": slot.slot_number,
+            "station_time": event.station_time.isoformat(),
+        },
+        command_id=f"ejected:{rental_id}",
+    )
+    return {"ok": True, "ejected": bank.serial, "rental_id": rental_id}
+
+
+async def _eject_failed(ctx: ActorContext, loaded: Loaded, slot: StationSlot, code: str) -> dict[str, Any]:
+    """Put the slot back as the failure left it, then retry once elsewhere or fail the rental."""
+    rental_id = slot.ejecting_rental_id
+    attempt = slot.eject_attempt or 1
+    _clear_eject(slot)
+    new_status = slot_status_after_failed_eject(code)
+    if new_status == "empty":
+        await _detach_bank(ctx, loaded, slot, "bank_absent_at_eject")
+    else:
+        bank = loaded.bank_in(slot)
+        bank.status = "in_slot"
+        slot.status = new_status
+    if attempt < MAX_EJECT_ATTEMPTS:
+        choice = choose_eject_slot(
+            loaded.views(), min_charge_percent=policy().min_eject_charge_percent, exclude=[slot.slot_number]
+        )
+        if choice is not None:
+            retry = await _start_eject(ctx, loaded, loaded.slots[choice.number], rental_id, attempt=attempt + 1)
+            return {**retry, "failed_slot": slot.slot_number, "code": code}
+    failed = await _fail_rental(ctx, str(rental_id), "eject_failed")
+    return {**failed, "failed_slot": slot.slot_number, "code": code}
+
+
+def _clear_eject(slot: StationSlot) -> None:
+    slot.ejecting_rental_id = slot.eject_command_id = slot.eject_deadline_at = slot.eject_attempt = None
+
+
+async def _fail_rental(ctx: ActorContext, rental_id: str, reason: str) -> dict[str, Any]:
+    await ctx.send("rental", rental_id, "EjectFailed", {"reason": reason}, command_id=f"eject-failed:{rental_id}")
+    return {"ok": False, "reason": reason}
+
+
+# --- the scheduler's side ---------------------------------------------------------------------
+
+
+async def expire_overdue_ejects(runtime: Runtime, now: datetime | None = None) -> int:
+    """Submit ExpireEject for every eject past its deadline; returns how many were found.
+    Repeating it is harmless: the command id is derived from the eject's own id."""
+    now = now or utcnow()
+    async with runtime.sessions() as session:
+        rows = (
+            await session.execute(
+                select(StationSlot.station_id, StationSlot.eject_command_id).where(
+                    StationSlot.status == "ejecting", StationSlot.eject_deadline_at < now
+                )
+            )
+        ).all()
+    for station_id, command_id in rows:
+        await runtime.submit(
+            KIND, str(station_id), "ExpireEject",
+            {"eject_command_id": command_id, "as_of": now.isoformat()},
+            command_id=f"expire:{command_id}",
+        )
+    return len(rows)
+
+
+async def mark_silent_stations_offline(runtime: Runtime, now: datetime | None = None) -> int:
+    """Submit MarkOffline for online stations not heard from for 3 heartbeat intervals (any
+    message counts as a sign of life); returns how many. The command id carries the last-seen
+    time it judged by, so a repeat is a duplicate and a station that spoke since is left alone."""
+    now = now or utcnow()
+    async with runtime.sessions() as session:
+        rows = (
+            await session.execute(
+                select(Station.id, Station.last_seen_at, Station.heartbeat_interval_s).where(Station.status == "online")
+            )
+        ).all()
+    silent = [
+        (station_id, last_seen)
+        for station_id, last_seen, interval_s in rows
+        if last_seen is None or now - last_seen > timedelta(seconds=MISSED_HEARTBEATS_BEFORE_OFFLINE * interval_s)
+    ]
+    for station_id, last_seen in silent:
+        marker = epoch_ms(last_seen) if last_seen else 0
+        await runtime.submit(
+            KIND, str(station_id), "MarkOffline",
+            {"reason": "silent", "seen_before": (last_seen or now).isoformat()},
+            command_id=f"silent:{station_id}:{marker}",
+        )
+    return len(silent)
+

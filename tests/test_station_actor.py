@@ -1,0 +1,440 @@
+"""The Station actor through the real runtime: boot, ejects and their failures, returns,
+reconciliation, duplicates and reordering. Runs on SQLite and (marked) PostgreSQL.
+
+The runtime here has no dispatcher: the test drains the station's mailbox itself and checks
+the follow-up commands it left in the rental mailboxes (the Rental actor is not under test)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from powerbank.actors import station as station_actor
+from powerbank.actors.bus import LocalBus
+from powerbank.actors.runtime import AdvisoryLocks, ProcessLocks, Runtime
+from powerbank.actors.station import (
+    ReportedSlot,
+    SlotView,
+    availability,
+    choose_eject_slot,
+    expire_overdue_ejects,
+    mark_silent_stations_offline,
+    plan_inventory,
+)
+from powerbank.broker.protocol import Topics, epoch_ms
+from powerbank.storage.db import session_factory
+from powerbank.storage.models import (
+    ActorCommand,
+    OutboxMessage,
+    PowerBank,
+    Rental,
+    RentalPackage,
+    Station,
+    StationEvent,
+    StationSlot,
+    User,
+)
+from powerbank.storage.types import utcnow
+
+EJECT_TIMEOUT_MS = 8000
+
+
+@pytest.fixture(autouse=True)
+def station_policy():
+    previous = station_actor._policy
+    station_actor.configure(
+        None, eject_timeout_ms=EJECT_TIMEOUT_MS, heartbeat_interval_s=30, currency="NPR", topics=Topics("pb")
+    )
+    yield
+    station_actor._policy = previous
+
+
+@pytest.fixture
+async def rt(engine):
+    locks = ProcessLocks() if engine.dialect.name == "sqlite" else AdvisoryLocks()
+    return Runtime(session_factory(engine), bus=LocalBus(), dispatcher=None, locks=locks)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+async def make_station(rt, serial="ST-1", banks=(), *, slot_count=4, status="online") -> str:
+    """A station whose slots 1..n hold `banks` = [(bank serial, charge)] (None = empty)."""
+    async with rt.sessions.begin() as db:
+        station = Station(
+            serial=serial, name=serial, latitude=27.7, longitude=85.3, slot_count=slot_count,
+            status=status, last_seen_at=utcnow(),
+        )
+        db.add(station)
+        await db.flush()
+        for number in range(1, slot_count + 1):
+            entry = banks[number - 1] if number - 1 < len(banks) else None
+            bank_id = None
+            if entry is not None:
+                bank = PowerBank(serial=entry[0], charge_percent=entry[1], currency="NPR", station_id=station.id)
+                db.add(bank)
+                await db.flush()
+                bank_id = bank.id
+            db.add(
+                StationSlot(
+                    station_id=station.id, slot_number=number,
+                    status="occupied" if bank_id else "empty", power_bank_id=bank_id,
+                )
+            )
+        return str(station.id)
+
+
+async def apply(rt, station_id, name, payload, command_id=None):
+    command_id = command_id or f"t:{uuid.uuid4()}"
+    await rt.submit("station", station_id, name, payload, command_id)
+    await rt.drain("station", station_id)
+    outcome = await rt.outcome("station", command_id)
+    assert outcome.status == "applied", outcome.result
+    return outcome.result
+
+
+def event(seq, ts_ms=None, **fields):
+    return {"v": 1, "seq": seq, "ts": ts_ms if ts_ms is not None else epoch_ms(utcnow()), **fields}
+
+
+async def rental_commands(rt, name=None):
+    async with rt.sessions() as db:
+        query = select(ActorCommand).where(ActorCommand.kind == "rental").order_by(ActorCommand.id)
+        if name:
+            query = query.where(ActorCommand.name == name)
+        return list((await db.execute(query)).scalars())
+
+
+async def slots_of(rt, station_id):
+    async with rt.sessions() as db:
+        rows = await db.execute(
+            select(StationSlot).where(StationSlot.station_id == uuid.UUID(station_id)).order_by(StationSlot.slot_number)
+        )
+        return list(rows.scalars())
+
+
+async def bank(rt, serial) -> PowerBank:
+    async with rt.sessions() as db:
+        return (await db.execute(select(PowerBank).where(PowerBank.serial == serial))).scalar_one()
+
+
+async def outbox(rt, kind):
+    async with rt.sessions() as db:
+        rows = (await db.execute(select(OutboxMessage).order_by(OutboxMessage.id))).scalars()
+        return [m for m in rows if m.payload.get("type") == kind]
+
+
+async def make_open_rental(rt, station_id, bank_serial, *, status="active") -> str:
+    async with rt.sessions.begin() as db:
+        user = User(phone=f"+977{uuid.uuid4().int % 10**10:010d}", referral_code=uuid.uuid4().hex[:12])
+        package = RentalPackage(
+            code=uuid.uuid4().hex[:10], name="1h", duration_minutes=60, price_minor=10000,
+            currency="NPR", max_duration_minutes=1440,
+        )
+        db.add_all([user, package])
+        await db.flush()
+        the_bank = (await db.execute(select(PowerBank).where(PowerBank.serial == bank_serial))).scalar_one()
+        rental = Rental(
+            user_id=user.id, station_id=uuid.UUID(station_id), package_id=package.id,
+            power_bank_id=the_bank.id, status=status, currency="NPR", started_at=utcnow() - timedelta(hours=1),
+        )
+        db.add(rental)
+        await db.flush()
+        return str(rental.id)
+
+
+# --- pure decisions ---------------------------------------------------------------------------
+
+
+def test_choose_eject_slot_prefers_highest_charge_above_minimum():
+    slots = [
+        SlotView(1, "occupied", "A", "in_slot", 19),
+        SlotView(2, "occupied", "B", "in_slot", 60),
+        SlotView(3, "ejecting", "C", "ejecting", 100),
+        SlotView(4, "occupied", "D", "faulty", 99),
+        SlotView(5, "fault", "E", "in_slot", 98),
+        SlotView(6, "occupied", "F", "in_slot", 60),
+        SlotView(7, "empty"),
+    ]
+    assert choose_eject_slot(slots).number == 2  # tie 60/60 goes to the lower slot number
+    assert choose_eject_slot(slots, exclude=[2]).number == 6
+    assert choose_eject_slot(slots, exclude=[2, 6]) is None
+    assert availability(slots) == (2, 1)
+
+
+def test_plan_inventory_corrects_slots_and_reports_missing_banks():
+    stored = [
+        SlotView(1, "occupied", "A", "in_slot", 50),
+        SlotView(2, "occupied", "B", "in_slot", 50),
+        SlotView(3, "ejecting", "C", "ejecting", 90),
+        SlotView(5, "empty"),
+    ]
+    reported = [ReportedSlot(1, "A", 55), ReportedSlot(4, "D", 70), ReportedSlot(3, None, None)]
+    plan = plan_inventory(stored, reported, slot_count=4)
+    assert [(t.number, t.status, t.bank_serial) for t in plan.targets] == [(2, "empty", None), (4, "occupied", "D")]
+    assert plan.missing_banks == ["B"]
+    assert plan.surplus_slots == [5]
+    assert plan.charges == {"A": 55, "D": 70}
+    kinds = sorted(d["kind"] for d in plan.discrepancies)
+    assert kinds == ["bank_missing", "ejecting_slot_differs", "slot_corrected", "slot_removed"]
+
+
+# --- boot, heartbeat, offline -----------------------------------------------------------------
+
+
+async def test_boot_creates_slots_and_banks_and_answers_with_config(rt):
+    station_id = await make_station(rt, "ST-BOOT", slot_count=1, status="offline")
+    station_clock_behind_ms = 5000
+    now_ms = epoch_ms(utcnow())
+    payload = event(
+        1, now_ms - station_clock_behind_ms, firmware="fw-1.2", hardware="hw-a", slot_count=3,
+        slots=[{"slot": 1, "bank": "PB-1", "charge": 80}, {"slot": 3, "bank": "PB-3", "charge": 10}],
+        received_at=datetime.fromtimestamp(now_ms / 1000, timezone.utc).isoformat(),
+    )
+    result = await apply(rt, station_id, "Boot", payload)
+    assert result["ok"]
+    slots = await slots_of(rt, station_id)
+    assert [(s.slot_number, s.status) for s in slots] == [(1, "occupied"), (2, "empty"), (3, "occupied")]
+    banks = [await bank(rt, "PB-1"), await bank(rt, "PB-3")]
+    assert [(b.status, b.charge_percent, str(b.station_id)) for b in banks] == [
+        ("in_slot", 80, station_id), ("in_slot", 10, station_id)
+    ]
+    async with rt.sessions() as db:
+        station = await db.get(Station, uuid.UUID(station_id))
+        recorded = (await db.execute(select(StationEvent))).scalar_one()
+    assert (station.status, station.firmware_version, station.slot_count) == ("online", "fw-1.2", 3)
+    assert abs(station.clock_offset_ms - station_clock_behind_ms) < 50
+    assert abs((recorded.station_time - recorded.received_at).total_seconds()) < 0.05
+    [config] = await outbox(rt, "config")
+    assert config.topic == "pb/v1/stations/ST-BOOT/commands"
+    assert config.payload["heartbeat_interval_s"] == 30 and config.payload["last_seq"] == 1
+
+
+async def test_heartbeat_and_offline(rt):
+    station_id = await make_station(rt, "ST-HB", [("PB-H", 90)], status="offline")
+    await apply(rt, station_id, "Heartbeat", event(7))
+    async with rt.sessions() as db:
+        station = await db.get(Station, uuid.UUID(station_id))
+    assert station.status == "online" and station.last_heartbeat_at is not None
+    await apply(rt, station_id, "MarkOffline", {"reason": "last_will"})
+    async with rt.sessions() as db:
+        assert (await db.get(Station, uuid.UUID(station_id))).status == "offline"
+
+
+async def test_silent_stations_go_offline_and_a_station_heard_since_stays_online(rt):
+    silent = await make_station(rt, "ST-SILENT")
+    chatty = await make_station(rt, "ST-CHATTY")
+    later = utcnow() + timedelta(seconds=91)  # 3 x 30 s heartbeats missed
+    assert await mark_silent_stations_offline(rt, now=later) == 2
+    # The chatty station speaks before its MarkOffline is applied.
+    await apply(rt, chatty, "Heartbeat", event(1, received_at=(later + timedelta(seconds=1)).isoformat()))
+    await rt.drain("station", silent)
+    await rt.drain("station", chatty)
+    async with rt.sessions() as db:
+        statuses = {s.serial: s.status for s in (await db.execute(select(Station))).scalars()}
+    assert statuses == {"ST-SILENT": "offline", "ST-CHATTY": "online"}
+    assert await mark_silent_stations_offline(rt, now=later) == 0
+
+
+# --- ejecting ---------------------------------------------------------------------------------
+
+
+async def test_reserve_and_eject_picks_the_best_bank_and_publishes_the_command(rt):
+    station_id = await make_station(rt, "ST-EJ", [("PB-LOW", 15), ("PB-MID", 60), ("PB-TOP", 95), None])
+    rental_id = str(uuid.uuid4())
+    result = await apply(rt, station_id, "ReserveAndEject", {"rental_id": rental_id, "user_id": str(uuid.uuid4())})
+    assert result["slot"] == 3
+    slots = await slots_of(rt, station_id)
+    assert slots[2].status == "ejecting" and str(slots[2].ejecting_rental_id) == rental_id
+    deadline_ms = (slots[2].eject_deadline_at - utcnow()).total_seconds() * 1000
+    assert EJECT_TIMEOUT_MS - 2000 < deadline_ms <= EJECT_TIMEOUT_MS
+    assert (await bank(rt, "PB-TOP")).status == "ejecting"
+    [eject] = await outbox(rt, "eject")
+    assert eject.topic == "pb/v1/stations/ST-EJ/commands"
+    assert (eject.payload["slot"], eject.payload["bank"]) == (3, "PB-TOP")
+    assert eject.payload["command_id"] == slots[2].eject_command_id
+    assert await rental_commands(rt) == []
+
+
+async def test_two_rentals_for_one_bank_get_one_eject_and_one_failure(rt):
+    station_id = await make_station(rt, "ST-ONE", [("PB-ONLY", 100)])
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    await rt.submit("station", station_id, "ReserveAndEject", {"rental_id": first, "user_id": "u"}, f"eject:{first}")
+    await rt.submit("station", station_id, "ReserveAndEject", {"rental_id": second, "user_id": "u"}, f"eject:{second}")
+    await rt.drain("station", station_id)
+    assert len(await outbox(rt, "eject")) == 1
+    [failed] = await rental_commands(rt)
+    assert (failed.entity_id, failed.name, failed.payload) == (second, "EjectFailed", {"reason": "no_bank_available"})
+    assert failed.command_id == f"eject-failed:{second}"
+
+
+async def test_offline_station_fails_the_rental(rt):
+    station_id = await make_station(rt, "ST-OFF", [("PB-X", 100)], status="offline")
+    rental_id = str(uuid.uuid4())
+    await apply(rt, station_id, "ReserveAndEject", {"rental_id": rental_id, "user_id": "u"})
+    [failed] = await rental_commands(rt)
+    assert failed.payload == {"reason": "station_offline"}
+    assert await outbox(rt, "eject") == []
+
+
+async def test_eject_ack_ok_hands_the_bank_to_the_rental(rt):
+    station_id = await make_station(rt, "ST-ACK", [("PB-A", 90)])
+    rental_id = str(uuid.uuid4())
+    started = await apply(rt, station_id, "ReserveAndEject", {"rental_id": rental_id, "user_id": "u"})
+    await apply(
+        rt, station_id, "EjectAck",
+        event(11, command_id=started["eject_command_id"], slot=1, bank="PB-A", code="ok"),
+    )
+    slot = (await slots_of(rt, station_id))[0]
+    the_bank = await bank(rt, "PB-A")
+    assert (slot.status, slot.power_bank_id, slot.eject_command_id) == ("empty", None, None)
+    assert (the_bank.status, the_bank.station_id) == ("rented", None)
+    [ejected] = await rental_commands(rt)
+    assert (ejected.entity_id, ejected.name, ejected.command_id) == (rental_id, "BankEjected", f"ejected:{rental_id}")
+    assert ejected.payload["power_bank_id"] == str(the_bank.id)
+    assert (ejected.payload["power_bank_serial"], ejected.payload["slot_number"]) == ("PB-A", 1)
+    datetime.fromisoformat(ejected.payload["station_time"])
+
+
+async def test_failed_eject_retries_once_elsewhere_then_fails_the_rental(rt):
+    station_id = await make_station(rt, "ST-RETRY", [("PB-1", 90), ("PB-2", 80), ("PB-3", 70)])
+    rental_id = str(uuid.uuid4())
+    first = await apply(rt, station_id, "ReserveAndEject", {"rental_id": rental_id, "user_id": "u"})
+    assert first["slot"] == 1
+    retry = await apply(rt, station_id, "EjectAck", event(1, command_id=first["eject_command_id"], slot=1, code="jammed"))
+    assert (retry["slot"], retry["attempt"]) == (2, 2)
+    slots = await slots_of(rt, station_id)
+    assert slots[0].status == "fault" and (await bank(rt, "PB-1")).status == "in_slot"
+    assert slots[1].status == "ejecting"
+    final = await apply(rt, station_id, "EjectAck", event(2, command_id=retry["eject_command_id"], slot=2, code="error"))
+    assert final == {"ok": False, "reason": "eject_failed", "failed_slot": 2, "code": "error", "seq": 2}
+    slots = await slots_of(rt, station_id)
+    assert [s.status for s in slots] == ["fault", "occupied", "occupied", "empty"]
+    assert (await bank(rt, "PB-2")).status == "in_slot"
+    [failed] = await rental_commands(rt)
+    assert (failed.name, failed.payload) == ("EjectFailed", {"reason": "eject_failed"})
+    assert len(await outbox(rt, "eject")) == 2  # never a third attempt
+
+
+async def test_expired_eject_retries_and_a_late_ack_counts_the_bank_as_removed(rt):
+    station_id = await make_station(rt, "ST-LATE", [("PB-1", 90), ("PB-2", 80)])
+    rental_id = str(uuid.uuid4())
+    first = await apply(rt, station_id, "ReserveAndEject", {"rental_id": rental_id, "user_id": "u"})
+    assert await expire_overdue_ejects(rt, now=utcnow()) == 0  # not yet due
+    future = utcnow() + timedelta(milliseconds=EJECT_TIMEOUT_MS + 1000)
+    assert await expire_overdue_ejects(rt, now=future) == 1
+    assert await expire_overdue_ejects(rt, now=future) == 1  # found again, but a duplicate command
+    await rt.drain("station", station_id)
+    slots = await slots_of(rt, station_id)
+    assert (slots[0].status, slots[1].status) == ("occupied", "ejecting")
+    # The first command's ack arrives after its expiry: the bank did leave slot 1.
+    late = await apply(rt, station_id, "EjectAck", event(5, command_id=first["eject_command_id"], slot=1, bank="PB-1", code="ok"))
+    assert late["stale_ack"] and late["discrepancies"][0]["kind"] == "ejected_after_expiry"
+    assert ((await bank(rt, "PB-1")).status, (await slots_of(rt, station_id))[0].status) == ("lost", "empty")
+    assert await rental_commands(rt) == []  # the retry on slot 2 is still in flight
+    await expire_overdue_ejects(rt, now=future + timedelta(milliseconds=EJECT_TIMEOUT_MS + 1000))
+    await rt.drain("station", station_id)
+    [failed] = await rental_commands(rt)
+    assert failed.payload == {"reason": "eject_failed"}
+
+
+# --- events: duplicates, returns, reconciliation ----------------------------------------------
+
+
+async def test_duplicate_seq_is_a_no_op(rt):
+    station_id = await make_station(rt, "ST-DUP", slot_count=2)
+    first = await apply(rt, station_id, "BankInserted", event(9, slot=1, bank="PB-D", charge=50))
+    assert first["ok"] and not first.get("duplicate")
+    # Same seq under another command id (and other content): recorded once, nothing moves.
+    again = await apply(rt, station_id, "BankInserted", event(9, slot=2, bank="PB-E", charge=50))
+    assert again == {"ok": True, "duplicate": True, "seq": 9}
+    slots = await slots_of(rt, station_id)
+    assert [s.status for s in slots] == ["occupied", "empty"]
+    # The same command id twice is deduplicated by the runtime and returns the first result.
+    await rt.submit("station", station_id, "Battery", event(10, slot=1, bank="PB-D", charge=60), "evt:ST-DUP:10")
+    await rt.drain("station", station_id)
+    repeat = await rt.submit("station", station_id, "Battery", event(10, slot=1, bank="PB-D", charge=99), "evt:ST-DUP:10")
+    assert repeat.duplicate and repeat.status == "applied"
+    await rt.drain("station", station_id)
+    assert (await bank(rt, "PB-D")).charge_percent == 60
+    async with rt.sessions() as db:
+        assert len(list((await db.execute(select(StationEvent))).scalars())) == 2
+
+
+async def test_inserting_a_rented_bank_returns_its_rental(rt):
+    home = await make_station(rt, "ST-HOME", [("PB-R", 70)])
+    away = await make_station(rt, "ST-AWAY", [None, None])
+    rental_id = await make_open_rental(rt, home, "PB-R")
+    async with rt.sessions.begin() as db:  # as after its eject: the bank is out
+        slot = (await db.execute(select(StationSlot).where(StationSlot.station_id == uuid.UUID(home)))).scalars().first()
+        slot.power_bank_id, slot.status = None, "empty"
+        await db.flush()
+        the_bank = (await db.execute(select(PowerBank).where(PowerBank.serial == "PB-R"))).scalar_one()
+        the_bank.status, the_bank.station_id = "rented", None
+    await apply(rt, away, "Heartbeat", event(1, epoch_ms(utcnow()) - 60_000))  # station clock 60 s behind
+    received = utcnow()
+    await apply(
+        rt, away, "BankInserted",
+        event(2, epoch_ms(received) - 60_000, slot=2, bank="PB-R", charge=30, received_at=received.isoformat()),
+    )
+    the_bank = await bank(rt, "PB-R")
+    assert (the_bank.status, str(the_bank.station_id), the_bank.charge_percent) == ("in_slot", away, 30)
+    [returned] = await rental_commands(rt)
+    assert (returned.entity_id, returned.name, returned.command_id) == (rental_id, "BankReturned", f"returned:{rental_id}")
+    assert returned.payload["station_id"] == away and returned.payload["power_bank_id"] == str(the_bank.id)
+    returned_at = datetime.fromisoformat(returned.payload["returned_at"])
+    assert abs((returned_at - received).total_seconds()) < 1.0  # skew-corrected, not 60 s early
+    assert datetime.fromisoformat(returned.payload["received_at"]) == received
+
+
+async def test_inventory_reconciles_slots_banks_and_open_rentals(rt):
+    station_id = await make_station(rt, "ST-INV", [("PB-A", 50), ("PB-B", 50), None, None])
+    other = await make_station(rt, "ST-OTHER", [("PB-T", 40)])
+    await make_station(rt, "ST-SRC", [("PB-R", 90)])
+    rental_id = await make_open_rental(rt, station_id, "PB-R")
+    report = event(
+        20, slot_count=4,
+        slots=[
+            {"slot": 1, "bank": "PB-A", "charge": 55},
+            {"slot": 3, "bank": "PB-NEW", "charge": 65},
+            {"slot": 4, "bank": "PB-T", "charge": 41},  # the database has it at another station
+        ],
+    )
+    result = await apply(rt, station_id, "Inventory", report)
+    kinds = sorted(d["kind"] for d in result["discrepancies"])
+    assert kinds == ["bank_created", "bank_missing", "bank_seen_elsewhere", "slot_corrected", "slot_corrected", "slot_corrected"]
+    slots = await slots_of(rt, station_id)
+    assert [s.status for s in slots] == ["occupied", "empty", "occupied", "occupied"]
+    assert (await bank(rt, "PB-A")).charge_percent == 55
+    assert (await bank(rt, "PB-B")).status == "lost"
+    assert str((await bank(rt, "PB-T")).station_id) == station_id
+    assert (await slots_of(rt, other))[0].status == "empty"
+    # A second report with the rented bank in slot 2 closes its rental.
+    report = event(21, slot_count=4, slots=[*report["slots"], {"slot": 2, "bank": "PB-R", "charge": 20}])
+    result = await apply(rt, station_id, "Inventory", report)
+    assert result["returned_rentals"] == [rental_id]
+    [returned] = await rental_commands(rt)
+    assert returned.name == "BankReturned" and returned.entity_id == rental_id
+
+
+async def test_a_late_older_event_does_not_undo_a_newer_inventory(rt):
+    station_id = await make_station(rt, "ST-ORDER", [None])
+    await apply(rt, station_id, "Inventory", event(30, slot_count=1, slots=[{"slot": 1, "bank": "PB-O", "charge": 80}]))
+    stale = await apply(rt, station_id, "BankRemoved", event(29, slot=1, bank="PB-O"))
+    assert stale["stale"]
+    assert (await slots_of(rt, station_id))[0].status == "occupied"
+    assert (await bank(rt, "PB-O")).status == "in_slot"
+
+
+async def test_station_update_is_announced_on_the_bus(rt):
+    station_id = await make_station(rt, "ST-BUS", [("PB-1", 90), ("PB-2", 10), None], slot_count=3)
+    async with rt.bus.subscribe(f"station:{station_id}") as subscription:
+        await apply(rt, station_id, "BankInserted", event(1, slot=3, bank="PB-3", charge=50))
+        _, message = await subscription.get(2)
+    assert message == {
+        "type": "station.updated", "station_id": station_id, "serial": "ST-BUS", "status": "online",
+        "available": 2, "empty_slots": 0,
+    }
