@@ -1,0 +1,95 @@
+"""The live websocket over a real server (uvicorn on a free port) and a real client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+import powerbank.actors.wallet  # noqa: F401
+from powerbank.http.app import create_app
+from powerbank.http.auth import AuthPolicy, create_access_token
+from powerbank.http.testing import running_services, serve, settings_for_tests
+from powerbank.http.websocket import user_channel
+
+POLICY = AuthPolicy(otp_echo=True, otp_rate_per_ip=1000)
+
+
+@pytest.fixture
+async def services(tmp_path):
+    async with running_services(settings_for_tests(tmp_path)) as services:
+        yield services
+
+
+@pytest.fixture
+async def base_url(services):
+    async with serve(create_app(services, auth_policy=POLICY)) as url:
+        yield url
+
+
+def ws_url(base_url: str) -> str:
+    return base_url.replace("http://", "ws://") + "/api/ws"
+
+
+async def sign_up(base_url: str, phone: str) -> dict:
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        code = (await client.post("/api/auth/get-otp", json={"phone": phone, "purpose": "register"})).json()["debug_code"]
+        return (await client.post("/api/auth/register", json={"phone": phone, "code": code})).json()
+
+
+async def test_forwards_what_is_published_on_the_users_channel(base_url, services):
+    body = await sign_up(base_url, "+9779814000001")
+    user_id = body["user"]["id"]
+    async with websockets.connect(f"{ws_url(base_url)}?token={body['access_token']}") as socket:
+        hello = json.loads(await asyncio.wait_for(socket.recv(), 5))
+        assert hello == {"type": "hello", "user_id": user_id}
+        # Someone else's event must not arrive here; ours must, as sent.
+        await services.bus.publish(user_channel(uuid.uuid4()), {"type": "rental.updated", "rental": {"id": "other"}})
+        event = {"type": "rental.updated", "rental": {"id": "r1", "status": "active"}}
+        await services.bus.publish(user_channel(user_id), event)
+        assert json.loads(await asyncio.wait_for(socket.recv(), 5)) == event
+        await socket.send("ping")
+        assert json.loads(await asyncio.wait_for(socket.recv(), 5)) == {"type": "pong"}
+
+
+async def test_authorization_header_is_accepted(base_url):
+    body = await sign_up(base_url, "+9779814000002")
+    headers = {"Authorization": f"Bearer {body['access_token']}"}
+    async with websockets.connect(ws_url(base_url), additional_headers=headers) as socket:
+        assert json.loads(await asyncio.wait_for(socket.recv(), 5))["type"] == "hello"
+
+
+@pytest.mark.parametrize("query", ["", "?token=garbage"])
+async def test_bad_token_closes_with_4401(base_url, query):
+    async with websockets.connect(ws_url(base_url) + query) as socket:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.recv(), 5)
+    assert closed.value.rcvd.code == 4401
+
+
+async def test_token_expiry_closes_the_socket(base_url, services):
+    body = await sign_up(base_url, "+9779814000003")
+    short = create_access_token(services.settings, body["user"]["id"], "user", ttl_s=2)
+    async with websockets.connect(f"{ws_url(base_url)}?token={short}") as socket:
+        assert json.loads(await asyncio.wait_for(socket.recv(), 5))["type"] == "hello"
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.recv(), 5)
+    assert closed.value.rcvd.code == 4401
+
+
+async def test_disconnect_releases_the_subscription(base_url, services):
+    body = await sign_up(base_url, "+9779814000004")
+    channel = user_channel(body["user"]["id"])
+    async with websockets.connect(f"{ws_url(base_url)}?token={body['access_token']}") as socket:
+        await asyncio.wait_for(socket.recv(), 5)
+        assert channel in services.bus._subscribers
+    for _ in range(100):
+        if channel not in services.bus._subscribers:
+            break
+        await asyncio.sleep(0.02)
+    assert channel not in services.bus._subscribers
