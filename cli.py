@@ -1,0 +1,152 @@
+"""The `powerbank` command: one entry point for every process and tool."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from powerbank.config import load_settings
+
+ROLE_COMMANDS = {
+    "web": ("web", "Serve the HTTP API and websockets (needs REDIS_URL to reach workers)."),
+    "worker": ("worker", "Drain actor mailboxes: Dramatiq worker threads on one asyncio loop."),
+    "mqtt": ("mqtt", "Run the embedded MQTT broker (unless MQTT_URL) and the station bridge."),
+    "scheduler": ("scheduler", "Run timers (eject deadlines, silent stations) and recovery jobs."),
+}
+
+
+def _configure_logging(verbose: bool) -> None:
+    import structlog
+
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
+
+
+def _cmd_role(args: argparse.Namespace) -> int:
+    from powerbank.processes import run_roles
+
+    asyncio.run(run_roles(load_settings(), {ROLE_COMMANDS[args.command][0]}, migrate_first=False))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from powerbank.processes import ALL_ROLES, run_roles
+
+    asyncio.run(run_roles(load_settings(), ALL_ROLES, migrate_first=not args.no_migrate))
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from powerbank.storage import migrate
+
+    url = load_settings().database_url
+    if args.action == "upgrade":
+        migrate.upgrade(url, args.revision or "head")
+    else:
+        migrate.downgrade(url, args.revision or "base")
+    return 0
+
+
+def _cmd_openapi(args: argparse.Namespace) -> int:
+    from powerbank.http.app import openapi_document
+
+    json.dump(openapi_document(), sys.stdout, indent=2 if args.pretty else None)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from powerbank.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        stations=args.stations,
+        slots=args.slots,
+        riders=args.riders,
+        duration_s=args.duration,
+        http_port=args.port,
+        progress=not args.no_progress,
+    )
+    summary = asyncio.run(run_demo(options))
+    return 0 if summary["invariant_violations"] == 0 else 1
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from powerbank.demo import SimulateOptions, run_simulation
+
+    options = SimulateOptions(
+        base_url=args.base_url,
+        stations=args.stations,
+        slots=args.slots,
+        riders=args.riders,
+        duration_s=args.duration,
+        admin_phone=args.admin_phone,
+    )
+    summary = asyncio.run(run_simulation(options))
+    return 0 if summary.get("rentals_started", 0) >= 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="powerbank",
+        description="Real-time backend for shared power-bank rental networks.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="Run the whole system with a simulated fleet and riders (embedded default).",
+                          description="Start the backend on the embedded default (SQLite, in-process queue, embedded MQTT broker), "
+                          "a simulated fleet of stations over real MQTT and riders over real HTTP and websockets; show live progress; "
+                          "audit invariants at the end and print one JSON line.")
+    demo.add_argument("--stations", type=int, default=20, help="simulated stations (default 20)")
+    demo.add_argument("--slots", type=int, default=8, help="slots per station (default 8)")
+    demo.add_argument("--riders", type=int, default=50, help="simulated riders (default 50)")
+    demo.add_argument("--duration", type=float, default=None, help="stop after SECONDS (default: until Ctrl-C)")
+    demo.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
+    demo.add_argument("--no-progress", action="store_true", help="no live progress display")
+    demo.set_defaults(handler=_cmd_demo)
+
+    serve = sub.add_parser("serve", help="Run web, worker, MQTT broker and scheduler in one process.",
+                           description="All roles in one process on the configured backends; migrates the database first.")
+    serve.add_argument("--no-migrate", action="store_true", help="do not run migrations first")
+    serve.set_defaults(handler=_cmd_serve)
+
+    for name, (_, help_text) in ROLE_COMMANDS.items():
+        role = sub.add_parser(name, help=help_text, description=help_text + " One of the Procfile's process types.")
+        role.set_defaults(handler=_cmd_role)
+
+    mig = sub.add_parser("migrate", help="Apply or roll back database migrations (Alembic).",
+                         description="upgrade (default: to head) or downgrade (default: to base) the database at DATABASE_URL.")
+    mig.add_argument("action", nargs="?", choices=["upgrade", "downgrade"], default="upgrade")
+    mig.add_argument("revision", nargs="?", default=None, help="target revision")
+    mig.set_defaults(handler=_cmd_migrate)
+
+    openapi = sub.add_parser("openapi", help="Print the OpenAPI document as JSON.",
+                             description="Print the HTTP API's OpenAPI 3 document as JSON on standard output.")
+    openapi.add_argument("--pretty", action="store_true", help="indent the JSON")
+    openapi.set_defaults(handler=_cmd_openapi)
+
+    simulate = sub.add_parser("simulate", help="Drive a running deployment with a simulated fleet and riders.",
+                              description="Provision stations in DATABASE_URL, connect them to the deployment's MQTT broker "
+                              "and run riders against its HTTP API.")
+    simulate.add_argument("--base-url", default="http://127.0.0.1:8000", help="the deployment's HTTP base URL")
+    simulate.add_argument("--stations", type=int, default=20)
+    simulate.add_argument("--slots", type=int, default=8)
+    simulate.add_argument("--riders", type=int, default=50)
+    simulate.add_argument("--duration", type=float, default=60.0)
+    simulate.add_argument("--admin-phone", default="+9779800000000", help="the admin account used to credit riders")
+    simulate.set_defaults(handler=_cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""`powerbank demo` and `powerbank simulate`: the backend with a simulated fleet and riders.
+
+The demo runs everything in this process on the embedded default (a fresh SQLite file, the
+in-process queue, the embedded MQTT broker on a free port); stations are real MQTT clients and
+riders real HTTP and websocket clients. At the end it stops new rentals, lets riders return what
+they hold, waits for every rental to settle, audits the invariants and prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from powerbank.config import load_settings
+from powerbank.storage.audit import audit
+from powerbank.storage.models import Rental, StationEvent
+
+SETTLE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class DemoOptions:
+    stations: int = 20
+    slots: int = 8
+    riders: int = 50
+    duration_s: float | None = None
+    http_port: int = 0
+    progress: bool = True
+    banks_per_station: int | None = None
+    data_dir: Path = Path("var/demo")
+
+
+@dataclass
+class SimulateOptions:
+    base_url: str
+    stations: int
+    slots: int
+    riders: int
+    duration_s: float
+    admin_phone: str
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def demo_settings(options: DemoOptions):
+    """A fresh embedded installation under the demo's data dir, on free ports."""
+    shutil.rmtree(options.data_dir, ignore_errors=True)
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["POWERBANK_OTP_ECHO"] = "1"  # riders read their login code from the response
+    os.environ.setdefault("OTP_RATE_PER_IP", "100000")
+    base = load_settings()
+    return dataclasses.replace(
+        base,
+        database_url=f"sqlite+aiosqlite:///{options.data_dir / 'powerbank.sqlite3'}",
+        redis_url=None,
+        mqtt_url=None,
+        data_dir=options.data_dir,
+        http_port=options.http_port or free_port(),
+        mqtt_port=free_port(),
+    )
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def run_demo(options: DemoOptions) -> dict[str, Any]:
+    from powerbank.processes import ALL_ROLES, start_backend, wait_for_stop
+
+    settings = demo_settings(options)
+    backend = await start_backend(settings, ALL_ROLES, migrate_first=True)
+    try:
+        world = await _start_world(backend, options)
+        try:
+            with _progress(world, options.progress):
+                await wait_for_stop(options.duration_s)
+            await world.finish()
+        finally:
+            await world.stop()
+        summary = await _summarise(backend, world)
+    finally:
+        await backend.stop()
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+class World:
+    """The simulated fleet and riders around one backend."""
+
+    def __init__(self, fleet, crowd, started_at: float) -> None:
+        self.fleet = fleet
+        self.crowd = crowd
+        self.started_at = started_at
+
+    async def finish(self) -> None:
+        """No new rentals; riders return what they hold; wait until nothing is in flight."""
+        await self.crowd.finish(timeout_s=SETTLE_TIMEOUT_S)
+
+    async def stop(self) -> None:
+        await self.crowd.stop()
+        await self.fleet.stop()
+
+
+async def _start_world(backend, options: DemoOptions) -> World:
+    from powerbank.simulators.riders import RiderCrowd
+    from powerbank.simulators.stations import Fleet, provision_fleet
+
+    settings = backend.settings
+    banks = options.banks_per_station or max(1, options.slots * 3 // 4)
+    specs = await provision_fleet(backend.services.sessions, options.stations, options.slots, banks)
+    fleet = Fleet(specs, settings.mqtt_host, settings.mqtt_port)
+    await fleet.start()
+    admin_token = await _admin_token(backend)
+    crowd = RiderCrowd(backend.base_url, options.riders, return_bank=fleet.return_bank, admin_token=admin_token)
+    await crowd.start()
+    return World(fleet, crowd, time.monotonic())
+
+
+async def _admin_token(backend) -> str:
+    from powerbank.http.auth import ensure_admin_token
+
+    return await ensure_admin_token(backend.services, phone="+9779800000000")
+
+
+class _progress:
+    """A live line on the terminal: rentals, events per second, start latency."""
+
+    def __init__(self, world: World, enabled: bool) -> None:
+        self.world = world
+        self.enabled = enabled
+        self.task: asyncio.Task | None = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc):
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        from rich.live import Live
+
+        with Live(self._render(), refresh_per_second=4, transient=False) as live:
+            while True:
+                await asyncio.sleep(0.5)
+                live.update(self._render())
+
+    def _render(self):
+        from rich.table import Table
+
+        stats = self.world.crowd.stats
+        elapsed = max(0.001, time.monotonic() - self.world.started_at)
+        table = Table(title=f"powerbank demo — {elapsed:.0f}s (Ctrl-C to stop)")
+        for column in ("active", "started", "completed", "refused", "events/s", "start p50 ms", "start p99 ms"):
+            table.add_column(column, justify="right")
+        latencies = stats.start_latencies_ms
+        table.add_row(
+            str(stats.started - stats.completed),
+            str(stats.started),
+            str(stats.completed),
+            str(sum(stats.refusals.values())),
+            f"{self.world.fleet.events_sent / elapsed:.1f}",
+            f"{percentile(latencies, 0.5):.0f}",
+            f"{percentile(latencies, 0.99):.0f}",
+        )
+        return table
+
+
+async def _summarise(backend, world: World) -> dict[str, Any]:
+    stats = world.crowd.stats
+    sessions = backend.services.sessions
+    violations = await audit(sessions)
+    async with sessions() as session:
+        completed = await session.scalar(select(func.count()).select_from(Rental).where(Rental.status == "completed"))
+        started = await session.scalar(select(func.count()).select_from(Rental).where(Rental.started_at.is_not(None)))
+        events = await session.scalar(select(func.count()).select_from(StationEvent))
+    latencies = stats.start_latencies_ms
+    return {
+        "rentals_started": int(started or 0),
+        "rentals_completed": int(completed or 0),
+        "rentals_refused": dict(stats.refusals),
+        "start_latency_p50_ms": round(percentile(latencies, 0.5), 1),
+        "start_latency_p99_ms": round(percentile(latencies, 0.99), 1),
+        "start_latency_mean_ms": round(statistics.fmean(latencies), 1) if latencies else 0.0,
+        "station_events": int(events or 0),
+        "invariant_violations": sum(len(v) for v in violations.values()),
+        "violations_by_kind": {kind: len(v) for kind, v in violations.items()},
+        "violation_examples": [example for v in violations.values() for example in v[:3]],
+        "duration_s": round(time.monotonic() - world.started_at, 1),
+    }
+
+
+async def run_simulation(options: SimulateOptions) -> dict[str, Any]:
+    """Drive an already running deployment (see README: scale out)."""
+    raise NotImplementedError

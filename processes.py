@@ -1,0 +1,193 @@
+"""Process composition: which parts run in this process.
+
+Every process is one asyncio loop. Roles (the Procfile's process types):
+- web: the Litestar app under uvicorn; accepts commands and reads storage.
+- worker: Dramatiq worker threads that drain actor mailboxes on this loop; publishes the
+  outbox to MQTT.
+- mqtt: the embedded amqtt broker (unless MQTT_URL names an external one) and the bridge that
+  turns station messages into Station commands.
+- scheduler: timers (eject deadlines, silent stations) and recovery (stalled mailboxes, unsent
+  outbox rows).
+`serve` and `demo` run all four in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from powerbank.actors import dispatch
+from powerbank.config import Settings
+from powerbank.services import Services, build_services
+from powerbank.storage import migrate, seed
+
+log = logging.getLogger(__name__)
+ALL_ROLES = frozenset({"web", "worker", "mqtt", "scheduler"})
+SCHEDULER_TICK_S = 0.5
+
+
+def import_actors() -> None:
+    """Importing the actor modules registers their command handlers."""
+    import powerbank.actors.rental  # noqa: F401
+    import powerbank.actors.station  # noqa: F401
+    import powerbank.actors.wallet  # noqa: F401
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """Uvicorn inside our loop: we own the signals, it owns HTTP."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+@dataclass
+class Backend:
+    settings: Settings
+    roles: frozenset[str]
+    services: Services
+    broker_handle: object | None = None
+    bridge: object | None = None
+    worker: object | None = None
+    server: _EmbeddedServer | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.http_host}:{self.settings.http_port}"
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.server is not None:
+            self.server.should_exit = True
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.worker is not None:
+            # Worker threads may be waiting on this loop; join them from another thread.
+            await asyncio.to_thread(self.worker.stop)
+        if self.bridge is not None:
+            await self.bridge.stop()
+        if self.broker_handle is not None:
+            await self.broker_handle.stop()
+        await self.services.close()
+
+
+async def start_backend(settings: Settings, roles: Iterable[str] = ALL_ROLES, *, migrate_first: bool = False) -> Backend:
+    roles = frozenset(roles)
+    unknown = roles - ALL_ROLES
+    if unknown:
+        raise ValueError(f"unknown roles: {sorted(unknown)}")
+    if not settings.redis_url and roles != ALL_ROLES:
+        raise SystemExit(
+            "Without REDIS_URL the queue lives inside one process: run `powerbank serve` (all roles), "
+            "or set REDIS_URL to split web, worker, mqtt and scheduler into processes."
+        )
+    import_actors()
+    if migrate_first:
+        await asyncio.to_thread(migrate.upgrade, settings.database_url)
+    broker = dispatch.setup_broker(settings.redis_url)
+    services = build_services(settings, dispatcher=dispatch.DramatiqDispatcher())
+    await seed.ensure_defaults(services.sessions, settings.currency)
+    backend = Backend(settings=settings, roles=roles, services=services)
+    await _start_mqtt_parts(backend)
+    if "worker" in roles:
+        backend.worker = dispatch.start_worker(broker, asyncio.get_running_loop())
+    if "scheduler" in roles:
+        backend.tasks.append(asyncio.create_task(run_scheduler(services)))
+    if "web" in roles:
+        await _start_web(backend)
+    return backend
+
+
+async def _start_mqtt_parts(backend: Backend) -> None:
+    from powerbank.broker.bridge import StationBridge
+
+    settings, services = backend.settings, backend.services
+    if "mqtt" in backend.roles and settings.embedded_broker:
+        from powerbank.broker.embedded import start_embedded_broker
+
+        backend.broker_handle = await start_embedded_broker(settings, services.sessions)
+    if backend.roles & {"mqtt", "worker", "scheduler"}:
+        # The bridge subscribes to stations only in the mqtt role; elsewhere it just publishes
+        # the outbox (eject commands, config) through its own client.
+        bridge = StationBridge(settings, services.runtime, services.sessions, subscribe="mqtt" in backend.roles)
+        await bridge.start()
+        services.runtime.outbox_sink = bridge
+        backend.bridge = bridge
+
+
+async def _start_web(backend: Backend) -> None:
+    from powerbank.http.app import create_app
+
+    app = create_app(backend.services)
+    config = uvicorn.Config(
+        app,
+        host=backend.settings.http_host,
+        port=backend.settings.http_port,
+        log_level="warning",
+        lifespan="on",
+        ws="websockets",
+    )
+    backend.server = _EmbeddedServer(config)
+    backend.tasks.append(asyncio.create_task(backend.server.serve()))
+    while not backend.server.started:
+        if backend.tasks[-1].done():
+            backend.tasks[-1].result()
+            raise SystemExit(f"the HTTP server did not start on {backend.base_url}")
+        await asyncio.sleep(0.01)
+
+
+async def run_scheduler(services: Services) -> None:
+    """Timers and recovery. Each job is idempotent (deterministic command ids), so running it
+    more often than needed, or in two processes, is harmless."""
+    from powerbank.actors.station import expire_overdue_ejects, mark_silent_stations_offline
+
+    runtime = services.runtime
+    tick = 0
+    while True:
+        with _log_errors("scheduler"):
+            await expire_overdue_ejects(runtime)
+            if tick % 10 == 0:
+                await mark_silent_stations_offline(runtime)
+                await runtime.ring_stalled()
+                await runtime.flush_outbox()
+        tick += 1
+        await asyncio.sleep(SCHEDULER_TICK_S)
+
+
+@contextlib.contextmanager
+def _log_errors(what: str):
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("%s tick failed; will retry", what)
+
+
+async def wait_for_stop(duration_s: float | None = None) -> None:
+    """Until SIGINT/SIGTERM, or `duration_s` seconds."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.wait_for(stop.wait(), duration_s)
+    except TimeoutError:
+        pass
+
+
+async def run_roles(settings: Settings, roles: Iterable[str], *, migrate_first: bool) -> None:
+    backend = await start_backend(settings, roles, migrate_first=migrate_first)
+    log.info("running %s", ", ".join(sorted(backend.roles)))
+    try:
+        await wait_for_stop()
+    finally:
+        await backend.stop()
