@@ -22,13 +22,14 @@ async def _user(runtime) -> str:
 
 
 async def _rental(runtime, user_id) -> str:
-    """A rental row for holds to point at (the Rental actor would have made it)."""
+    """A rental row for holds to point at. It is already active, so the Rental actor ignores
+    the wallet's follow-ups and these tests see the wallet alone."""
     async with runtime.sessions.begin() as session:
         station = Station(serial=uuid.uuid4().hex[:12], name="s", latitude=0, longitude=0, slot_count=4)
         package = RentalPackage(code=uuid.uuid4().hex[:10], name="p", duration_minutes=60, price_minor=5000, currency="NPR", max_duration_minutes=600)
         session.add_all([station, package])
         await session.flush()
-        rental = Rental(user_id=uuid.UUID(user_id), station_id=station.id, package_id=package.id, currency="NPR")
+        rental = Rental(user_id=uuid.UUID(user_id), station_id=station.id, package_id=package.id, currency="NPR", status="active")
         session.add(rental)
     return str(rental.id)
 
