@@ -1,0 +1,88 @@
+"""Small helpers around amqtt's MQTTClient shared by the bridge and the station simulator.
+
+amqtt's own auto-reconnect re-creates the session behind the caller's back and cannot re-run
+the caller's post-connect steps (re-subscribe, re-send unacknowledged events, report an
+inventory), so both users run their own reconnect loop with `auto_reconnect` off, and these
+helpers make connecting and closing leave nothing open (a refused CONNECT otherwise leaks the
+socket, which pytest's warnings-as-errors rightly reports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from amqtt.client import MQTTClient
+
+QOS_1 = 1
+
+
+def client_config(*, keep_alive_s: int = 10, will: tuple[str, str] | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "keep_alive": keep_alive_s,
+        "ping_delay": 1,
+        "default_qos": QOS_1,
+        "auto_reconnect": False,
+        "connection_timeout": 5,
+        "plugins": {},  # no packet logging plugins on the hot path
+    }
+    if will is not None:
+        topic, message = will
+        config["will"] = {"topic": topic, "message": message, "qos": QOS_1, "retain": False}
+    return config
+
+
+async def connect(
+    url: str,
+    client_id: str,
+    *,
+    will: tuple[str, str] | None = None,
+    keep_alive_s: int = 10,
+    timeout_s: float = 10.0,
+) -> MQTTClient:
+    """A connected client (clean session), or an exception with nothing left open."""
+    client = MQTTClient(client_id=client_id, config=client_config(keep_alive_s=keep_alive_s, will=will))
+    try:
+        await asyncio.wait_for(client.connect(url, cleansession=True), timeout_s)
+    except BaseException:
+        await _close_transport(client)
+        raise
+    return client
+
+
+def is_connected(client: MQTTClient | None) -> bool:
+    return bool(client and client.session and client.session.transitions.is_connected())
+
+
+async def close(client: MQTTClient | None) -> None:
+    """Disconnect cleanly when still connected (no last will), and release the socket."""
+    if client is None:
+        return
+    with contextlib.suppress(Exception):
+        if is_connected(client):
+            await asyncio.wait_for(client.disconnect(), 5)
+    await _close_transport(client)
+    task = getattr(client, "_disconnect_task", None)
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+def abort(client: MQTTClient | None) -> None:
+    """Drop the TCP connection without an MQTT DISCONNECT, as a power cut would: the broker then
+    publishes the client's last will. For fault injection and tests."""
+    handler = getattr(client, "_handler", None)
+    writer = getattr(handler, "writer", None)
+    stream = getattr(writer, "_writer", None)
+    if stream is not None:
+        stream.transport.abort()
+
+
+async def _close_transport(client: MQTTClient) -> None:
+    handler = getattr(client, "_handler", None)
+    writer = getattr(handler, "writer", None)
+    if writer is not None:
+        with contextlib.suppress(Exception):
+            await writer.close()

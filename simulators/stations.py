@@ -1,0 +1,608 @@
+"""A station-fleet simulator speaking the real protocol (broker/protocol.py) over real MQTT.
+
+Each `StationSimulator` is one station: its own amqtt client (username = client id = serial,
+its own password, a last will on its status topic), a persistent seq counter, slots with
+banks that charge slowly, and the station's duties from docs/station-protocol.md:
+boot with a full inventory, heartbeat at the configured interval, answer eject commands after
+a small delay (refusing expired ones), keep every slot event until the backend acknowledges it
+and re-send it (periodically, and after every reconnect, followed by a fresh inventory).
+
+Fault knobs (`FaultKnobs`): eject failure probability, a drop rate (an event is "lost" on the
+way: it stays unacknowledged and is re-sent later) and a duplicate rate (an event is published
+twice). `disconnect_abruptly()` cuts the TCP connection the way a power or network loss would.
+
+`Fleet` runs N of them concurrently; `provision_fleet` creates their database rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import quote, urlsplit
+
+from amqtt.client import MQTTClient
+from amqtt.errors import ClientError
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from powerbank.broker import mqtt
+from powerbank.broker.embedded import STATION_PASSWORD_BYTES, hash_password
+from powerbank.broker.protocol import (
+    EJECT_ERROR,
+    EJECT_EXPIRED,
+    EJECT_OK,
+    EJECT_BANK_MISMATCH,
+    EJECT_SLOT_EMPTY,
+    PROTOCOL_VERSION,
+    Ack,
+    BankInserted,
+    BankRemoved,
+    Battery,
+    Boot,
+    Config,
+    Eject,
+    EjectAck,
+    Error,
+    Heartbeat,
+    Inventory,
+    Offline,
+    Rejection,
+    SlotFault,
+    SlotState,
+    StationEvent,
+    Topics,
+    decode_command,
+    encode,
+    epoch_ms,
+)
+from powerbank.storage.models import PowerBank, Station, StationSlot
+from powerbank.storage.types import utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CENTER = (27.7172, 85.3240)  # Kathmandu
+BATTERY_REPORT_STEP_PERCENT = 10
+
+
+# --- provisioning -----------------------------------------------------------------------------
+
+
+@dataclass
+class StationSpec:
+    """What a simulated station needs to know about itself (and its password, shown once)."""
+
+    serial: str
+    password: str
+    station_id: str
+    latitude: float
+    longitude: float
+    slot_count: int
+    banks: dict[int, tuple[str, int]] = field(default_factory=dict)  # slot -> (serial, charge %)
+
+    @property
+    def bank_serials(self) -> list[str]:
+        return [serial for serial, _ in self.banks.values()]
+
+
+async def provision_fleet(
+    sessions: async_sessionmaker[AsyncSession],
+    n_stations: int,
+    slots_per_station: int,
+    banks_per_station: int,
+    *,
+    serial_prefix: str = "SIM",
+    currency: str | None = None,
+    settings=None,
+    center: tuple[float, float] = DEFAULT_CENTER,
+    spread_deg: float = 0.05,
+    charge_range: tuple[int, int] = (40, 100),
+    seed: int = 0,
+) -> list[StationSpec]:
+    """Create (or reuse) the rows of a simulated fleet: stations, slots, banks in the first
+    `banks_per_station` slots, and fresh MQTT passwords. Re-running with the same prefix keeps
+    the stations and their banks where the database has them and only issues new passwords,
+    so a demo restarts on its own data.
+
+    This is setup, like an operator installing kiosks, so it writes the rows directly rather
+    than through the Station actor (which takes over with the first boot)."""
+    if n_stations < 0 or slots_per_station < 1 or banks_per_station < 0:
+        raise ValueError("need n_stations >= 0, slots_per_station >= 1 and banks_per_station >= 0")
+    if banks_per_station > slots_per_station:
+        raise ValueError("banks_per_station cannot exceed slots_per_station")
+    currency = currency or (settings.currency if settings is not None else "NPR")
+    heartbeat_interval_s = settings.heartbeat_interval_s if settings is not None else 30
+    rng = random.Random(seed)
+    serials = [f"{serial_prefix}-{i + 1:04d}" for i in range(n_stations)]
+    passwords = {serial: secrets.token_urlsafe(STATION_PASSWORD_BYTES) for serial in serials}
+    hashes = await asyncio.gather(*(asyncio.to_thread(hash_password, passwords[s]) for s in serials))
+    specs = []
+    async with sessions.begin() as db:
+        existing = {
+            s.serial: s for s in (await db.execute(select(Station).where(Station.serial.in_(serials)))).scalars()
+        }
+        for serial, password_hash in zip(serials, hashes):
+            lat = center[0] + rng.uniform(-spread_deg, spread_deg)
+            lng = center[1] + rng.uniform(-spread_deg, spread_deg)
+            station = existing.get(serial)
+            if station is None:
+                station = await _create_station(
+                    db, serial, lat, lng, slots_per_station, banks_per_station, currency,
+                    heartbeat_interval_s, rng, charge_range,
+                )
+            station.mqtt_password_hash = password_hash
+            banks = await _banks_in_slots(db, station.id)
+            specs.append(
+                StationSpec(
+                    serial=serial, password=passwords[serial], station_id=str(station.id),
+                    latitude=station.latitude, longitude=station.longitude,
+                    slot_count=station.slot_count, banks=banks,
+                )
+            )
+    return specs
+
+
+async def _create_station(
+    db: AsyncSession, serial, lat, lng, slot_count, bank_count, currency, heartbeat_interval_s, rng, charge_range
+) -> Station:
+    station = Station(
+        serial=serial, name=f"Simulated station {serial}", address="simulated", latitude=lat, longitude=lng,
+        slot_count=slot_count, status="offline", heartbeat_interval_s=heartbeat_interval_s,
+    )
+    db.add(station)
+    await db.flush()
+    for number in range(1, slot_count + 1):
+        bank_id = None
+        if number <= bank_count:
+            bank = PowerBank(
+                serial=f"{serial}-B{number:02d}", charge_percent=rng.randint(*charge_range),
+                currency=currency, station_id=station.id, status="in_slot",
+            )
+            db.add(bank)
+            await db.flush()
+            bank_id = bank.id
+        db.add(
+            StationSlot(
+                station_id=station.id, slot_number=number, power_bank_id=bank_id,
+                status="occupied" if bank_id else "empty",
+            )
+        )
+    await db.flush()
+    return station
+
+
+async def _banks_in_slots(db: AsyncSession, station_id) -> dict[int, tuple[str, int]]:
+    rows = await db.execute(
+        select(StationSlot.slot_number, PowerBank.serial, PowerBank.charge_percent)
+        .join(PowerBank, PowerBank.id == StationSlot.power_bank_id)
+        .where(StationSlot.station_id == station_id)
+    )
+    return {number: (serial, charge) for number, serial, charge in rows.all()}
+
+
+# --- one station ------------------------------------------------------------------------------
+
+
+@dataclass
+class FaultKnobs:
+    eject_delay_ms: tuple[int, int] = (50, 200)
+    eject_failure_rate: float = 0.0
+    eject_failure_code: str = EJECT_ERROR
+    drop_rate: float = 0.0  # an event published is lost on the way (it is re-sent later)
+    duplicate_rate: float = 0.0  # an event is published twice
+    resend_after_s: float = 3.0  # re-send an unacknowledged event after this long
+    reconnect_delay_s: float = 0.2
+    clock_skew_ms: int = 0  # the station's clock minus real time
+    charge_percent_per_minute: float = 2.0
+
+
+@dataclass
+class SimSlot:
+    bank: str | None = None
+    charge: float = 0.0
+    reported_charge: int = 0
+
+
+def _with_credentials(url: str, username: str, password: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{quote(username, safe='')}:{quote(password, safe='')}@{host}{port}"
+
+
+class StationSimulator:
+    """One simulated station on a real MQTT connection."""
+
+    def __init__(
+        self,
+        spec: StationSpec,
+        broker_url: str,
+        *,
+        topics: Topics | None = None,
+        knobs: FaultKnobs | None = None,
+        heartbeat_interval_s: float = 30.0,
+        firmware: str = "sim-1.0",
+        seed: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self.serial = spec.serial
+        self.url = _with_credentials(broker_url, spec.serial, spec.password)
+        self.topics = topics or Topics.from_env()
+        self.knobs = knobs or FaultKnobs()
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.firmware = firmware
+        self.rng = random.Random(seed if seed is not None else spec.serial)
+        self.slots: dict[int, SimSlot] = {n: SimSlot() for n in range(1, spec.slot_count + 1)}
+        for number, (bank, charge) in spec.banks.items():
+            self.slots[number] = SimSlot(bank, float(charge), charge)
+        self.seq = 0  # kept across reconnects, like non-volatile memory
+        # seq -> (payload, last sent monotonic time); only events the backend must see
+        self.unacked: collections.OrderedDict[int, tuple[bytes, float]] = collections.OrderedDict()
+        self.acked: set[int] = set()
+        self.errors: list[Error] = []
+        self.config: Config | None = None
+        self.eject_results: dict[str, str] = {}  # eject command id -> code answered
+        self.handed_out: list[str] = []  # banks that left through an eject
+        self.connections = 0
+        self._client: MQTTClient | None = None
+        self._connected = asyncio.Event()
+        self._booted = False
+        self._online_wanted = False
+        self._reconnect_allowed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._supervisor: asyncio.Task | None = None
+
+    # --- what the demo and the tests look at --------------------------------------------------
+
+    @property
+    def bank_serials_in_slots(self) -> list[str]:
+        return [slot.bank for _, slot in sorted(self.slots.items()) if slot.bank]
+
+    @property
+    def free_slots(self) -> list[int]:
+        return [number for number, slot in sorted(self.slots.items()) if slot.bank is None]
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def station_clock_ms(self) -> int:
+        return epoch_ms(utcnow()) + self.knobs.clock_skew_ms
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.serial}: condition not met within {timeout_s} s")
+            await asyncio.sleep(0.01)
+
+    async def wait_acked(self, timeout_s: float = 10.0) -> None:
+        """Until every event sent so far has been acknowledged."""
+        await self.wait_until(lambda: not self.unacked, timeout_s)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, *, wait_s: float | None = 10.0) -> None:
+        """Power on: connect, boot, and keep the connection up until stop()."""
+        self._online_wanted = True
+        self._reconnect_allowed.set()
+        self._supervisor = asyncio.create_task(self._run(), name=f"station-{self.serial}")
+        self._spawn(self._heartbeat_loop())
+        self._spawn(self._resend_loop())
+        if wait_s:
+            await asyncio.wait_for(self._connected.wait(), wait_s)
+
+    async def stop(self) -> None:
+        """Power off cleanly (MQTT DISCONNECT: no last will)."""
+        self._online_wanted = False
+        self._reconnect_allowed.set()
+        tasks = [t for t in (self._supervisor, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._supervisor = None
+
+    def disconnect_abruptly(self, *, reconnect_after_s: float | None = None) -> None:
+        """Cut the TCP connection without DISCONNECT (the broker publishes the last will). The
+        station reconnects after `reconnect_after_s` (default: the knob), or waits for
+        `reconnect()` when given a negative value."""
+        delay = self.knobs.reconnect_delay_s if reconnect_after_s is None else reconnect_after_s
+        if delay < 0:
+            self._reconnect_allowed.clear()
+        mqtt.abort(self._client)
+
+    def reconnect(self) -> None:
+        self._reconnect_allowed.set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        delay_s = self.knobs.reconnect_delay_s
+        will = (self.topics.status(self.serial), encode(Offline()).decode())
+        while self._online_wanted:
+            await self._reconnect_allowed.wait()
+            client = None
+            try:
+                client = await mqtt.connect(self.url, self.serial, will=will)
+                codes = await client.subscribe(
+                    [(self.topics.commands(self.serial), mqtt.QOS_1), (self.topics.errors(self.serial), mqtt.QOS_1)]
+                )
+                if any(code not in (0, 1, 2) for code in codes):
+                    raise ConnectionError(f"subscription refused: {codes}")
+                self._client = client
+                self.connections += 1
+                reader = asyncio.create_task(self._read(client))
+                await self._after_connect()
+                self._connected.set()
+                delay_s = self.knobs.reconnect_delay_s
+                await reader
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("station %s connection failed: %r", self.serial, exc)
+            finally:
+                self._connected.clear()
+                self._client = None
+                await mqtt.close(client)
+            if self._online_wanted:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
+
+    async def _after_connect(self) -> None:
+        """First connection: boot. Every later one: re-send what is unacknowledged, then a
+        fresh inventory so the backend can reconcile whatever happened while apart."""
+        if not self._booted:
+            self._booted = True
+            await self._emit(self._boot(), keep=False)
+            return
+        for seq, (payload, _) in list(self.unacked.items()):
+            await self._send(payload)
+            self.unacked[seq] = (payload, time.monotonic())
+        await self._emit(
+            Inventory(v=PROTOCOL_VERSION, seq=self._next_seq(), ts=self.station_clock_ms(),
+                      slot_count=len(self.slots), slots=self._inventory()),
+            keep=False,
+        )
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _event_fields(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "seq": self._next_seq(), "ts": self.station_clock_ms()}
+
+    def _boot(self) -> Boot:
+        return Boot(**self._event_fields(), firmware=self.firmware, hardware="sim-hw",
+                    slot_count=len(self.slots), slots=self._inventory())
+
+    def _inventory(self) -> list[SlotState]:
+        return [
+            SlotState(slot=n, bank=s.bank, charge=int(s.charge) if s.bank else None)
+            for n, s in sorted(self.slots.items())
+        ]
+
+    async def _emit(self, event: StationEvent, *, keep: bool = True) -> int:
+        """Publish an event; with `keep`, hold it until acknowledged (and re-send it)."""
+        payload = encode(event)
+        if keep:
+            self.unacked[event.seq] = (payload, time.monotonic())
+        if self.rng.random() < self.knobs.drop_rate:
+            return event.seq
+        await self._send(payload)
+        if self.rng.random() < self.knobs.duplicate_rate:
+            await self._send(payload)
+        return event.seq
+
+    async def _send(self, payload: bytes) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await asyncio.wait_for(client.publish(self.topics.events(self.serial), payload, qos=mqtt.QOS_1), 10)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("station %s publish failed: %r", self.serial, exc)
+            return False
+
+    async def _heartbeat_loop(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            now = time.monotonic()
+            await self._charge(now - last)
+            last = now
+            if self._connected.is_set():
+                await self._emit(Heartbeat(**self._event_fields()), keep=False)
+
+    async def _charge(self, elapsed_s: float) -> None:
+        """Banks charge slowly in their slots; a change of a whole step is reported."""
+        gain = self.knobs.charge_percent_per_minute * elapsed_s / 60
+        for number, slot in sorted(self.slots.items()):
+            if slot.bank is None or slot.charge >= 100:
+                continue
+            slot.charge = min(100.0, slot.charge + gain)
+            level = int(slot.charge)
+            if level // BATTERY_REPORT_STEP_PERCENT != slot.reported_charge // BATTERY_REPORT_STEP_PERCENT or level == 100:
+                if level != slot.reported_charge:
+                    slot.reported_charge = level
+                    await self._emit(Battery(**self._event_fields(), slot=number, bank=slot.bank, charge=level))
+
+    async def _resend_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, self.knobs.resend_after_s / 4))
+            if not self._connected.is_set():
+                continue
+            cutoff = time.monotonic() - self.knobs.resend_after_s
+            for seq, (payload, sent_at) in list(self.unacked.items()):
+                if sent_at < cutoff and seq in self.unacked:
+                    self.unacked[seq] = (payload, time.monotonic())
+                    await self._send(payload)
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    async def _read(self, client: MQTTClient) -> None:
+        while True:
+            try:
+                message = await client.deliver_message(timeout_duration=1.0)
+            except TimeoutError:
+                message = None
+            except ClientError:
+                return
+            if message is None:
+                if not mqtt.is_connected(client):
+                    return
+                continue
+            self._on_command(bytes(message.data or b""))
+
+    def _on_command(self, data: bytes) -> None:
+        command = decode_command(data)
+        if isinstance(command, Rejection):
+            log.warning("station %s got an undecodable command: %s", self.serial, command.detail)
+        elif isinstance(command, Ack):
+            self.unacked.pop(command.seq, None)
+            self.acked.add(command.seq)
+        elif isinstance(command, Config):
+            self.config = command
+            self.heartbeat_interval_s = command.heartbeat_interval_s
+            self.seq = max(self.seq, command.last_seq)  # a counter that went backwards continues above
+        elif isinstance(command, Eject):
+            self._spawn(self._eject(command))
+        elif isinstance(command, Error):
+            self.errors.append(command)
+
+    async def _eject(self, command: Eject) -> None:
+        """Answer an eject: refuse it when expired on arrival, otherwise release the bank after
+        the mechanical delay. A repeated command gets the same answer and moves nothing."""
+        if command.command_id in self.eject_results:
+            code = self.eject_results[command.command_id]
+        elif self.station_clock_ms() > command.expires_at:
+            code = self.eject_results[command.command_id] = EJECT_EXPIRED
+        else:
+            self.eject_results[command.command_id] = "in_progress"
+            await asyncio.sleep(self.rng.uniform(*self.knobs.eject_delay_ms) / 1000)
+            code = self._release(command)
+            self.eject_results[command.command_id] = code
+        if code == "in_progress":
+            return
+        await self._emit(EjectAck(**self._event_fields(), command_id=command.command_id,
+                                  slot=command.slot, bank=command.bank, code=code))
+
+    def _release(self, command: Eject) -> str:
+        slot = self.slots.get(command.slot)
+        if slot is None or slot.bank is None:
+            return EJECT_SLOT_EMPTY
+        if slot.bank != command.bank:
+            return EJECT_BANK_MISMATCH
+        if self.rng.random() < self.knobs.eject_failure_rate:
+            return self.knobs.eject_failure_code
+        self.handed_out.append(slot.bank)
+        slot.bank, slot.charge, slot.reported_charge = None, 0.0, 0
+        return EJECT_OK
+
+    # --- things people do at the station ------------------------------------------------------
+
+    async def insert_bank(self, serial: str, slot: int | None = None, charge: int = 50) -> int:
+        """Someone pushes a bank into a slot (a return, or restocking); returns the slot used."""
+        if slot is None:
+            free = self.free_slots
+            if not free:
+                raise RuntimeError(f"station {self.serial} has no free slot")
+            slot = free[0]
+        if self.slots[slot].bank is not None:
+            raise RuntimeError(f"slot {slot} of {self.serial} is occupied")
+        if serial in self.bank_serials_in_slots:
+            raise RuntimeError(f"bank {serial} is already in {self.serial}")
+        self.slots[slot] = SimSlot(serial, float(charge), charge)
+        with contextlib.suppress(ValueError):
+            self.handed_out.remove(serial)
+        await self._emit(BankInserted(**self._event_fields(), slot=slot, bank=serial, charge=charge))
+        return slot
+
+    async def remove_bank(self, slot: int) -> str | None:
+        """A bank is pulled out without an eject (forced, or by an operator)."""
+        bank = self.slots[slot].bank
+        self.slots[slot] = SimSlot()
+        await self._emit(BankRemoved(**self._event_fields(), slot=slot, bank=bank))
+        return bank
+
+    async def report_fault(self, slot: int, code: str = "sensor") -> None:
+        await self._emit(SlotFault(**self._event_fields(), slot=slot, code=code))
+
+    async def send_raw(self, payload: bytes) -> bool:
+        """Publish arbitrary bytes on the events topic (to test the backend's rejections)."""
+        return await self._send(payload)
+
+
+# --- a fleet ----------------------------------------------------------------------------------
+
+
+class Fleet:
+    """N simulated stations, started and stopped concurrently."""
+
+    def __init__(
+        self,
+        specs: Iterable[StationSpec],
+        broker_url: str,
+        *,
+        topics: Topics | None = None,
+        knobs: FaultKnobs | None = None,
+        heartbeat_interval_s: float = 30.0,
+        seed: int = 0,
+    ) -> None:
+        self.stations: dict[str, StationSimulator] = {
+            spec.serial: StationSimulator(
+                spec, broker_url, topics=topics, knobs=knobs, heartbeat_interval_s=heartbeat_interval_s,
+                seed=seed + index,
+            )
+            for index, spec in enumerate(specs)
+        }
+
+    def __iter__(self) -> Iterator[StationSimulator]:
+        return iter(self.stations.values())
+
+    def __len__(self) -> int:
+        return len(self.stations)
+
+    def station(self, serial: str) -> StationSimulator:
+        return self.stations[serial]
+
+    def station_with_free_slot(self, *, exclude: Iterable[str] = (), rng: random.Random | None = None) -> StationSimulator | None:
+        """A connected station with room for a return (random when `rng` is given)."""
+        excluded = set(exclude)
+        candidates = [s for s in self if s.free_slots and s.serial not in excluded and s.connected]
+        if not candidates:
+            return None
+        return rng.choice(candidates) if rng else candidates[0]
+
+    def station_holding(self, bank_serial: str) -> StationSimulator | None:
+        return next((s for s in self if bank_serial in s.bank_serials_in_slots), None)
+
+    async def start(self, *, concurrency: int = 100, wait_s: float = 30.0) -> None:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def start_one(station: StationSimulator) -> None:
+            async with gate:
+                await station.start(wait_s=wait_s)
+
+        await asyncio.gather(*(start_one(s) for s in self))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self), return_exceptions=True)
+
+    async def wait_acked(self, timeout_s: float = 10.0) -> None:
+        await asyncio.gather(*(s.wait_acked(timeout_s) for s in self))
+

@@ -1,0 +1,157 @@
+"""The embedded broker's station authentication and topic ACL, over real MQTT connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from amqtt.contexts import Action
+from amqtt.errors import ConnectError
+
+from powerbank.broker import embedded, mqtt
+from powerbank.broker.embedded import provision_station_password, station_may
+from powerbank.broker.protocol import Topics
+from powerbank.broker.testing import station_stack
+from powerbank.simulators.stations import provision_fleet
+
+REFUSED = 0x80
+
+
+@pytest.fixture
+async def stack(tmp_path):
+    async with station_stack(tmp_path) as stack:
+        stack.specs = await provision_fleet(stack.sessions, 2, 2, 1, serial_prefix="ACL")
+        yield stack
+
+
+def login(stack, username, password) -> str:
+    host_port = stack.broker_url.split("://", 1)[1]
+    return f"mqtt://{username}:{password}@{host_port}" if username else f"mqtt://{host_port}"
+
+
+async def refused(url, client_id, **kwargs) -> bool:
+    try:
+        client = await mqtt.connect(url, client_id, **kwargs)
+    except ConnectError:
+        return True
+    await mqtt.close(client)
+    return False
+
+
+@contextlib.asynccontextmanager
+async def connected(url, client_id, **kwargs):
+    client = await mqtt.connect(url, client_id, **kwargs)
+    try:
+        yield client
+    finally:
+        await mqtt.close(client)
+
+
+async def test_who_may_connect(stack):
+    a, b = stack.specs
+    own_will = (stack.topics.status(a.serial), '{"type":"offline"}')
+    assert not await refused(login(stack, a.serial, a.password), a.serial, will=own_will)
+    assert await refused(login(stack, a.serial, "wrong"), a.serial)
+    assert await refused(login(stack, None, None), "anonymous")
+    assert await refused(login(stack, a.serial, b.password), a.serial)
+    assert await refused(login(stack, "NO-SUCH", a.password), "NO-SUCH")
+    # Right password, but posing under another client id or with another station's last will.
+    assert await refused(login(stack, a.serial, a.password), b.serial)
+    assert await refused(
+        login(stack, a.serial, a.password), a.serial, will=(stack.topics.status(b.serial), '{"type":"offline"}')
+    )
+    assert await refused(login(stack, stack.settings.bridge_username, "wrong"), "bridge-x")
+    assert not await refused(
+        login(stack, stack.settings.bridge_username, stack.settings.bridge_password), "bridge-x"
+    )
+
+
+async def test_a_station_reaches_only_its_own_topics(stack):
+    a, b = stack.specs
+    topics = stack.topics
+    bridge_login = login(stack, stack.settings.bridge_username, stack.settings.bridge_password)
+    async with connected(bridge_login, "spy") as spy, connected(login(stack, a.serial, a.password), a.serial) as station:
+        assert await spy.subscribe([("pb/#", 1)]) == [1]
+        granted = await station.subscribe(
+            [
+                (topics.commands(a.serial), 1),
+                (topics.errors(a.serial), 1),
+                (topics.commands(b.serial), 1),
+                (topics.events(a.serial), 1),
+                ("pb/v1/stations/+/commands", 1),
+                ("#", 1),
+            ]
+        )
+        assert granted == [1, 1, REFUSED, REFUSED, REFUSED, REFUSED]
+        for topic in (topics.events(b.serial), topics.commands(a.serial), topics.status(b.serial), "pb/other"):
+            await station.publish(topic, b"forged", qos=1)
+        await station.publish(topics.events(a.serial), b"mine", qos=1)
+        received = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                message = await spy.deliver_message(timeout_duration=0.5)
+                if message.topic != topics.errors(a.serial):  # the bridge answers "mine": not JSON
+                    received.append((message.topic, bytes(message.data)))
+        assert received == [(topics.events(a.serial), b"mine")]
+        # And commands for another station never reach this one.
+        await spy.publish(topics.commands(b.serial), b"for b", qos=1)
+        await spy.publish(topics.commands(a.serial), b"for a", qos=1)
+        delivered = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                message = await station.deliver_message(timeout_duration=0.5)
+                delivered.append((message.topic, bytes(message.data)))
+        assert [d for d in delivered if d[0] != topics.errors(a.serial)] == [(topics.commands(a.serial), b"for a")]
+
+
+@pytest.mark.parametrize(
+    ("topic", "action", "allowed"),
+    [
+        ("pb/v1/stations/A/events", Action.PUBLISH, True),
+        ("pb/v1/stations/A/status", Action.PUBLISH, True),
+        ("pb/v1/stations/A/commands", Action.PUBLISH, False),
+        ("pb/v1/stations/B/events", Action.PUBLISH, False),
+        ("pb/v1/stations/A/commands", Action.SUBSCRIBE, True),
+        ("pb/v1/stations/A/errors", Action.RECEIVE, True),
+        ("pb/v1/stations/A/events", Action.SUBSCRIBE, False),
+        ("pb/v1/stations/B/commands", Action.RECEIVE, False),
+        ("pb/v1/stations/+/commands", Action.SUBSCRIBE, False),
+        ("pb/v1/stations/A/#", Action.SUBSCRIBE, False),
+    ],
+)
+def test_station_acl_table(topic, action, allowed):
+    assert station_may(Topics("pb"), "A", topic, action) is allowed
+
+
+async def test_credential_checks_are_cached_and_follow_a_new_password(stack, monkeypatch):
+    a, _ = stack.specs
+    verifications = []
+    real_verify = embedded.verify_password
+
+    def counting_verify(stored, password):
+        verifications.append(password)
+        return real_verify(stored, password)
+
+    monkeypatch.setattr(embedded, "verify_password", counting_verify)
+    url = login(stack, a.serial, a.password)
+    for _ in range(3):
+        assert not await refused(url, a.serial)
+    for _ in range(3):
+        assert await refused(login(stack, a.serial, "wrong"), a.serial)
+    assert verifications == [a.password, "wrong"]  # one argon2 check per distinct attempt
+    async with stack.sessions.begin() as db:
+        new_password = await provision_station_password(db, a.station_id)
+    stack.embedded.authority.forget(a.serial)
+    assert await refused(url, a.serial)
+    assert not await refused(login(stack, a.serial, new_password), a.serial)
+
+
+async def test_a_login_storm_does_not_block_the_broker(stack):
+    """Password checks run off the event loop: many stations connecting at once all get in."""
+    a, b = stack.specs
+    clients = await asyncio.gather(
+        *(mqtt.connect(login(stack, s.serial, s.password), s.serial) for s in (a, b))
+    )
+    assert all(mqtt.is_connected(c) for c in clients)
+    await asyncio.gather(*(mqtt.close(c) for c in clients))
