@@ -27,6 +27,7 @@ import jwt
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from powerbank.config import Settings
@@ -316,8 +317,6 @@ async def ensure_admin_token(
     """An access token for the admin account with this phone, creating the account (or raising
     an existing one to `role`) first. For the demo and operators' scripts on a trusted machine;
     never reachable over HTTP."""
-    from sqlalchemy import select
-
     if role not in ADMIN_ROLES:
         raise ValueError(f"role must be one of {sorted(ADMIN_ROLES)}")
     async with services.sessions.begin() as session:

@@ -28,7 +28,6 @@ from powerbank.http.auth import (
     REFRESH,
     AuthPolicy,
     AuthUser,
-    OtpSender,
     decode_token,
     generate_otp_code,
     hash_otp,

@@ -162,7 +162,10 @@ class Rider:
         started = time.perf_counter()
         response = await self.request("POST", "/api/rentals/start", json=body)
         latency_ms = (time.perf_counter() - started) * 1000
-        payload = response.json()
+        try:
+            payload = response.json()
+        except ValueError:  # a proxy's HTML error page, say
+            payload = {"error": f"http_{response.status_code}", "detail": response.text[:200]}
         rental = payload.get("rental") if response.status_code == 409 else payload
         if isinstance(rental, dict) and rental.get("id"):
             await self._remember(rental)
@@ -175,6 +178,14 @@ class Rider:
         view = response.json()
         await self._remember(view)
         return self.rentals[rental_id]
+
+    async def active_rentals(self) -> list[dict[str, Any]]:
+        response = await self.request("GET", "/api/rentals/active")
+        response.raise_for_status()
+        rentals = response.json()
+        for rental in rentals:
+            await self._remember(rental)
+        return rentals
 
     async def history(self, page: int = 1, page_size: int = 20) -> dict[str, Any]:
         response = await self.request("GET", "/api/rentals/history", params={"page": page, "page_size": page_size})
@@ -464,16 +475,29 @@ class RiderCrowd:
             self.stats.signed_in += 1
             await self._top_up(rider)
             await rider.open_websocket()
-            while not self._stopping.is_set():
-                await self._pause(self.think_s)
-                if self._stopping.is_set():
-                    break
-                await self._one_rental(rider)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # a rider failing must not take the crowd down; count it
-            log.warning("rider %s stopped: %r", rider.phone, exc)
+            log.warning("rider %s could not get going: %r", rider.phone, exc)
             self.stats.errors[type(exc).__name__] += 1
+            return
+        while not self._stopping.is_set():
+            await self._pause(self.think_s)
+            if self._stopping.is_set():
+                break
+            try:
+                await self._one_rental(rider)
+            except Exception as exc:
+                # A timeout or a dropped connection mid-rental: count it, then make sure no
+                # bank stays out with this rider (the start may have succeeded unseen).
+                log.info("rider %s: %r", rider.phone, exc)
+                self.stats.errors[type(exc).__name__] += 1
+                await self._return_leftovers(rider)
+
+    async def _return_leftovers(self, rider: Rider) -> None:
+        with contextlib.suppress(Exception):
+            for rental in await rider.active_rentals():
+                if rental.get("status") in ("active", "overdue") and rental.get("power_bank_serial"):
+                    if await self._return(rider, rental):
+                        await rider.wait_for_rental(str(rental["id"]), FINAL_STATUSES, self.completion_wait_s)
 
     async def _top_up(self, rider: Rider) -> None:
         if self._admin is not None and self.top_up_minor > 0:
