@@ -279,7 +279,13 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    _stopped: bool = False
+
     async def stop(self) -> None:
+        """Close every client connection and the listeners; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             await self.broker.shutdown()
         finally:

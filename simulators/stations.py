@@ -194,7 +194,7 @@ class FaultKnobs:
     eject_delay_ms: tuple[int, int] = (50, 200)
     eject_failure_rate: float = 0.0
     eject_failure_code: str = EJECT_ERROR
-    drop_rate: float = 0.0  # an event published is lost on the way (it is re-sent later)
+    drop_rate: float = 0.0  # a slot event is lost on the way (it stays unacknowledged: re-sent later)
     duplicate_rate: float = 0.0  # an event is published twice
     resend_after_s: float = 3.0  # re-send an unacknowledged event after this long
     reconnect_delay_s: float = 0.2
@@ -250,6 +250,7 @@ class StationSimulator:
         self.eject_results: dict[str, str] = {}  # eject command id -> code answered
         self.handed_out: list[str] = []  # banks that left through an eject
         self.connections = 0
+        self._last_snapshot_seq = -1
         self._client: MQTTClient | None = None
         self._connected = asyncio.Event()
         self._booted = False
@@ -283,8 +284,8 @@ class StationSimulator:
             await asyncio.sleep(0.01)
 
     async def wait_acked(self, timeout_s: float = 10.0) -> None:
-        """Until every event sent so far has been acknowledged."""
-        await self.wait_until(lambda: not self.unacked, timeout_s)
+        """Until every slot event so far, and the latest boot or inventory, is acknowledged."""
+        await self.wait_until(lambda: not self.unacked and self._last_snapshot_seq in self.acked, timeout_s)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -396,10 +397,12 @@ class StationSimulator:
     async def _emit(self, event: StationEvent, *, keep: bool = True) -> int:
         """Publish an event; with `keep`, hold it until acknowledged (and re-send it)."""
         payload = encode(event)
+        if isinstance(event, (Boot, Inventory)):
+            self._last_snapshot_seq = event.seq
         if keep:
             self.unacked[event.seq] = (payload, time.monotonic())
-        if self.rng.random() < self.knobs.drop_rate:
-            return event.seq
+            if self.rng.random() < self.knobs.drop_rate:
+                return event.seq
         await self._send(payload)
         if self.rng.random() < self.knobs.duplicate_rate:
             await self._send(payload)
