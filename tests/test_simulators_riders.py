@@ -122,7 +122,10 @@ async def test_crowd_rents_returns_and_counts_what_happened(base_url, services, 
         hold_s=(0.05, 0.2), think_s=(0.05, 0.1), top_up_minor=20_000, seed=7,
     )
     await crowd.start()
-    await asyncio.sleep(1.5)
+    for _ in range(200):  # until enough rentals went through (or 10 s)
+        if crowd.stats.started >= 4 and fake.refused >= 1:
+            break
+        await asyncio.sleep(0.05)
     await crowd.finish(timeout_s=20)
     try:
         stats = crowd.stats
