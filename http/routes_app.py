@@ -224,7 +224,7 @@ class AppController(Controller):
         async with services_of(state).sessions() as session:
             return await nearby_stations(session, paging, status, lat, lng, radius_m)
 
-    @get("/stations/{sn:str}", responses=error_responses(404))
+    @get("/stations/{sn:str}", responses=error_responses(400, 404))
     async def station(self, state: State, sn: FromPath[str]) -> StationDetail:
         """One station with every slot and each bank's charge (404 `station_not_found`)."""
         async with services_of(state).sessions() as session:

@@ -258,7 +258,7 @@ class RentalController(Controller):
             items = [rental_view(*row) for row in rows]
         return RentalPage(items=items, page=paging.page, page_size=paging.page_size, total=total or 0)
 
-    @get("/{rental_id:uuid}", responses=error_responses(401, 404))
+    @get("/{rental_id:uuid}", responses=error_responses(400, 401, 404))
     async def one(self, state: State, request: Request, rental_id: FromPath[uuid.UUID]) -> RentalView:
         """One of the caller's rentals (404 `rental_not_found` for anyone else's)."""
         async with services_of(state).sessions() as session:

@@ -270,6 +270,13 @@ async def test_openapi_is_served_and_documents_the_api(client):
     error_schema = document["components"]["schemas"]["ErrorBody"]
     assert set(error_schema["required"]) == {"error", "detail"}
     assert "security" not in document["paths"]["/api/app/stations"]["get"]
+    # Every documented error is in our shape, none in Litestar's default {status_code, detail}.
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for code, documented in operation["responses"].items():
+                if int(code) >= 400:
+                    ref = documented["content"]["application/json"]["schema"]["$ref"]
+                    assert ref.rsplit("/", 1)[-1] in ("ErrorBody", "ValidationErrorBody", "RentalRefused"), (code, ref)
 
 
 def test_openapi_document_without_services_matches():
