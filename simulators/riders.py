@@ -35,9 +35,10 @@ STARTED_STATUSES = frozenset({"active", "overdue", "completed", "lost"})
 CLOSE_UNAUTHORIZED = 4401
 HTTP_TIMEOUT_S = 60.0
 WS_RECONNECT_DELAY_S = 0.5
-POLL_INTERVAL_S = 2.0
+POLL_INTERVAL_S = 2.0  # while the websocket is down
+POLL_INTERVAL_CONNECTED_S = 10.0  # a safety net only: events normally arrive first
 STATIONS_REFRESH_S = 2.0
-RETURN_ATTEMPTS = 3
+RETURN_ATTEMPTS = 5
 
 ReturnBank = Callable[[str, str], Awaitable[Any]]
 
@@ -262,7 +263,7 @@ class Rider:
         the API every couple of seconds in case an event was missed); None at the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        next_poll = loop.time() + POLL_INTERVAL_S
+        next_poll = loop.time() + self._poll_interval_s()
         while True:
             current = self.rentals.get(rental_id)
             if current is not None and current.get("status") in statuses:
@@ -271,12 +272,15 @@ class Rider:
             if now >= deadline:
                 return None
             if now >= next_poll:
-                next_poll = now + POLL_INTERVAL_S
+                next_poll = now + self._poll_interval_s()
                 await self.rental(rental_id)
                 continue
             async with self._changed:
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), min(deadline, next_poll) - now)
+
+    def _poll_interval_s(self) -> float:
+        return POLL_INTERVAL_CONNECTED_S if self._ws_connected.is_set() else POLL_INTERVAL_S
 
     async def close(self) -> None:
         self._closing = True
@@ -479,31 +483,41 @@ class RiderCrowd:
             log.warning("rider %s could not get going: %r", rider.phone, exc)
             self.stats.errors[type(exc).__name__] += 1
             return
+        held: list[dict[str, Any]] = []  # rentals whose bank this rider still has
         while not self._stopping.is_set():
             await self._pause(self.think_s)
-            if self._stopping.is_set():
-                break
             try:
-                await self._one_rental(rider)
+                if held:
+                    await self._return_held(rider, held)
+                elif not self._stopping.is_set():
+                    await self._one_rental(rider, held)
             except Exception as exc:
-                # A timeout or a dropped connection mid-rental: count it, then make sure no
-                # bank stays out with this rider (the start may have succeeded unseen).
+                # A timeout or a dropped connection mid-rental: count it, then look for a bank
+                # this rider has without knowing (the start may have succeeded unseen).
                 log.info("rider %s: %r", rider.phone, exc)
                 self.stats.errors[type(exc).__name__] += 1
-                await self._return_leftovers(rider)
-
-    async def _return_leftovers(self, rider: Rider) -> None:
-        with contextlib.suppress(Exception):
-            for rental in await rider.active_rentals():
-                if rental.get("status") in ("active", "overdue") and rental.get("power_bank_serial"):
-                    if await self._return(rider, rental):
-                        await rider.wait_for_rental(str(rental["id"]), FINAL_STATUSES, self.completion_wait_s)
+                await self._adopt_unseen_rentals(rider, held)
+        # Finishing: hand back whatever is still out (finish() bounds how long this may take).
+        while held:
+            with contextlib.suppress(Exception):
+                await self._adopt_unseen_rentals(rider, held)
+                await self._return_held(rider, held)
+            if held:
+                await asyncio.sleep(0.5)
 
     async def _top_up(self, rider: Rider) -> None:
         if self._admin is not None and self.top_up_minor > 0:
             await self._admin.credit(rider.user_id, self.top_up_minor)
 
-    async def _one_rental(self, rider: Rider) -> None:
+    async def _adopt_unseen_rentals(self, rider: Rider, held: list[dict[str, Any]]) -> None:
+        known = {str(r["id"]) for r in held}
+        with contextlib.suppress(Exception):
+            for rental in await rider.active_rentals():
+                if str(rental["id"]) not in known and rental.get("status") in ("active", "overdue") and rental.get("power_bank_serial"):
+                    self.stats.started += 1
+                    held.append(rental)
+
+    async def _one_rental(self, rider: Rider, held: list[dict[str, Any]]) -> None:
         station = await self._pick_station(lambda s: s["status"] == "online" and s["available_banks"] > 0)
         if station is None:
             self.stats.errors["no_station_with_banks"] += 1
@@ -516,8 +530,15 @@ class RiderCrowd:
         if rental is None:
             return
         self.stats.started += 1
+        held.append(rental)
         await self._pause(self.hold_s)
-        if await self._return(rider, rental):
+        await self._return_held(rider, held)
+
+    async def _return_held(self, rider: Rider, held: list[dict[str, Any]]) -> None:
+        for rental in list(held):
+            if not await self._return(rental):
+                continue  # still held: tried again on the rider's next turn
+            held.remove(rental)
             done = await rider.wait_for_rental(str(rental["id"]), FINAL_STATUSES, self.completion_wait_s)
             if done is not None and done["status"] == "completed":
                 self.stats.completed += 1
@@ -555,13 +576,17 @@ class RiderCrowd:
     def _refused(self, reason: str) -> None:
         self.stats.refusals[reason] += 1
 
-    async def _return(self, rider: Rider, rental: dict[str, Any]) -> bool:
-        """Hand the bank to the fleet at a station with a free slot; try a few stations."""
+    async def _return(self, rental: dict[str, Any]) -> bool:
+        """Hand the bank to the fleet at a station with a free slot, trying a few stations
+        (riders race each other for the last free slots)."""
+        tried: set[str] = set()
         for _ in range(RETURN_ATTEMPTS):
-            station = await self._pick_station(lambda s: s["empty_slots"] > 0 and s["status"] == "online", fresh=True)
+            station = await self._pick_station(
+                lambda s: s["status"] == "online" and s["empty_slots"] > 0 and s["serial"] not in tried, fresh=True
+            )
             if station is None:
-                await asyncio.sleep(1.0)
-                continue
+                break
+            tried.add(station["serial"])
             try:
                 accepted = await self.return_bank(rental["power_bank_serial"], station["serial"])
             except Exception as exc:
@@ -569,7 +594,7 @@ class RiderCrowd:
                 continue
             if accepted is not False:
                 return True
-        self.stats.errors["return_failed"] += 1
+        self.stats.errors["return_retried"] += 1
         return False
 
     # --- shared helpers ------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class FakeRentals:
         self.counter = itertools.count(1)
         self.refused = 0
         self.returned: list[tuple[str, str]] = []
+        self.jammed_once = False
 
     async def start_rental(self, runtime, *, rental_id, user_id, station_id, package_id, timeout_s):
         n = next(self.counter)
@@ -77,6 +78,9 @@ class FakeRentals:
         await self.services.bus.publish(user_channel(user_id), event)
 
     async def return_bank(self, bank_serial: str, station_sn: str) -> None:
+        if not self.jammed_once:  # the first slot a rider tries is jammed: they go elsewhere
+            self.jammed_once = True
+            raise RuntimeError(f"slot jammed at {station_sn}")
         self.returned.append((bank_serial, station_sn))
         async with self.services.sessions() as session:
             rental_id = (
@@ -135,7 +139,7 @@ async def test_crowd_rents_returns_and_counts_what_happened(base_url, services, 
         assert stats.completed == stats.started == len(fake.returned)
         assert stats.refusals == {"no_bank_available": fake.refused} and fake.refused >= 1
         assert stats.attempts == stats.started + fake.refused == len(stats.start_latencies_ms)
-        assert all(sn in ("SN-1", "SN-2") for _, sn in fake.returned)
+        assert all(sn in ("SN-1", "SN-2") for _, sn in fake.returned) and fake.jammed_once
         # Each rider's wallet got the admin top-up once.
         for rider in crowd.riders:
             assert (await rider.wallet())["balance_minor"] == 20_000
