@@ -409,8 +409,9 @@ class RiderCrowd:
         self.completion_wait_s = completion_wait_s
         self.rng = random.Random(seed)
         # A fresh block of numbers per crowd, so a re-run against the same database signs up
-        # new people (a clash just logs in instead).
-        self.phone_prefix = phone_prefix or f"+9779{self.rng.randrange(1000):03d}"
+        # new people (a clash just logs in instead). "+97797" keeps clear of operators' and
+        # admins' numbers such as the demo admin's +9779800000000.
+        self.phone_prefix = phone_prefix or f"+97797{self.rng.randrange(1000):03d}"
         self.stats = RiderStats()
         self.riders: list[Rider] = []
         self._client: httpx.AsyncClient | None = None
@@ -422,7 +423,7 @@ class RiderCrowd:
         self._stations_lock = asyncio.Lock()
 
     def phone(self, index: int) -> str:
-        return f"{self.phone_prefix}{index:06d}"
+        return f"{self.phone_prefix}{index:05d}"
 
     async def start(self) -> None:
         limits = httpx.Limits(max_connections=self.n + 10, max_keepalive_connections=self.n + 10)
