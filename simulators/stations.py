@@ -422,14 +422,18 @@ class StationSimulator:
             return False
 
     async def _heartbeat_loop(self) -> None:
-        last = time.monotonic()
+        """Beat at the interval the backend configured (it may change with a config reply, so
+        the loop wakes often), and let the banks charge in between."""
+        last_beat = last_charge = time.monotonic()
         while True:
-            await asyncio.sleep(self.heartbeat_interval_s)
+            await asyncio.sleep(min(0.25, self.heartbeat_interval_s))
             now = time.monotonic()
-            await self._charge(now - last)
-            last = now
-            if self._connected.is_set():
-                await self._emit(Heartbeat(**self._event_fields()), keep=False)
+            await self._charge(now - last_charge)
+            last_charge = now
+            if now - last_beat >= self.heartbeat_interval_s:
+                last_beat = now
+                if self._connected.is_set():
+                    await self._emit(Heartbeat(**self._event_fields()), keep=False)
 
     async def _charge(self, elapsed_s: float) -> None:
         """Banks charge slowly in their slots; a change of a whole step is reported."""

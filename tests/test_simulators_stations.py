@@ -1,0 +1,179 @@
+"""The station-fleet simulator: provisioning, and the station duties it must perform right
+(expired commands refused, repeated commands answered once, faults, charging), checked through
+the real bridge and Station actor on the embedded broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from powerbank.broker import mqtt
+from powerbank.broker.embedded import verify_password
+from powerbank.broker.protocol import EJECT_EXPIRED, EJECT_OK, Eject, encode, epoch_ms
+from powerbank.broker.testing import station_stack
+from powerbank.simulators.stations import FaultKnobs, Fleet, provision_fleet
+from powerbank.storage.models import ActorCommand, PowerBank, Station, StationEvent, StationSlot
+from powerbank.storage.types import utcnow
+
+
+@pytest.fixture
+async def stack(tmp_path):
+    async with station_stack(tmp_path, heartbeat_interval_s=1, currency="USD") as stack:
+        yield stack
+
+
+@contextlib.asynccontextmanager
+async def one_station(stack, *, slots=3, banks=2, knobs=None):
+    [spec] = await provision_fleet(stack.sessions, 1, slots, banks, serial_prefix=f"S{uuid.uuid4().hex[:5]}", settings=stack.settings)
+    fleet = Fleet([spec], stack.broker_url, topics=stack.topics, knobs=knobs or FaultKnobs(resend_after_s=1.0))
+    await fleet.start()
+    sim = fleet.station(spec.serial)
+    await sim.wait_acked()
+    try:
+        yield sim, spec
+    finally:
+        await fleet.stop()
+
+
+@contextlib.asynccontextmanager
+async def backend_client(stack):
+    """Publishes as the backend does (the bridge login may publish anywhere)."""
+    host_port = stack.broker_url.split("://", 1)[1]
+    url = f"mqtt://{stack.settings.bridge_username}:{stack.settings.bridge_password}@{host_port}"
+    client = await mqtt.connect(url, f"backend-{uuid.uuid4().hex[:6]}")
+    try:
+        yield client
+    finally:
+        await mqtt.close(client)
+
+
+async def station_commands(stack, name):
+    async with stack.sessions() as db:
+        rows = await db.execute(select(ActorCommand).where(ActorCommand.name == name).order_by(ActorCommand.id))
+        return list(rows.scalars())
+
+
+async def test_provision_fleet_creates_rows_and_reissues_passwords_on_rerun(stack):
+    specs = await provision_fleet(stack.sessions, 3, 4, 2, serial_prefix="PROV", settings=stack.settings)
+    assert [s.serial for s in specs] == ["PROV-0001", "PROV-0002", "PROV-0003"]
+    async with stack.sessions() as db:
+        stations = {s.serial: s for s in (await db.execute(select(Station))).scalars()}
+        banks = list((await db.execute(select(PowerBank))).scalars())
+        slots = list((await db.execute(select(StationSlot))).scalars())
+    assert len(banks) == 6 and {b.currency for b in banks} == {"USD"}
+    assert sorted(s.status for s in slots).count("occupied") == 6 and len(slots) == 12
+    for spec in specs:
+        assert spec.bank_serials == [f"{spec.serial}-B01", f"{spec.serial}-B02"]
+        assert verify_password(stations[spec.serial].mqtt_password_hash, spec.password)
+        assert stations[spec.serial].status == "offline"
+        assert -90 <= spec.latitude <= 90 and -180 <= spec.longitude <= 180
+    again = await provision_fleet(stack.sessions, 3, 4, 2, serial_prefix="PROV", settings=stack.settings)
+    assert [s.station_id for s in again] == [s.station_id for s in specs]
+    assert [s.banks for s in again] == [s.banks for s in specs]
+    async with stack.sessions() as db:
+        station = (await db.execute(select(Station).where(Station.serial == "PROV-0001"))).scalar_one()
+        assert len(list((await db.execute(select(PowerBank))).scalars())) == 6
+    assert verify_password(station.mqtt_password_hash, again[0].password)
+    assert not verify_password(station.mqtt_password_hash, specs[0].password)
+    with pytest.raises(ValueError):
+        await provision_fleet(stack.sessions, 1, 2, 3, serial_prefix="BAD")
+
+
+async def test_an_expired_eject_is_refused_and_nothing_moves(stack):
+    async with one_station(stack) as (sim, spec), backend_client(stack) as backend:
+        bank = spec.banks[1][0]
+        command = Eject(command_id="late-1", slot=1, bank=bank, expires_at=sim.station_clock_ms() - 1)
+        await backend.publish(stack.topics.commands(sim.serial), encode(command), qos=1)
+        await sim.wait_until(lambda: sim.eject_results.get("late-1") == EJECT_EXPIRED)
+        await sim.wait_acked()
+        await stack.dispatcher.settle()  # acknowledged means durable; applied follows
+        assert sim.slots[1].bank == bank and sim.handed_out == []
+        [ack] = await station_commands(stack, "EjectAck")
+        assert (ack.payload["command_id"], ack.payload["code"], ack.status) == ("late-1", EJECT_EXPIRED, "applied")
+
+
+async def test_a_repeated_eject_command_releases_the_bank_once(stack):
+    knobs = FaultKnobs(eject_delay_ms=(10, 20), resend_after_s=1.0)
+    async with one_station(stack, knobs=knobs) as (sim, spec), backend_client(stack) as backend:
+        bank = spec.banks[2][0]
+        command = encode(Eject(command_id="twice", slot=2, bank=bank, expires_at=sim.station_clock_ms() + 5000))
+        await backend.publish(stack.topics.commands(sim.serial), command, qos=1)
+        await sim.wait_until(lambda: sim.eject_results.get("twice") == EJECT_OK)
+        await backend.publish(stack.topics.commands(sim.serial), command, qos=1)  # outbox re-delivery
+        await sim.wait_until(lambda: len([s for s in sim.acked if s > 1]) >= 2)
+        await sim.wait_acked()
+        assert sim.handed_out == [bank] and sim.slots[2].bank is None
+        acks = await station_commands(stack, "EjectAck")
+        assert [a.payload["code"] for a in acks] == [EJECT_OK, EJECT_OK]
+
+
+async def test_an_eject_that_keeps_failing_fails_the_rental_after_one_retry(stack):
+    knobs = FaultKnobs(eject_delay_ms=(5, 10), eject_failure_rate=1.0, resend_after_s=1.0)
+    async with one_station(stack, banks=3, knobs=knobs) as (sim, spec):
+        rental_id = str(uuid.uuid4())
+        await stack.runtime.submit(
+            "station", spec.station_id, "ReserveAndEject", {"rental_id": rental_id, "user_id": "u"}, f"eject:{rental_id}"
+        )
+        deadline = time.monotonic() + 10
+        while not await station_commands(stack, "EjectFailed"):
+            assert time.monotonic() < deadline, "the rental was never failed"
+            await asyncio.sleep(0.02)
+        [failed] = await station_commands(stack, "EjectFailed")
+        assert (failed.entity_id, failed.payload) == (rental_id, {"reason": "eject_failed"})
+        assert len(sim.eject_results) == 2 and sim.handed_out == []
+        assert sim.bank_serials_in_slots == spec.bank_serials
+
+
+async def test_banks_charge_in_their_slots_and_the_backend_hears_it(stack):
+    knobs = FaultKnobs(charge_percent_per_minute=1200, resend_after_s=1.0)  # 20 % a second
+    async with one_station(stack, slots=1, banks=0, knobs=knobs) as (sim, spec):
+        await sim.insert_bank("PB-CHARGE", charge=20)
+        await sim.wait_until(lambda: sim.slots[1].charge >= 45, timeout_s=5)
+        await sim.wait_acked()
+        await stack.dispatcher.settle()
+        async with stack.sessions() as db:
+            bank = (await db.execute(select(PowerBank).where(PowerBank.serial == "PB-CHARGE"))).scalar_one()
+            station = (await db.execute(select(Station).where(Station.serial == sim.serial))).scalar_one()
+        assert bank.charge_percent >= 40
+        assert station.last_heartbeat_at is not None
+        assert len(await station_commands(stack, "Battery")) >= 2
+
+
+async def test_duplicated_events_have_one_effect(stack):
+    knobs = FaultKnobs(duplicate_rate=1.0, resend_after_s=1.0)
+    async with one_station(stack, slots=2, banks=0, knobs=knobs) as (sim, spec):
+        await sim.insert_bank("PB-DUP-1", slot=1)
+        await sim.remove_bank(1)
+        await sim.insert_bank("PB-DUP-2", slot=2)
+        await sim.wait_acked()
+        await stack.dispatcher.settle()
+        async with stack.sessions() as db:
+            seqs = [e.seq for e in (await db.execute(select(StationEvent).order_by(StationEvent.seq))).scalars()]
+        assert seqs == sorted(set(seqs)) and len([s for s in seqs if s > 1]) >= 3
+        assert len(await station_commands(stack, "BankInserted")) == 2
+
+
+async def test_fleet_finds_stations_by_bank_and_by_free_slot(stack):
+    specs = await provision_fleet(stack.sessions, 2, 2, 2, serial_prefix="FIND", settings=stack.settings)
+    fleet = Fleet(specs, stack.broker_url, topics=stack.topics)
+    await fleet.start()
+    try:
+        full, other = fleet.station("FIND-0001"), fleet.station("FIND-0002")
+        assert fleet.station_with_free_slot() is None
+        handed = await other.remove_bank(2)
+        assert fleet.station_with_free_slot() is other
+        assert fleet.station_with_free_slot(exclude=["FIND-0002"]) is None
+        assert fleet.station_holding(full.bank_serials_in_slots[0]) is full
+        assert fleet.station_holding(handed) is None
+        await other.insert_bank(handed)
+        assert fleet.station_holding(handed) is other
+        with pytest.raises(RuntimeError):
+            await other.insert_bank("PB-NO-ROOM")
+        assert epoch_ms(utcnow()) - other.station_clock_ms() < 1000
+    finally:
+        await fleet.stop()
