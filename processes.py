@@ -132,7 +132,7 @@ async def _start_web(backend: Backend) -> None:
         port=backend.settings.http_port,
         log_level="warning",
         lifespan="on",
-        ws="websockets",
+        ws="websockets-sansio",
     )
     backend.server = _EmbeddedServer(config)
     backend.tasks.append(asyncio.create_task(backend.server.serve()))

@@ -17,12 +17,16 @@ class Services:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    # For reads that never write: on SQLite they skip the write lock (see storage.db).
+    readonly: async_sessionmaker[AsyncSession]
     bus: LocalBus | RedisBus
     runtime: Runtime
 
     async def close(self) -> None:
         await self.bus.close()
         await self.engine.dispose()
+        if self.readonly.kw["bind"] is not self.engine:
+            await self.readonly.kw["bind"].dispose()
 
 
 def build_services(settings: Settings, *, dispatcher=None, outbox_sink=None) -> Services:
@@ -30,9 +34,18 @@ def build_services(settings: Settings, *, dispatcher=None, outbox_sink=None) -> 
     attached by the process that has them; see powerbank.processes."""
     engine = create_engine(settings.database_url)
     sessions = session_factory(engine)
+    is_sqlite = engine.dialect.name == "sqlite"
+    reader = create_engine(settings.database_url, read_only=True) if is_sqlite else engine
     bus = RedisBus(settings.redis_url) if settings.redis_url else LocalBus()
-    locks = ProcessLocks() if engine.dialect.name == "sqlite" else AdvisoryLocks()
+    locks = ProcessLocks() if is_sqlite else AdvisoryLocks()
     runtime = install(
         Runtime(sessions, bus=bus, dispatcher=dispatcher, outbox_sink=outbox_sink, locks=locks)
     )
-    return Services(settings=settings, engine=engine, sessions=sessions, bus=bus, runtime=runtime)
+    return Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        readonly=session_factory(reader),
+        bus=bus,
+        runtime=runtime,
+    )

@@ -279,7 +279,7 @@ async def authenticate_token(services: "Services", token: str | None) -> AuthUse
     if token is None:
         raise ApiError(401, "unauthorized", "missing bearer token")
     claims = decode_token(services.settings.jwt_secret, token, ACCESS)
-    async with services.sessions() as session:
+    async with services.readonly() as session:
         user = await session.get(User, claims.user_id)
         device = await session.get(UserDevice, claims.device_id) if claims.device_id else None
     if user is None or user.status != "active":

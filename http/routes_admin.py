@@ -59,7 +59,7 @@ class AdminController(Controller):
         a retried request credits once and returns the same result."""
         services = services_of(state)
         admin: AuthUser = request.user
-        async with services.sessions() as session:
+        async with services.readonly() as session:
             if await session.get(User, user_id) is None:
                 raise ApiError(404, "user_not_found", f"no user {user_id}")
         transfer_id = credit_transfer_id(user_id, data.idempotency_key)
@@ -88,7 +88,7 @@ class AdminController(Controller):
         )
         if not result.get("ok", False):
             raise refusal_error(result)
-        async with services.sessions() as session:
+        async with services.readonly() as session:
             wallet = await read_wallet(session, user_id, services.settings.currency)
         return CreditResult(
             user_id=user_id,

@@ -205,7 +205,7 @@ class AppController(Controller):
             raise ApiError(400, "validation_failed", "lat and lng go together", fields=[
                 {"field": "lat" if lat is None else "lng", "source": "query", "message": "required with the other coordinate"}
             ])
-        async with services_of(state).sessions() as session:
+        async with services_of(state).readonly() as session:
             if lat is not None and lng is not None:
                 return await nearby_stations(session, paging, status, lat, lng, radius_m)
             return await list_stations(session, paging, status)
@@ -221,20 +221,20 @@ class AppController(Controller):
         status: StatusFilter = None,
     ) -> StationPage:
         """Stations within `radius_m` of a point, nearest first, with live availability."""
-        async with services_of(state).sessions() as session:
+        async with services_of(state).readonly() as session:
             return await nearby_stations(session, paging, status, lat, lng, radius_m)
 
     @get("/stations/{sn:str}", responses=error_responses(400, 404))
     async def station(self, state: State, sn: FromPath[str]) -> StationDetail:
         """One station with every slot and each bank's charge (404 `station_not_found`)."""
-        async with services_of(state).sessions() as session:
+        async with services_of(state).readonly() as session:
             return await station_detail(session, sn)
 
     @get("/health", responses=error_responses(503))
     async def health(self, state: State) -> HealthView:
         """Liveness with a database round trip (503 `database_unavailable` when it fails)."""
         try:
-            async with services_of(state).sessions() as session:
+            async with services_of(state).readonly() as session:
                 await session.execute(text("SELECT 1"))
         except Exception as exc:  # any driver error means the same thing to a load balancer
             raise ApiError(503, "database_unavailable", "the database did not answer") from exc
@@ -248,7 +248,7 @@ class PaymentController(Controller):
     @get("/packages", opt=PUBLIC)
     async def packages(self, state: State) -> list[PackageView]:
         """Active rental packages, in display order."""
-        async with services_of(state).sessions() as session:
+        async with services_of(state).readonly() as session:
             rows = (
                 await session.execute(
                     select(RentalPackage)

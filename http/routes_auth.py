@@ -473,6 +473,6 @@ class AuthController(Controller):
     async def me(self, state: State, request: Request) -> UserView:
         """The signed-in user with profile."""
         user: AuthUser = request.user
-        async with services_of(state).sessions() as session:
+        async with services_of(state).readonly() as session:
             row = await session.get(User, user.id)
             return await user_view(session, row)

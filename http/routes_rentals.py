@@ -181,13 +181,13 @@ class RentalController(Controller):
         answer comes when the station confirms (201) or refuses (409), or at the deadline (202)."""
         services = services_of(state)
         user_id: uuid.UUID = request.user.id
-        async with services.sessions() as session:
+        async with services.readonly() as session:
             station, package = await validate_start(session, data)
         rental_id = rental_id_for(user_id, data.idempotency_key)
         started = time.perf_counter()
         view = await self._run_starter(state, rental_id, user_id, station.id, package.id)
         RENTAL_START_SECONDS.observe(time.perf_counter() - started)
-        async with services.sessions() as session:
+        async with services.readonly() as session:
             rental = await load_rental(session, rental_id, user_id)
         status = rental.status if rental is not None else str((view or {}).get("status", "pending"))
         code = start_outcome(status)
@@ -220,7 +220,7 @@ class RentalController(Controller):
     @get("/active", responses=error_responses(401))
     async def active(self, state: State, request: Request) -> list[RentalView]:
         """The caller's open rentals (pending, ejecting, active, overdue), newest first."""
-        async with services_of(state).sessions() as session:
+        async with services_of(state).readonly() as session:
             rows = await session.execute(
                 rental_rows()
                 .where(Rental.user_id == request.user.id, Rental.status.in_(OPEN_STATUSES))
@@ -246,7 +246,7 @@ class RentalController(Controller):
         where = [Rental.user_id == request.user.id]
         if status is not None:
             where.append(Rental.status == status)
-        async with services_of(state).sessions() as session:
+        async with services_of(state).readonly() as session:
             total = await session.scalar(select(func.count()).select_from(Rental).where(*where))
             rows = await session.execute(
                 rental_rows()
@@ -261,7 +261,7 @@ class RentalController(Controller):
     @get("/{rental_id:uuid}", responses=error_responses(400, 401, 404))
     async def one(self, state: State, request: Request, rental_id: FromPath[uuid.UUID]) -> RentalView:
         """One of the caller's rentals (404 `rental_not_found` for anyone else's)."""
-        async with services_of(state).sessions() as session:
+        async with services_of(state).readonly() as session:
             rental = await load_rental(session, rental_id, request.user.id)
         if rental is None:
             raise ApiError(404, "rental_not_found", f"no rental {rental_id}")

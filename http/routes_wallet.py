@@ -60,5 +60,5 @@ class UserWalletController(Controller):
         """Balance, held (funds reserved for running rentals), available (balance minus held),
         and points (posted balance; `points_held` of it is reserved)."""
         services = services_of(state)
-        async with services.sessions() as session:
+        async with services.readonly() as session:
             return await read_wallet(session, request.user.id, services.settings.currency)
