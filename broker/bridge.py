@@ -136,6 +136,7 @@ class StationBridge:
         url: str | None = None,
         topics: Topics | None = None,
         client_id: str | None = None,
+        subscribe: bool = True,
         reconnect_max_s: float = 5.0,
         lane_idle_s: float = 30.0,
         submit_attempts: int = 5,
@@ -148,6 +149,9 @@ class StationBridge:
         self.url = url or bridge_url(settings)
         self.topics = topics or Topics.from_env()
         self.client_id = client_id or f"{settings.bridge_username}-{uuid.uuid4().hex[:8]}"
+        # False: a publish-only bridge (a worker process delivering the outbox) that leaves the
+        # station topics to the mqtt process's bridge.
+        self.subscribe = subscribe
         self.reconnect_max_s = reconnect_max_s
         self.lane_idle_s = lane_idle_s
         self.submit_attempts = submit_attempts
@@ -209,11 +213,12 @@ class StationBridge:
             client = None
             try:
                 client = await mqtt.connect(self.url, self.client_id)
-                codes = await client.subscribe(
-                    [(self.topics.events_filter, mqtt.QOS_1), (self.topics.status_filter, mqtt.QOS_1)]
-                )
-                if any(code not in (0, 1, 2) for code in codes):
-                    raise ConnectionError(f"subscription refused by the broker: {codes}")
+                if self.subscribe:
+                    codes = await client.subscribe(
+                        [(self.topics.events_filter, mqtt.QOS_1), (self.topics.status_filter, mqtt.QOS_1)]
+                    )
+                    if any(code not in (0, 1, 2) for code in codes):
+                        raise ConnectionError(f"subscription refused by the broker: {codes}")
                 self._client = client
                 self.connections += 1
                 self._connected.set()

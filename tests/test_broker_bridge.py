@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from powerbank.broker import mqtt
+from powerbank.broker.bridge import StationBridge
 from powerbank.broker.embedded import start_embedded_broker
 from powerbank.broker.protocol import (
     INVALID_MESSAGE,
@@ -271,3 +272,26 @@ async def test_bridge_and_stations_reconnect_after_the_broker_restarts(tmp_path)
 
 async def _false_to_true(value):
     return value
+
+
+async def test_a_publish_only_bridge_delivers_the_outbox_and_takes_no_station_messages(stack):
+    """The worker process's bridge: it publishes commands but leaves station topics alone."""
+    publisher = StationBridge(stack.settings, stack.runtime, stack.sessions, url=stack.bridge.url,
+                              topics=stack.topics, subscribe=False)
+    await publisher.start(wait_s=10)
+    try:
+        stack.runtime.outbox_sink = publisher
+        async with running_fleet(stack, banks=1) as (fleet, specs):
+            sim = fleet.station(specs[0].serial)
+            await sim.wait_acked()
+            rental_id = str(uuid.uuid4())
+            await stack.runtime.submit(
+                "station", specs[0].station_id, "ReserveAndEject", {"rental_id": rental_id, "user_id": "u"},
+                f"eject:{rental_id}",
+            )
+            await sim.wait_until(lambda: sim.handed_out)
+            await sim.wait_acked()
+        assert publisher.accepted == 0 and stack.bridge.accepted >= 2
+    finally:
+        stack.runtime.outbox_sink = stack.bridge
+        await publisher.stop()
