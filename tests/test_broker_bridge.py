@@ -104,6 +104,16 @@ async def test_boot_is_submitted_applied_and_acknowledged(stack):
 
 
 async def test_rent_over_mqtt_and_return_at_another_station(stack):
+    await rent_and_return(stack)
+
+
+@pytest.mark.postgres
+async def test_rent_over_mqtt_and_return_on_postgres(tmp_path, postgres_url):
+    async with station_stack(tmp_path, database_url=postgres_url) as stack:
+        await rent_and_return(stack)
+
+
+async def rent_and_return(stack):
     async with running_fleet(stack, n_stations=2, banks=2) as (fleet, specs):
         home, away = specs
         await fleet.wait_acked()
