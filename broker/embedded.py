@@ -262,6 +262,44 @@ class StationTopicPlugin(BaseTopicPlugin):
         return authority is not None and authority.may(session, topic, action)
 
 
+# --- amqtt fix -------------------------------------------------------------------------------
+
+
+class _SnapshotList(list):
+    """A list that iterates over a copy of itself."""
+
+    def __iter__(self):
+        return iter(list(list.__iter__(self)))
+
+
+class _Subscriptions(dict):
+    """amqtt's subscription table, made safe to change while it is being iterated.
+
+    amqtt 0.12 walks `Broker._subscriptions` to broadcast a message and awaits the topic
+    plugins (our ACL's RECEIVE check) inside that walk; a client subscribing or disconnecting
+    meanwhile changes the dict, the walk dies with "dictionary changed size during iteration"
+    and the message is silently dropped for every remaining subscriber, the bridge included.
+    Iterating over snapshots keeps the broadcast going; the protocol would recover a lost
+    message anyway (re-sends, deadlines), but a reconnect storm should not cost one."""
+
+    def __setitem__(self, key, value):
+        if type(value) is list:
+            value = _SnapshotList(value)
+        super().__setitem__(key, value)
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):
+        return list(super().items())
+
+
+class _Broker(Broker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _Subscriptions()
+
+
 # --- start / stop -----------------------------------------------------------------------------
 
 
@@ -322,7 +360,7 @@ async def start_embedded_broker(
     authority = BrokerAuthority(settings=settings, sessions=sessions, topics=topics or Topics())
     _AUTHORITIES[key] = authority
     try:
-        broker = Broker(broker_config(settings, key, extra_listeners))
+        broker = _Broker(broker_config(settings, key, extra_listeners))
         await broker.start()
     except BaseException:
         _AUTHORITIES.pop(key, None)

@@ -251,6 +251,7 @@ class StationSimulator:
         self.handed_out: list[str] = []  # banks that left through an eject
         self.connections = 0
         self._last_snapshot_seq = -1
+        self._last_snapshot: tuple[type, float] | None = None
         self._client: MQTTClient | None = None
         self._connected = asyncio.Event()
         self._booted = False
@@ -370,9 +371,7 @@ class StationSimulator:
             await self._send(payload)
             self.unacked[seq] = (payload, time.monotonic())
         await self._emit(
-            Inventory(v=PROTOCOL_VERSION, seq=self._next_seq(), ts=self.station_clock_ms(),
-                      slot_count=len(self.slots), slots=self._inventory()),
-            keep=False,
+            Inventory(**self._event_fields(), slot_count=len(self.slots), slots=self._inventory()), keep=False
         )
 
     # --- sending ------------------------------------------------------------------------------
@@ -399,6 +398,7 @@ class StationSimulator:
         payload = encode(event)
         if isinstance(event, (Boot, Inventory)):
             self._last_snapshot_seq = event.seq
+            self._last_snapshot = (type(event), time.monotonic())
         if keep:
             self.unacked[event.seq] = (payload, time.monotonic())
             if self.rng.random() < self.knobs.drop_rate:
@@ -458,6 +458,22 @@ class StationSimulator:
                 if sent_at < cutoff and seq in self.unacked:
                     self.unacked[seq] = (payload, time.monotonic())
                     await self._send(payload)
+            await self._refresh_unacknowledged_snapshot(cutoff)
+
+    async def _refresh_unacknowledged_snapshot(self, cutoff: float) -> None:
+        """A boot or inventory is never re-sent, but if it (or its ack) got lost, a fresh one
+        of the same kind replaces it: the backend needs the boot to send config."""
+        if self._last_snapshot is None or self._last_snapshot_seq in self.acked:
+            return
+        kind, sent_at = self._last_snapshot
+        if sent_at >= cutoff:
+            return
+        if kind is Boot:
+            await self._emit(self._boot(), keep=False)
+        else:
+            await self._emit(
+                Inventory(**self._event_fields(), slot_count=len(self.slots), slots=self._inventory()), keep=False
+            )
 
     # --- receiving ----------------------------------------------------------------------------
 

@@ -155,3 +155,36 @@ async def test_a_login_storm_does_not_block_the_broker(stack):
     )
     assert all(mqtt.is_connected(c) for c in clients)
     await asyncio.gather(*(mqtt.close(c) for c in clients))
+
+
+async def test_no_message_is_lost_while_clients_subscribe_and_leave(stack):
+    """amqtt walks its subscription table across awaits (the ACL's RECEIVE check); churn during
+    a broadcast must not drop the message for the subscribers not yet reached (see
+    embedded._Subscriptions). Ten subscribers walked before the listener widen the window."""
+    bridge_login = login(stack, stack.settings.bridge_username, stack.settings.bridge_password)
+    sent = 150
+
+    async def churn(index: int) -> None:
+        for round_ in range(3):
+            async with connected(bridge_login, f"churn-{index}-{round_}") as client:
+                await client.subscribe([(f"churn/{index}/{round_}/a", 1), (f"churn/{index}/{round_}/b", 1)])
+
+    async with contextlib.AsyncExitStack() as clients:
+        for n in range(10):
+            decoy = await clients.enter_async_context(connected(bridge_login, f"decoy-{n}"))
+            await decoy.subscribe([("load/#", 1)])
+        listener = await clients.enter_async_context(connected(bridge_login, "listener"))
+        await listener.subscribe([("load/+", 1)])
+        talker = await clients.enter_async_context(connected(bridge_login, "talker"))
+
+        async def talk() -> None:
+            for n in range(sent):
+                await talker.publish(f"load/{n}", b"x", qos=1)
+
+        await asyncio.gather(talk(), *(churn(i) for i in range(15)))
+        received = set()
+        with contextlib.suppress(TimeoutError):
+            while len(received) < sent:
+                message = await listener.deliver_message(timeout_duration=2)
+                received.add(message.topic)
+    assert len(received) == sent

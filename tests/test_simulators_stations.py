@@ -177,3 +177,21 @@ async def test_fleet_finds_stations_by_bank_and_by_free_slot(stack):
         assert epoch_ms(utcnow()) - other.station_clock_ms() < 1000
     finally:
         await fleet.stop()
+
+
+async def test_a_boot_nobody_heard_is_replaced_by_a_fresh_one(stack):
+    [spec] = await provision_fleet(stack.sessions, 1, 2, 1, serial_prefix="DEAF", settings=stack.settings)
+    await stack.bridge.stop()  # the boot goes out while no backend listens
+    fleet = Fleet([spec], stack.broker_url, topics=stack.topics, knobs=FaultKnobs(resend_after_s=0.3))
+    await fleet.start()
+    try:
+        sim = fleet.station(spec.serial)
+        await asyncio.sleep(0.2)
+        assert sim.config is None and 1 not in sim.acked
+        await stack.bridge.start(wait_s=10)
+        await sim.wait_until(lambda: sim.config is not None)
+        await sim.wait_acked()
+        boots = await station_commands(stack, "Boot")
+        assert boots and all(b.payload["seq"] > 1 for b in boots)
+    finally:
+        await fleet.stop()
