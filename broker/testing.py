@@ -58,12 +58,27 @@ class KindDispatcher:
         task.add_done_callback(self.tasks.discard)
 
     async def settle(self, timeout_s: float = 10.0) -> None:
+        """Until no drain is running, twice in a row: the runtime re-rings a contended entity a
+        few milliseconds later (call_later), so one empty moment is not the end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.tasks:
+        quiet = 0
+        while quiet < 2:
             if loop.time() > deadline:
                 raise TimeoutError("mailboxes did not settle")
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            if self.tasks:
+                quiet = 0
+                await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            else:
+                quiet += 1
+                await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        """Settle, then ignore any later doorbell: nothing may outlive the stack."""
+        try:
+            await self.settle()
+        finally:
+            self.runtime = None
 
 
 @dataclass
@@ -119,6 +134,7 @@ async def station_stack(
     dispatcher.runtime = runtime
     embedded = None
     bridge = None
+    stack = None
     try:
         if broker == "embedded":
             embedded = await start_embedded_broker(settings, sessions, topics=topics)
@@ -129,12 +145,16 @@ async def station_stack(
         bridge = StationBridge(settings, runtime, sessions, url=bridge_url, topics=topics)
         runtime.outbox_sink = bridge
         await bridge.start(wait_s=10)
-        yield StationStack(settings, engine, sessions, runtime, dispatcher, bridge, topics, broker_url, embedded)
-        await dispatcher.settle()
+        stack = StationStack(settings, engine, sessions, runtime, dispatcher, bridge, topics, broker_url, embedded)
+        yield stack
     finally:
+        # Stop what submits first, then let the drains finish, then take storage away.
         if bridge is not None:
             await bridge.stop()
+        await dispatcher.close()
         if embedded is not None:
             await embedded.stop()
+        if stack is not None and stack.embedded is not None:
+            await stack.embedded.stop()  # a test may have swapped in a restarted broker
         await engine.dispose()
         station_actor._policy = previous_policy
