@@ -96,6 +96,7 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
             await world.finish()
         finally:
             await world.stop()
+        await backend.services.runtime.wait_idle(SETTLE_TIMEOUT_S)
         summary = await _summarise(backend, world)
     finally:
         await backend.stop()
@@ -126,13 +127,31 @@ async def _start_world(backend, options: DemoOptions) -> World:
 
     settings = backend.settings
     banks = options.banks_per_station or max(1, options.slots * 3 // 4)
-    specs = await provision_fleet(backend.services.sessions, options.stations, options.slots, banks)
-    fleet = Fleet(specs, settings.mqtt_host, settings.mqtt_port)
+    specs = await provision_fleet(backend.services.sessions, options.stations, options.slots, banks, settings=settings)
+    fleet = Fleet(specs, f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}", heartbeat_interval_s=settings.heartbeat_interval_s)
     await fleet.start()
     admin_token = await _admin_token(backend)
-    crowd = RiderCrowd(backend.base_url, options.riders, return_bank=fleet.return_bank, admin_token=admin_token)
+    crowd = RiderCrowd(backend.base_url, options.riders, return_bank=_returner(fleet), admin_token=admin_token)
     await crowd.start()
     return World(fleet, crowd, time.monotonic())
+
+
+def _returner(fleet):
+    """A rider hands a bank back by pushing it into a free slot of that simulated station."""
+
+    async def return_bank(bank_serial: str, station_serial: str) -> bool:
+        station = fleet.station(station_serial)
+        if not station.connected or not station.free_slots:
+            return False
+        await station.insert_bank(bank_serial)
+        return True
+
+    return return_bank
+
+
+def events_emitted(fleet) -> int:
+    """Station events sent so far: each station numbers its events from 1."""
+    return sum(station.seq for station in fleet)
 
 
 async def _admin_token(backend) -> str:
@@ -180,7 +199,7 @@ class _progress:
             str(stats.started),
             str(stats.completed),
             str(sum(stats.refusals.values())),
-            f"{self.world.fleet.events_sent / elapsed:.1f}",
+            f"{events_emitted(self.world.fleet) / elapsed:.1f}",
             f"{percentile(latencies, 0.5):.0f}",
             f"{percentile(latencies, 0.99):.0f}",
         )

@@ -56,6 +56,7 @@ class Backend:
     bridge: object | None = None
     worker: object | None = None
     server: _EmbeddedServer | None = None
+    server_task: asyncio.Task | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -63,10 +64,13 @@ class Backend:
         return f"http://{self.settings.http_host}:{self.settings.http_port}"
 
     async def stop(self) -> None:
+        if self.server is not None:
+            # Let uvicorn finish its lifespan and close connections; cancelling it mid-lifespan
+            # leaves Litestar waiting on a receive that never comes.
+            self.server.should_exit = True
+            await asyncio.wait([self.server_task], timeout=10)
         for task in self.tasks:
             task.cancel()
-        if self.server is not None:
-            self.server.should_exit = True
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.worker is not None:
             # Worker threads may be waiting on this loop; join them from another thread.
@@ -135,10 +139,10 @@ async def _start_web(backend: Backend) -> None:
         ws="websockets-sansio",
     )
     backend.server = _EmbeddedServer(config)
-    backend.tasks.append(asyncio.create_task(backend.server.serve()))
+    backend.server_task = asyncio.create_task(backend.server.serve())
     while not backend.server.started:
-        if backend.tasks[-1].done():
-            backend.tasks[-1].result()
+        if backend.server_task.done():
+            backend.server_task.result()
             raise SystemExit(f"the HTTP server did not start on {backend.base_url}")
         await asyncio.sleep(0.01)
 

@@ -39,7 +39,14 @@ def build_services(settings: Settings, *, dispatcher=None, outbox_sink=None) -> 
     bus = RedisBus(settings.redis_url) if settings.redis_url else LocalBus()
     locks = ProcessLocks() if is_sqlite else AdvisoryLocks()
     runtime = install(
-        Runtime(sessions, bus=bus, dispatcher=dispatcher, outbox_sink=outbox_sink, locks=locks)
+        Runtime(
+            sessions,
+            bus=bus,
+            dispatcher=dispatcher,
+            outbox_sink=outbox_sink,
+            locks=locks,
+            single_writer=is_sqlite,
+        )
     )
     return Services(
         settings=settings,

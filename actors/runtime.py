@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 Handler = Callable[["ActorContext", str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 HANDLERS: dict[tuple[str, str], Handler] = {}
 DEFAULT_BATCH_SIZE = 64
+# An unexpected error (a lost race on a unique key, a dropped connection) is retried this many
+# times, in order, before the command is marked failed and its mailbox moves on.
+MAX_ATTEMPTS = 5
+RETRY_DELAY_S = 0.05
 
 
 def handles(kind: str, name: str) -> Callable[[Handler], Handler]:
@@ -87,6 +91,15 @@ class ActorContext:
     sent: list[Envelope] = field(default_factory=list)
     notifications: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     outbox_ids: list[int] = field(default_factory=list)
+    settled: list[ActorCommand] = field(default_factory=list)
+    retry: list[tuple[str, str]] = field(default_factory=list)
+
+    def mark(self) -> tuple[int, int, int]:
+        return len(self.sent), len(self.notifications), len(self.outbox_ids)
+
+    def rewind(self, marks: tuple[int, int, int]) -> None:
+        """Forget what a rolled-back command said: its savepoint undid the writes already."""
+        del self.sent[marks[0]:], self.notifications[marks[1]:], self.outbox_ids[marks[2]:]
 
     async def send(
         self, kind: str, entity_id: str, name: str, payload: dict[str, Any], command_id: str
@@ -199,6 +212,7 @@ class Runtime:
         outbox_sink: OutboxSink | None = None,
         locks: EntityLocks | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        single_writer: bool = False,
     ) -> None:
         self.sessions = sessions
         self.bus = bus
@@ -206,6 +220,9 @@ class Runtime:
         self.outbox_sink = outbox_sink
         self.locks = locks or ProcessLocks()
         self.batch_size = batch_size
+        self.single_writer = single_writer
+        self._pumping = False
+        self._pump_dirty = False
 
     # --- the sending side ------------------------------------------------------------------
 
@@ -276,7 +293,14 @@ class Runtime:
         """Apply the entity's pending commands, a batch per transaction, until none is left.
 
         Returns how many were applied here; 0 also when another drainer holds the entity (it
-        keeps going until the mailbox is empty, and re-rings when it saw a late arrival)."""
+        keeps going until the mailbox is empty, and re-rings when it saw a late arrival).
+
+        On a single-writer database (the embedded SQLite default) every doorbell drains all
+        mailboxes instead: writes serialize there anyway, so one pump applying every pending
+        command in acceptance order, many per commit, is both correct and far faster than one
+        transaction per entity queueing on the write lock."""
+        if self.single_writer:
+            return await self._pump_all()
         applied = 0
         while True:
             batch = await self._drain_batch(kind, entity_id)
@@ -286,10 +310,27 @@ class Runtime:
             if batch == 0:
                 return applied
 
-    async def _drain_batch(self, kind: str, entity_id: str) -> int | None:
+    async def _pump_all(self) -> int:
+        if self._pumping:
+            # The running pump may have read the mailboxes before this command committed.
+            self._pump_dirty = True
+            return 0
+        self._pumping = True
+        applied = 0
+        try:
+            while True:
+                self._pump_dirty = False
+                batch = await self._drain_batch(None, None)
+                applied += batch or 0
+                if not batch and not self._pump_dirty:
+                    return applied
+        finally:
+            self._pumping = False
+
+    async def _drain_batch(self, kind: str | None, entity_id: str | None) -> int | None:
         async with self.sessions() as session:
             await session.begin()
-            if not await self.locks.try_lock(session, kind, entity_id):
+            if kind is not None and not await self.locks.try_lock(session, kind, entity_id):
                 await session.rollback()
                 self._ring_later(kind, entity_id)
                 return None
@@ -297,63 +338,78 @@ class Runtime:
                 ctx, rows = await self._apply_pending(session, kind, entity_id)
                 await session.commit()
             finally:
-                self.locks.release(kind, entity_id)
+                if kind is not None:
+                    self.locks.release(kind, entity_id)
         if rows:
-            await self._after_commit(ctx, rows)
-        return len(rows)
+            await self._after_commit(ctx)
+        for retry_kind, retry_entity in ctx.retry:
+            self._ring_later(retry_kind, retry_entity, delay_s=RETRY_DELAY_S)
+        return len(ctx.settled)
 
-    async def _apply_pending(self, session: AsyncSession, kind: str, entity_id: str):
-        rows = list(
-            (
-                await session.execute(
-                    select(ActorCommand)
-                    .where(
-                        ActorCommand.kind == kind,
-                        ActorCommand.entity_id == entity_id,
-                        ActorCommand.status == "pending",
-                    )
-                    .order_by(ActorCommand.id)
-                    .limit(self.batch_size)
-                )
-            ).scalars()
-        )
+    async def _apply_pending(self, session: AsyncSession, kind: str | None, entity_id: str | None):
+        """Pending commands in acceptance order: one entity's, or (single writer) everyone's."""
+        query = select(ActorCommand).where(ActorCommand.status == "pending")
+        limit = self.batch_size
+        if kind is not None:
+            query = query.where(ActorCommand.kind == kind, ActorCommand.entity_id == entity_id)
+        else:
+            limit = self.batch_size * 4
+        rows = list((await session.execute(query.order_by(ActorCommand.id).limit(limit))).scalars())
         ctx = ActorContext(session=session, now=utcnow())
+        held_back: set[tuple[str, str]] = set()
         for row in rows:
-            await self._apply_one(ctx, row)
+            key = (row.kind, row.entity_id)
+            if key in held_back:
+                continue  # an earlier command of this entity is waiting for another attempt
+            if not await self._apply_one(ctx, row):
+                held_back.add(key)
+                ctx.retry.append(key)
         return ctx, rows
 
-    async def _apply_one(self, ctx: ActorContext, row: ActorCommand) -> None:
+    async def _apply_one(self, ctx: ActorContext, row: ActorCommand) -> bool:
+        """Apply one command in a savepoint. False when it hit an unexpected error and stays
+        pending for another attempt (the entity's later commands must wait behind it)."""
         handler = HANDLERS.get((row.kind, row.name))
-        row.applied_at = ctx.now
         if handler is None:
-            row.status, row.result = "failed", {"ok": False, "reason": "unknown_command"}
-            return
+            self._settle(ctx, row, "failed", {"ok": False, "reason": "unknown_command"})
+            return True
+        marks = ctx.mark()
         try:
             async with ctx.session.begin_nested():
                 result = await handler(ctx, row.entity_id, row.payload)
-            row.status, row.result = "applied", result or {"ok": True}
+            self._settle(ctx, row, "applied", result or {"ok": True})
         except CommandRejected as rejection:
-            row.status, row.result = "applied", rejection.as_result()
+            ctx.rewind(marks)
+            self._settle(ctx, row, "applied", rejection.as_result())
         except Exception:
-            log.exception("command %s %s/%s failed", row.name, row.kind, row.entity_id)
-            row.status, row.result = "failed", {"ok": False, "reason": "internal_error"}
+            ctx.rewind(marks)
+            row.attempts += 1
+            log.exception("command %s on %s/%s failed (attempt %d)", row.name, row.kind, row.entity_id, row.attempts)
+            if row.attempts < MAX_ATTEMPTS:
+                return False
+            self._settle(ctx, row, "failed", {"ok": False, "reason": "internal_error"})
+        return True
 
-    async def _after_commit(self, ctx: ActorContext, rows: list[ActorCommand]) -> None:
+    @staticmethod
+    def _settle(ctx: ActorContext, row: ActorCommand, status: str, result: dict[str, Any]) -> None:
+        row.status, row.result, row.applied_at = status, result, ctx.now
+        ctx.settled.append(row)
+
+    async def _after_commit(self, ctx: ActorContext) -> None:
         for envelope in ctx.sent:
             self.ring(envelope.kind, envelope.entity_id)
-        for row in rows:
+        for row in ctx.settled:
             await self.bus.publish(result_channel(row.kind, row.command_id), row.result)
         for channel, event in ctx.notifications:
             await self.bus.publish(channel, event)
         if ctx.outbox_ids and self.outbox_sink is not None:
             await self.flush_outbox(ctx.outbox_ids)
 
-    def _ring_later(self, kind: str, entity_id: str) -> None:
-        """Another drainer holds the entity; it may have looked at the mailbox just before our
-        command committed, so ask again shortly instead of trusting it to see ours."""
+    def _ring_later(self, kind: str, entity_id: str, delay_s: float = 0.005) -> None:
+        """Ask again shortly: another drainer holds the entity and may have looked at the
+        mailbox just before our command committed, or a command waits for another attempt."""
         if self.dispatcher is not None:
-            loop = asyncio.get_running_loop()
-            loop.call_later(0.005, self.ring, kind, entity_id)
+            asyncio.get_running_loop().call_later(delay_s, self.ring, kind, entity_id)
 
     # --- outbox and recovery ---------------------------------------------------------------
 
@@ -378,6 +434,18 @@ class Runtime:
             )
         return len(messages)
 
+    async def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Until no command is pending (True), or the deadline (False). For orderly shutdowns
+        and end-of-run audits, not for the hot path."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while await pending_count(self.sessions):
+            if loop.time() > deadline:
+                return False
+            await self.ring_stalled(older_than_s=0.5)
+            await asyncio.sleep(0.05)
+        return True
+
     async def ring_stalled(self, older_than_s: float = 2.0) -> int:
         """Ring every entity with a command pending longer than `older_than_s`: recovers from a
         doorbell lost with a crashed process. Ringing twice is harmless."""
@@ -395,6 +463,16 @@ class Runtime:
         for kind, entity_id in stalled:
             self.ring(kind, entity_id)
         return len(stalled)
+
+
+async def pending_count(sessions: async_sessionmaker[AsyncSession]) -> int:
+    async with sessions() as session:
+        return int(
+            await session.scalar(
+                select(func.count()).select_from(ActorCommand).where(ActorCommand.status == "pending")
+            )
+            or 0
+        )
 
 
 async def _find_command(session: AsyncSession, kind: str, command_id: str) -> ActorCommand | None:

@@ -31,8 +31,14 @@ def _create_sqlite_engine(database_url: str, *, read_only: bool) -> AsyncEngine:
     url = make_url(database_url)
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    # SQLite has one writer at a time, and its busy handler waits by sleeping in growing steps
+    # (up to 100 ms a try). One pooled writer connection makes writers queue on the pool in
+    # arrival order instead, with no sleeping; readers get a pool of their own.
+    pool = {} if read_only else {"pool_size": 1, "max_overflow": 0, "pool_timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
     engine = create_async_engine(
-        database_url, connect_args={"isolation_level": None, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        database_url,
+        connect_args={"isolation_level": None, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        **pool,
     )
 
     @event.listens_for(engine.sync_engine, "connect")

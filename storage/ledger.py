@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from powerbank.storage.models import LedgerAccount, LedgerTransfer
@@ -56,7 +57,19 @@ async def get_or_create_account(
 
 
 async def system_account(session: AsyncSession, kind: str, currency: str) -> LedgerAccount:
-    return await get_or_create_account(session, f"{kind}:{currency}", kind, currency)
+    """A shared account (revenue, adjustments) per currency. Many wallets may create it at the
+    same moment, so creation is an insert that yields to whoever committed first."""
+    code = f"{kind}:{currency}"
+    account = (await session.execute(select(LedgerAccount).where(LedgerAccount.code == code))).scalar_one_or_none()
+    if account is not None:
+        return account
+    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
+    await session.execute(
+        dialect.insert(LedgerAccount)
+        .values(id=uuid.uuid4(), code=code, kind=kind, currency=currency, no_overdraft=False, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["code"])
+    )
+    return (await session.execute(select(LedgerAccount).where(LedgerAccount.code == code))).scalar_one()
 
 
 async def transfer(

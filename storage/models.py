@@ -537,6 +537,8 @@ class ActorCommand(Base):
     payload: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), default="pending")
     result: Mapped[dict[str, Any] | None]
+    # Attempts that ended in an unexpected error; the command is retried in place until a limit.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     accepted_at: Mapped[datetime] = created_at_column()
     applied_at: Mapped[datetime | None]
 

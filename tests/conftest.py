@@ -4,8 +4,6 @@ runtime that drains in-process so actor tests need no Dramatiq worker."""
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 
 import pytest
 
@@ -14,35 +12,10 @@ from powerbank.actors.runtime import AdvisoryLocks, ProcessLocks, Runtime
 from powerbank.storage.db import create_engine, session_factory
 from powerbank.storage.models import Base
 
-POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
 # Importing the actor modules registers their handlers.
 import powerbank.actors.rental  # noqa: E402,F401
 import powerbank.actors.wallet  # noqa: E402,F401
-
-
-async def create_postgres_database() -> tuple[str, str]:
-    import asyncpg
-
-    name = f"pb_test_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
-    try:
-        await connection.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await connection.close()
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    return name, f"{base}/{name}"
-
-
-async def drop_postgres_database(name: str) -> None:
-    import asyncpg
-
-    connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await connection.close()
+from powerbank.storage.testing import create_postgres_database, drop_postgres_database  # noqa: E402
 
 
 @pytest.fixture

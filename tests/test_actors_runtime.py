@@ -108,3 +108,40 @@ async def test_unknown_command_fails_without_blocking_the_mailbox(runtime):
     good = await runtime.call("wallet", "m", "TestAppend", {"item": 1}, "good-1")
     assert bad["reason"] == "unknown_command"
     assert good["ok"] is True
+
+
+_flaky_failures: dict[str, int] = {}
+
+
+@handles("wallet", "TestFlaky")
+async def _flaky(ctx, entity_id, payload):
+    """Fails unexpectedly `fail_times` times (after writing and announcing), then appends."""
+    await _append(ctx, entity_id, {"item": "flaky-side-effect"})
+    ctx.notify(f"test:{entity_id}", {"attempt": True})
+    seen = _flaky_failures.get(payload["key"], 0)
+    if seen < payload["fail_times"]:
+        _flaky_failures[payload["key"]] = seen + 1
+        raise ConnectionError("transient")
+    return {"ok": True, "after_failures": seen}
+
+
+async def test_unexpected_error_is_retried_in_order_without_leaking_effects(runtime):
+    async with runtime.bus.subscribe("test:flaky-entity") as announcements:
+        await runtime.submit("wallet", "flaky-entity", "TestFlaky", {"key": "k1", "fail_times": 2}, "flaky-1")
+        second = await runtime.call("wallet", "flaky-entity", "TestAppend", {"item": "after"}, "after-1")
+        first = (await runtime.outcome("wallet", "flaky-1")).result
+        announced = announcements.queue.qsize()
+    assert first == {"ok": True, "after_failures": 2}
+    assert second["ok"]
+    # The failed attempts' writes and announcements were rolled back with them.
+    assert await _items(runtime, "flaky-entity") == ["flaky-side-effect", "after"]
+    assert announced == 1
+
+
+async def test_a_command_failing_every_time_is_given_up_on(runtime):
+    result = await runtime.call("wallet", "doomed", "TestFlaky", {"key": "k2", "fail_times": 99}, "doomed-1")
+    async with runtime.sessions() as session:
+        row = (await session.execute(select(ActorCommand).where(ActorCommand.command_id == "doomed-1"))).scalar_one()
+    assert result == {"ok": False, "reason": "internal_error"}
+    assert (row.status, row.attempts) == ("failed", 5)
+    assert await _items(runtime, "doomed") == []
