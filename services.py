@@ -48,6 +48,11 @@ def build_services(settings: Settings, *, dispatcher=None, outbox_sink=None) -> 
             single_writer=is_sqlite,
         )
     )
+    # The Station actor takes its timings (eject deadline, heartbeat interval) and the bank
+    # currency from these settings rather than re-reading the environment.
+    from powerbank.actors import station as station_actor
+
+    station_actor.configure(settings)
     return Services(
         settings=settings,
         engine=engine,
