@@ -403,7 +403,10 @@ class Runtime:
         for channel, event in ctx.notifications:
             await self.bus.publish(channel, event)
         if ctx.outbox_ids and self.outbox_sink is not None:
-            await self.flush_outbox(ctx.outbox_ids)
+            try:
+                await self.flush_outbox(ctx.outbox_ids)
+            except Exception as error:  # the rows stay unsent; the scheduler publishes them later
+                log.warning("outbox delivery deferred: %r", error)
 
     def _ring_later(self, kind: str, entity_id: str, delay_s: float = 0.005) -> None:
         """Ask again shortly: another drainer holds the entity and may have looked at the

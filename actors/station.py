@@ -497,12 +497,19 @@ async def _slot(ctx: ActorContext, loaded: Loaded, number: int) -> StationSlot:
 
 
 async def _send_returned_if_rented(ctx: ActorContext, loaded: Loaded, bank: PowerBank, event: Event) -> str | None:
-    """A bank out on a rental is back in a slot: tell its rental (once, by command id)."""
-    rental = await open_rental_for_bank(ctx.session, bank.id)
-    if rental is None:
-        return None
-    await _send_returned(ctx, loaded, bank, str(rental.id), event)
-    return str(rental.id)
+    """A bank out on a rental is back in a slot: tell its rental (once, by command id).
+
+    The bank's own record of its rental comes first: the Rental actor may not have applied
+    BankEjected yet, and its mailbox order guarantees it will before this BankReturned."""
+    rental_id = bank.rental_id
+    if rental_id is None:
+        rental = await open_rental_for_bank(ctx.session, bank.id)
+        if rental is None:
+            return None
+        rental_id = rental.id
+    bank.rental_id = None
+    await _send_returned(ctx, loaded, bank, str(rental_id), event)
+    return str(rental_id)
 
 
 async def _send_returned(ctx: ActorContext, loaded: Loaded, bank: PowerBank, rental_id: str, event: Event) -> None:
@@ -592,8 +599,13 @@ async def _return_rentals_of_banks_in_slots(
             Rental.power_bank_id.in_(list(in_slots)), Rental.status.in_(OPEN_STATUSES)
         )
     )
+    rentals_by_bank = {bank_id: rental_id for rental_id, bank_id in rows.all()}
+    for bank_id, bank in in_slots.items():
+        if bank.rental_id is not None:
+            rentals_by_bank[bank_id] = bank.rental_id
     returned = []
-    for rental_id, bank_id in rows.all():
+    for bank_id, rental_id in rentals_by_bank.items():
+        in_slots[bank_id].rental_id = None
         await _send_returned(ctx, loaded, in_slots[bank_id], str(rental_id), event)
         returned.append((in_slots[bank_id].serial, str(rental_id)))
     return returned
@@ -850,7 +862,7 @@ async def _start_eject(
 async def _bank_ejected(ctx: ActorContext, loaded: Loaded, slot: StationSlot, event: Event) -> dict[str, Any]:
     bank = loaded.bank_in(slot)
     rental_id = str(slot.ejecting_rental_id)
-    bank.status, bank.station_id = "rented", None
+    bank.status, bank.station_id, bank.rental_id = "rented", None, slot.ejecting_rental_id
     _clear_eject(slot)
     slot.power_bank_id, slot.status = None, "empty"
     await ctx.send(

@@ -273,6 +273,10 @@ class PowerBank(Base):
     station_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("stations.id", ondelete="SET NULL")
     )
+    # The rental the bank went out on, recorded by the ejecting station itself, so a return
+    # seconds later is recognised even before the Rental actor has heard of the eject. No
+    # foreign key: rentals already reference power_banks, and the cycle buys nothing.
+    rental_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
     updated_at: Mapped[datetime] = updated_at_column()
 
 

@@ -58,12 +58,20 @@ class TaskDispatcher:
         task.add_done_callback(self.tasks.discard)
 
     async def settle(self, timeout_s: float = 10.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while self.tasks:
-            if asyncio.get_running_loop().time() > deadline:
+        """Until no drain runs and none is about to (re-rings come a few ms later): two quiet
+        looks in a row, 50 ms apart."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        quiet_looks = 0
+        while quiet_looks < 2:
+            if loop.time() > deadline:
                 raise TimeoutError("mailboxes did not settle")
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
-            await asyncio.sleep(0.01)
+            if self.tasks:
+                quiet_looks = 0
+                await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            else:
+                quiet_looks += 1
+                await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -78,8 +86,9 @@ async def engine(database_url):
 @pytest.fixture
 async def runtime(engine):
     dispatcher = TaskDispatcher()
-    locks = ProcessLocks() if engine.dialect.name == "sqlite" else AdvisoryLocks()
-    rt = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=locks)
+    is_sqlite = engine.dialect.name == "sqlite"
+    locks = ProcessLocks() if is_sqlite else AdvisoryLocks()
+    rt = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=locks, single_writer=is_sqlite)
     dispatcher.runtime = rt
     rt.test_dispatcher = dispatcher  # type: ignore[attr-defined]
     yield rt

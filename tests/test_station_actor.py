@@ -438,3 +438,18 @@ async def test_station_update_is_announced_on_the_bus(rt):
         "type": "station.updated", "station_id": station_id, "serial": "ST-BUS", "status": "online",
         "available": 2, "empty_slots": 0,
     }
+
+
+async def test_a_return_before_the_rental_heard_of_its_eject_still_closes_it(rt):
+    """Eject acked, bank pushed into another station at once, while BankEjected still waits in
+    the rental's mailbox: the return must still reach that rental, after the eject."""
+    home = await make_station(rt, "ST-FAST", [("PB-F", 90)])
+    away = await make_station(rt, "ST-NEXT", [None, None])
+    rental_id = str(uuid.uuid4())
+    started = await apply(rt, home, "ReserveAndEject", {"rental_id": rental_id, "user_id": "u"})
+    await apply(rt, home, "EjectAck", event(5, command_id=started["eject_command_id"], slot=1, bank="PB-F", code="ok"))
+    await apply(rt, away, "BankInserted", event(1, slot=1, bank="PB-F", charge=88))
+    commands = [c for c in await rental_commands(rt) if c.entity_id == rental_id]
+    assert [c.name for c in commands] == ["BankEjected", "BankReturned"]
+    assert commands[1].payload["station_id"] == away
+    assert (await bank(rt, "PB-F")).rental_id is None

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 23:00:41.035668
+Create Date: 2026-11-22 23:06:42.061219
 
 """
 from typing import Sequence, Union
@@ -190,6 +190,7 @@ def upgrade() -> None:
     sa.Column('price_minor', sa.BigInteger(), nullable=False),
     sa.Column('currency', sa.String(length=3), nullable=False),
     sa.Column('station_id', sa.Uuid(), nullable=True),
+    sa.Column('rental_id', sa.Uuid(), nullable=True),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.CheckConstraint("status IN ('in_slot', 'ejecting', 'rented', 'lost', 'faulty')", name=op.f('ck_power_banks_status_valid')),
     sa.CheckConstraint('charge_percent BETWEEN 0 AND 100', name=op.f('ck_power_banks_charge_range')),
@@ -199,6 +200,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('serial', name=op.f('uq_power_banks_serial'))
     )
     with op.batch_alter_table('power_banks', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_power_banks_rental_id'), ['rental_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_power_banks_station_id'), ['station_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_power_banks_status'), ['status'], unique=False)
 
@@ -422,6 +424,7 @@ def downgrade() -> None:
     with op.batch_alter_table('power_banks', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_power_banks_status'))
         batch_op.drop_index(batch_op.f('ix_power_banks_station_id'))
+        batch_op.drop_index(batch_op.f('ix_power_banks_rental_id'))
 
     op.drop_table('power_banks')
     with op.batch_alter_table('ledger_accounts', schema=None) as batch_op:
