@@ -43,12 +43,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from powerbank.storage import migrate
 
-    url = load_settings().database_url
+    settings = load_settings()
+    url = settings.database_url
     if args.action == "upgrade":
         migrate.upgrade(url, args.revision or "head")
+        if not args.revision or args.revision == "head":
+            asyncio.run(_seed(settings))
     else:
         migrate.downgrade(url, args.revision or "base")
     return 0
+
+
+async def _seed(settings) -> None:
+    """Reference data (rental packages, app config) that a new installation starts with."""
+    from powerbank.storage import seed
+    from powerbank.storage.db import create_engine, session_factory
+
+    engine = create_engine(settings.database_url)
+    try:
+        await seed.ensure_defaults(session_factory(engine), settings.currency)
+    finally:
+        await engine.dispose()
 
 
 def _cmd_openapi(args: argparse.Namespace) -> int:
@@ -86,7 +101,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         admin_phone=args.admin_phone,
     )
     summary = asyncio.run(run_simulation(options))
-    return 0 if summary.get("rentals_started", 0) >= 0 else 1
+    return 0 if not summary.get("errors") else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from powerbank.config import load_settings
+from powerbank.processes import wait_for_stop
 from powerbank.storage.audit import audit
 from powerbank.storage.models import Rental, StationEvent
 
@@ -84,7 +85,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def run_demo(options: DemoOptions) -> dict[str, Any]:
-    from powerbank.processes import ALL_ROLES, start_backend, wait_for_stop
+    from powerbank.processes import ALL_ROLES, start_backend
 
     settings = demo_settings(options)
     backend = await start_backend(settings, ALL_ROLES, migrate_first=True)
@@ -178,9 +179,11 @@ class _progress:
             self.task.cancel()
 
     async def _run(self) -> None:
+        from rich.console import Console
         from rich.live import Live
 
-        with Live(self._render(), refresh_per_second=4, transient=False) as live:
+        # Progress goes to stderr: stdout carries only the final JSON line, for scripts.
+        with Live(self._render(), console=Console(stderr=True), refresh_per_second=4, transient=False) as live:
             while True:
                 await asyncio.sleep(0.5)
                 live.update(self._render())
@@ -231,5 +234,34 @@ async def _summarise(backend, world: World) -> dict[str, Any]:
 
 
 async def run_simulation(options: SimulateOptions) -> dict[str, Any]:
-    """Drive an already running deployment (see README: scale out)."""
-    raise NotImplementedError
+    """Drive an already running deployment (README: scale out): provision the simulated
+    stations in its database, connect them to its MQTT broker, and run riders on its HTTP API.
+    Prints the riders' figures as one JSON line."""
+    from powerbank.http.auth import ensure_admin_token
+    from powerbank.services import build_services
+    from powerbank.simulators.riders import RiderCrowd
+    from powerbank.simulators.stations import Fleet, provision_fleet
+
+    settings = load_settings()
+    services = build_services(settings)
+    try:
+        banks = max(1, options.slots * 3 // 4)
+        specs = await provision_fleet(services.sessions, options.stations, options.slots, banks, settings=settings)
+        broker_url = settings.mqtt_url or f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}"
+        fleet = Fleet(specs, broker_url, heartbeat_interval_s=settings.heartbeat_interval_s)
+        await fleet.start()
+        admin_token = await ensure_admin_token(services, phone=options.admin_phone)
+        crowd = RiderCrowd(options.base_url, options.riders, return_bank=_returner(fleet), admin_token=admin_token)
+        world = World(fleet, crowd, time.monotonic())
+        try:
+            await crowd.start()
+            with _progress(world, True):
+                await wait_for_stop(options.duration_s)
+            await world.finish()
+        finally:
+            await world.stop()
+    finally:
+        await services.close()
+    summary = {**crowd.stats.summary(), "station_events_sent": events_emitted(fleet)}
+    print(json.dumps(summary), flush=True)
+    return summary

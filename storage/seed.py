@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from powerbank.storage.models import AppConfig, RentalPackage
+from powerbank.storage.types import utcnow
 
 DEFAULT_CONFIG = {
     "points_per_currency_unit": ({"points": 10, "minor_units": 100}, "Points worth one currency unit"),
@@ -30,18 +34,23 @@ def default_packages(currency: str) -> list[RentalPackage]:
 
 
 async def ensure_defaults(sessions: async_sessionmaker[AsyncSession], currency: str) -> None:
+    """Insert what is missing. Several processes may start at once, so every insert yields to
+    a row that another one committed first."""
     async with sessions.begin() as session:
-        await _ensure_packages(session, currency)
-        await _ensure_config(session)
+        if (await session.execute(select(RentalPackage.id).limit(1))).first() is None:
+            for package in default_packages(currency):
+                await _insert_missing(session, RentalPackage, _columns(package), "code")
+        for key, (value, description) in DEFAULT_CONFIG.items():
+            await _insert_missing(session, AppConfig, {"key": key, "value": value, "description": description}, "key")
 
 
-async def _ensure_packages(session: AsyncSession, currency: str) -> None:
-    if (await session.execute(select(RentalPackage.id).limit(1))).first() is None:
-        session.add_all(default_packages(currency))
+def _columns(row) -> dict:
+    values = {column.key: getattr(row, column.key) for column in row.__table__.columns}
+    values["id"] = values["id"] or uuid.uuid4()
+    values["created_at"] = values.get("created_at") or utcnow()
+    return {key: value for key, value in values.items() if value is not None}
 
 
-async def _ensure_config(session: AsyncSession) -> None:
-    existing = set((await session.execute(select(AppConfig.key))).scalars())
-    for key, (value, description) in DEFAULT_CONFIG.items():
-        if key not in existing:
-            session.add(AppConfig(key=key, value=value, description=description))
+async def _insert_missing(session: AsyncSession, model, values: dict, unique_column: str) -> None:
+    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
+    await session.execute(dialect.insert(model).values(**values).on_conflict_do_nothing(index_elements=[unique_column]))
