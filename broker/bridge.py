@@ -33,7 +33,6 @@ from urllib.parse import quote
 
 import msgspec
 from amqtt.client import MQTTClient
-from amqtt.errors import ClientError
 from prometheus_client import Counter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -240,18 +239,8 @@ class StationBridge:
 
     async def _read(self, client: MQTTClient) -> None:
         """Hand every message to its station's lane until the connection is gone."""
-        while True:
-            try:
-                message = await client.deliver_message(timeout_duration=1.0)
-            except TimeoutError:
-                message = None
-            except ClientError:
-                return
-            if message is None:
-                if not mqtt.is_connected(client):
-                    return
-                continue
-            self._dispatch(message.topic, bytes(message.data or b""), utcnow())
+        async for topic, payload in mqtt.messages(client):
+            self._dispatch(topic, payload, utcnow())
 
     # --- inbound ------------------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
-from amqtt.client import MQTTClient
+from amqtt.client import ClientError, MQTTClient
 
 QOS_1 = 1
 
@@ -86,3 +87,22 @@ async def _close_transport(client: MQTTClient) -> None:
     if writer is not None:
         with contextlib.suppress(Exception):
             await writer.close()
+
+
+async def messages(client: MQTTClient) -> AsyncIterator[tuple[str, bytes]]:
+    """(topic, payload) of every message delivered to `client`, until its connection is gone.
+
+    amqtt's `deliver_message` only times out or raises; polling it with a short timeout is how a
+    reader notices a dropped connection instead of waiting forever."""
+    while True:
+        try:
+            message = await client.deliver_message(timeout_duration=1.0)
+        except TimeoutError:
+            message = None
+        except ClientError:
+            return
+        if message is None:
+            if not is_connected(client):
+                return
+            continue
+        yield message.topic, bytes(message.data or b"")

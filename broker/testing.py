@@ -7,7 +7,6 @@ that broker never see each other's stations.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 import socket
@@ -21,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from powerbank.actors import station as station_actor
 from powerbank.actors.bus import LocalBus
+from powerbank.actors.dispatch import LoopDispatcher
 from powerbank.actors.runtime import AdvisoryLocks, ProcessLocks, Runtime
 from powerbank.broker.bridge import StationBridge
 from powerbank.broker.embedded import EmbeddedBroker, start_embedded_broker
@@ -41,53 +41,13 @@ def broker_reachable(url: str = MOSQUITTO_URL, timeout_s: float = 0.5) -> bool:
         return False
 
 
-class KindDispatcher:
-    """Rings doorbells by draining on the running loop, for the given actor kinds only: the
-    other mailboxes keep their commands pending for the test to inspect."""
-
-    def __init__(self, kinds: Iterable[str] = ("station",)) -> None:
-        self.kinds = set(kinds)
-        self.runtime: Runtime | None = None
-        self.tasks: set[asyncio.Task] = set()
-
-    def ring(self, kind: str, entity_id: str) -> None:
-        if kind not in self.kinds or self.runtime is None:
-            return
-        task = asyncio.get_running_loop().create_task(self.runtime.drain(kind, entity_id))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def settle(self, timeout_s: float = 10.0) -> None:
-        """Until no drain is running, twice in a row: the runtime re-rings a contended entity a
-        few milliseconds later (call_later), so one empty moment is not the end."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        quiet = 0
-        while quiet < 2:
-            if loop.time() > deadline:
-                raise TimeoutError("mailboxes did not settle")
-            if self.tasks:
-                quiet = 0
-                await asyncio.gather(*list(self.tasks), return_exceptions=True)
-            else:
-                quiet += 1
-                await asyncio.sleep(0.02)
-
-    async def close(self) -> None:
-        """Settle, then ignore any later doorbell: nothing may outlive the stack."""
-        try:
-            await self.settle()
-        finally:
-            self.runtime = None
-
-
 @dataclass
 class StationStack:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     runtime: Runtime
-    dispatcher: KindDispatcher
+    dispatcher: LoopDispatcher
     bridge: StationBridge
     topics: Topics
     broker_url: str  # without credentials: simulators add their own
@@ -128,7 +88,7 @@ async def station_stack(
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
     sessions = session_factory(engine)
-    dispatcher = KindDispatcher(drain_kinds)
+    dispatcher = LoopDispatcher(drain_kinds)
     locks = ProcessLocks() if engine.dialect.name == "sqlite" else AdvisoryLocks()
     runtime = Runtime(sessions, bus=LocalBus(), dispatcher=dispatcher, locks=locks)
     dispatcher.runtime = runtime

@@ -15,31 +15,9 @@ from pathlib import Path
 import uvicorn
 
 from powerbank.config import Settings
+from powerbank.actors.dispatch import LoopDispatcher
 from powerbank.services import Services, build_services
 from powerbank.storage.models import Base
-
-
-class LoopDispatcher:
-    """Rings a doorbell by draining the mailbox in a task on the running loop: the runtime's
-    semantics without Dramatiq."""
-
-    def __init__(self) -> None:
-        self.runtime = None
-        self.tasks: set[asyncio.Task] = set()
-
-    def ring(self, kind: str, entity_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.runtime.drain(kind, entity_id))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def settle(self, timeout_s: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self.tasks:
-            if loop.time() > deadline:
-                raise TimeoutError("mailboxes did not settle")
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
-            await asyncio.sleep(0.01)
 
 
 def settings_for_tests(data_dir: Path, database_url: str | None = None, **overrides) -> Settings:

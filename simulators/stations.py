@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import quote, urlsplit
 
 from amqtt.client import MQTTClient
-from amqtt.errors import ClientError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -478,18 +477,8 @@ class StationSimulator:
     # --- receiving ----------------------------------------------------------------------------
 
     async def _read(self, client: MQTTClient) -> None:
-        while True:
-            try:
-                message = await client.deliver_message(timeout_duration=1.0)
-            except TimeoutError:
-                message = None
-            except ClientError:
-                return
-            if message is None:
-                if not mqtt.is_connected(client):
-                    return
-                continue
-            self._on_command(bytes(message.data or b""))
+        async for _, payload in mqtt.messages(client):
+            self._on_command(payload)
 
     def _on_command(self, data: bytes) -> None:
         command = decode_command(data)

@@ -3,11 +3,10 @@ runtime that drains in-process so actor tests need no Dramatiq worker."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from powerbank.actors.bus import LocalBus
+from powerbank.actors.dispatch import LoopDispatcher
 from powerbank.actors.runtime import AdvisoryLocks, ProcessLocks, Runtime
 from powerbank.storage.db import create_engine, session_factory
 from powerbank.storage.models import Base
@@ -45,35 +44,6 @@ async def database_url(request, tmp_path):
         await drop_postgres_database(name)
 
 
-class TaskDispatcher:
-    """Rings a doorbell by draining on the running loop: the runtime's semantics without Dramatiq."""
-
-    def __init__(self) -> None:
-        self.runtime: Runtime | None = None
-        self.tasks: set[asyncio.Task] = set()
-
-    def ring(self, kind: str, entity_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.runtime.drain(kind, entity_id))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def settle(self, timeout_s: float = 10.0) -> None:
-        """Until no drain runs and none is about to (re-rings come a few ms later): two quiet
-        looks in a row, 50 ms apart."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        quiet_looks = 0
-        while quiet_looks < 2:
-            if loop.time() > deadline:
-                raise TimeoutError("mailboxes did not settle")
-            if self.tasks:
-                quiet_looks = 0
-                await asyncio.gather(*list(self.tasks), return_exceptions=True)
-            else:
-                quiet_looks += 1
-                await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 async def engine(database_url):
     engine = create_engine(database_url)
@@ -85,7 +55,7 @@ async def engine(database_url):
 
 @pytest.fixture
 async def runtime(engine):
-    dispatcher = TaskDispatcher()
+    dispatcher = LoopDispatcher()
     is_sqlite = engine.dialect.name == "sqlite"
     locks = ProcessLocks() if is_sqlite else AdvisoryLocks()
     rt = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=locks, single_writer=is_sqlite)
