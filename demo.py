@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,8 @@ class DemoOptions:
     http_port: int = 0
     progress: bool = True
     banks_per_station: int | None = None
-    data_dir: Path = Path("var/demo")
+    # A fresh installation each run, under the data dir (POWERBANK_DATA_DIR, default var/).
+    data_dir: Path = dataclasses.field(default_factory=lambda: Path(os.environ.get("POWERBANK_DATA_DIR") or "var") / "demo")
 
 
 @dataclass
@@ -50,6 +52,11 @@ class SimulateOptions:
     riders: int
     duration_s: float
     admin_phone: str
+
+
+def say(message: str) -> None:
+    """A progress note on stderr (stdout is kept for the final JSON line)."""
+    print(f"powerbank: {message}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -88,12 +95,14 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
     from powerbank.processes import ALL_ROLES, start_backend
 
     settings = demo_settings(options)
+    say(f"starting the backend (SQLite in {options.data_dir}, embedded MQTT on :{settings.mqtt_port}, HTTP on :{settings.http_port})")
     backend = await start_backend(settings, ALL_ROLES, migrate_first=True)
     try:
         world = await _start_world(backend, options)
         try:
-            with _progress(world, options.progress):
+            async with _progress(world, options.progress):
                 await wait_for_stop(options.duration_s)
+            say("no new rentals; riders return their banks; waiting for every rental to settle")
             await world.finish()
         finally:
             await world.stop()
@@ -128,10 +137,12 @@ async def _start_world(backend, options: DemoOptions) -> World:
 
     settings = backend.settings
     banks = options.banks_per_station or max(1, options.slots * 3 // 4)
+    say(f"provisioning and booting {options.stations} stations × {options.slots} slots ({banks} banks each)")
     specs = await provision_fleet(backend.services.sessions, options.stations, options.slots, banks, settings=settings)
     fleet = Fleet(specs, f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}", heartbeat_interval_s=settings.heartbeat_interval_s)
     await fleet.start()
     admin_token = await _admin_token(backend)
+    say(f"signing in {options.riders} riders and topping up their wallets")
     crowd = RiderCrowd(backend.base_url, options.riders, return_bank=_returner(fleet), admin_token=admin_token)
     await crowd.start()
     return World(fleet, crowd, time.monotonic())
@@ -169,24 +180,29 @@ class _progress:
         self.enabled = enabled
         self.task: asyncio.Task | None = None
 
-    def __enter__(self):
+    async def __aenter__(self):
         if self.enabled:
             self.task = asyncio.get_running_loop().create_task(self._run())
         return self
 
-    def __exit__(self, *exc):
+    async def __aexit__(self, *exc):
         if self.task is not None:
             self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
 
     async def _run(self) -> None:
         from rich.console import Console
         from rich.live import Live
 
         # Progress goes to stderr: stdout carries only the final JSON line, for scripts.
-        with Live(self._render(), console=Console(stderr=True), refresh_per_second=4, transient=False) as live:
-            while True:
-                await asyncio.sleep(0.5)
-                live.update(self._render())
+        console = Console(stderr=True)
+        try:
+            with Live(self._render(), console=console, refresh_per_second=4, transient=False) as live:
+                while True:
+                    await asyncio.sleep(0.5)
+                    live.update(self._render())
+        finally:
+            console.line()
 
     def _render(self):
         from rich.table import Table
@@ -255,7 +271,7 @@ async def run_simulation(options: SimulateOptions) -> dict[str, Any]:
         world = World(fleet, crowd, time.monotonic())
         try:
             await crowd.start()
-            with _progress(world, True):
+            async with _progress(world, True):
                 await wait_for_stop(options.duration_s)
             await world.finish()
         finally:

@@ -1,0 +1,29 @@
+"""`powerbank demo` as the README runs it, smaller and shorter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_completes_rentals_and_audits_clean(tmp_path):
+    env = {**os.environ, "POWERBANK_DATA_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "powerbank.cli", "demo", "--duration", "8", "--stations", "4", "--slots", "6", "--riders", "6", "--no-progress"]
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("rentals_started", "rentals_completed", "start_latency_p50_ms", "start_latency_p99_ms", "station_events", "invariant_violations"):
+        assert key in summary
+    assert summary["rentals_completed"] > 0
+    assert summary["rentals_completed"] == summary["rentals_started"]
+    assert summary["station_events"] > 0
+    assert summary["invariant_violations"] == 0, summary
+    assert (tmp_path / "demo" / "powerbank.sqlite3").exists()
