@@ -104,6 +104,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if not summary.get("errors") else 1
 
 
+BENCH_SUITES = {"actors": "powerbank.simulators.bench_actors"}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(BENCH_SUITES[args.suite]).main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="powerbank",
@@ -154,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--duration", type=float, default=60.0)
     simulate.add_argument("--admin-phone", default="+9779800000000", help="the admin account used to credit riders")
     simulate.set_defaults(handler=_cmd_simulate)
+
+    bench = sub.add_parser("bench", help="Run a benchmark; prints its figures and ends with one JSON line.",
+                           description="Benchmarks compare against a reference measured in the same run (a ratio), "
+                           "because machines are shared and noisy. `powerbank bench SUITE --help` lists a suite's options.")
+    bench.add_argument("suite", choices=sorted(BENCH_SUITES), help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options for the suite")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 
