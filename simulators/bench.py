@@ -1,0 +1,355 @@
+"""Parts every `powerbank bench` suite needs: a closed-loop load driver that counts completions
+in a measured window, a `pgbench` runner and parser (the in-run reference), a pool of child
+processes that always stops, and the final JSON line.
+
+Benchmarks here are not timed tests. Machines are shared and noisy, so a suite reports its
+figures next to a reference measured in the same run, and the ratio is what means something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from powerbank.demo import percentile
+
+# --- the final line ---------------------------------------------------------------------------
+
+
+def json_line(summary: dict[str, Any]) -> str:
+    """The machine-readable result: one line, so `tail -n1 | jq` works on any suite."""
+    return json.dumps(summary, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def rounded(value: float, digits: int = 3) -> float:
+    """Figures are printed and compared by people; sub-microsecond digits are noise."""
+    return round(float(value), digits)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """A ratio that stays valid JSON when the reference measured nothing (0 means 'no data')."""
+    if denominator <= 0 or not math.isfinite(numerator):
+        return 0.0
+    return rounded(numerator / denominator)
+
+
+def latency_summary_ms(durations_s: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/max in milliseconds; percentiles use the demo's nearest-rank rule."""
+    values_ms = [d * 1000.0 for d in durations_s]
+    return {
+        "p50": rounded(percentile(values_ms, 0.50)),
+        "p90": rounded(percentile(values_ms, 0.90)),
+        "p99": rounded(percentile(values_ms, 0.99)),
+        "max": rounded(max(values_ms, default=0.0)),
+    }
+
+
+# --- closed-loop load -------------------------------------------------------------------------
+
+Operation = Callable[[int], Awaitable[str]]
+"""Performs request number n and returns "ok", "rejected" or "error"."""
+
+
+@dataclass
+class LoadResult:
+    """What a closed loop achieved inside its measured window (warm-up and the tail excluded)."""
+
+    concurrency: int
+    warmup_s: float
+    duration_s: float
+    ok_in_window: int = 0
+    rejected_in_window: int = 0
+    errors: int = 0
+    started: int = 0
+    unfinished: int = 0
+    latencies_s: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def ok_per_s(self) -> float:
+        return self.ok_in_window / self.duration_s if self.duration_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "latencies_s"}
+        data["ok_per_s"] = rounded(self.ok_per_s, 1)
+        data["latency_ms"] = latency_summary_ms(self.latencies_s)
+        return data
+
+    def merge(self, other: LoadResult) -> LoadResult:
+        """Sum of two processes' loops over the same window."""
+        return LoadResult(
+            concurrency=self.concurrency + other.concurrency,
+            warmup_s=self.warmup_s,
+            duration_s=self.duration_s,
+            ok_in_window=self.ok_in_window + other.ok_in_window,
+            rejected_in_window=self.rejected_in_window + other.rejected_in_window,
+            errors=self.errors + other.errors,
+            started=self.started + other.started,
+            unfinished=self.unfinished + other.unfinished,
+            latencies_s=self.latencies_s + other.latencies_s,
+        )
+
+
+async def closed_loop(
+    operation: Operation,
+    *,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    finish_timeout_s: float = 30.0,
+) -> LoadResult:
+    """Keep `concurrency` requests in flight for warm-up plus duration; count what finished
+    inside the window. Closed loop (a new request only when one finishes) so an overloaded
+    system slows the offered load instead of growing an unbounded queue."""
+    result = LoadResult(concurrency=concurrency, warmup_s=warmup_s, duration_s=duration_s)
+    loop = asyncio.get_running_loop()
+    window_start = loop.time() + warmup_s
+    window_end = window_start + duration_s
+    counter = itertools.count()
+
+    async def client() -> None:
+        while loop.time() < window_end:
+            n = next(counter)
+            result.started += 1
+            began = loop.time()
+            try:
+                outcome = await operation(n)
+            except Exception:
+                outcome = "error"
+            finished = loop.time()
+            if outcome == "error":
+                result.errors += 1
+            elif window_start <= finished <= window_end:
+                if outcome == "ok":
+                    result.ok_in_window += 1
+                    result.latencies_s.append(finished - began)
+                else:
+                    result.rejected_in_window += 1
+
+    tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
+    remaining_s = window_end - loop.time() + finish_timeout_s
+    _, pending = await asyncio.wait(tasks, timeout=remaining_s)
+    result.unfinished = len(pending)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return result
+
+
+# --- pgbench, the reference -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PgbenchResult:
+    clients: int
+    duration_s: float
+    tps: float
+    transactions: int
+    failed: int
+    latency_avg_ms: float
+
+
+_PGBENCH_PATTERNS = {
+    "tps": re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE),
+    "transactions": re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE),
+    "failed": re.compile(r"^number of failed transactions: (\d+)", re.MULTILINE),
+    "latency_avg_ms": re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE),
+    "clients": re.compile(r"^number of clients: (\d+)", re.MULTILINE),
+    "duration_s": re.compile(r"^duration: (\d+) s", re.MULTILINE),
+}
+
+
+def parse_pgbench_output(text: str) -> PgbenchResult:
+    """Read pgbench's summary (PostgreSQL 13+ wording). Raises ValueError if a figure is
+    missing, rather than reporting a reference of zero that would make any ratio look good."""
+    found: dict[str, str] = {}
+    for key, pattern in _PGBENCH_PATTERNS.items():
+        match = pattern.search(text)
+        if match is None and key != "failed":  # older pgbench prints no failure line
+            raise ValueError(f"pgbench output has no {key!r}:\n{text[-2000:]}")
+        found[key] = match.group(1) if match else "0"
+    return PgbenchResult(
+        clients=int(found["clients"]),
+        duration_s=float(found["duration_s"]),
+        tps=float(found["tps"]),
+        transactions=int(found["transactions"]),
+        failed=int(found["failed"]),
+        latency_avg_ms=float(found["latency_avg_ms"]),
+    )
+
+
+def pgbench_command(admin_dsn: str, database: str, script: Path, clients: int, duration_s: int) -> list[str]:
+    """pgbench against `database` on the server named by `admin_dsn` (postgresql://user@host:port/...)."""
+    parts = urlsplit(admin_dsn)
+    threads = max(1, min(clients, os.cpu_count() or 1))
+    return [
+        "pgbench", "--no-vacuum",
+        "--host", parts.hostname or "127.0.0.1",
+        "--port", str(parts.port or 5432),
+        "--username", unquote(parts.username or "postgres"),
+        "--client", str(clients), "--jobs", str(threads),
+        "--time", str(duration_s),
+        "--file", str(script),
+        database,
+    ]
+
+
+async def run_pgbench(
+    admin_dsn: str, database: str, sql: str, *, clients: int, duration_s: int, work_dir: Path
+) -> PgbenchResult:
+    """One pgbench run of a one-statement script; killed if it overruns its duration."""
+    script = work_dir / "pgbench_script.sql"
+    script.write_text(sql.strip() + "\n")
+    env = dict(os.environ)
+    password = urlsplit(admin_dsn).password
+    if password:
+        env["PGPASSWORD"] = unquote(password)
+    process = await asyncio.create_subprocess_exec(
+        *pgbench_command(admin_dsn, database, script, clients, duration_s),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=duration_s + 30)
+    except (TimeoutError, asyncio.CancelledError):
+        process.kill()
+        await process.wait()
+        raise
+    text = output.decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(f"pgbench exited with {process.returncode}:\n{text[-2000:]}")
+    return parse_pgbench_output(text)
+
+
+# --- child processes --------------------------------------------------------------------------
+
+
+@dataclass
+class ChildProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class ProcessPool:
+    """Child processes with their output in log files, stopped (TERM, then KILL) on exit, so a
+    benchmark that fails or is interrupted leaves nothing running."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[ChildProcess] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> ChildProcess:
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("w") as output:  # the child keeps its own descriptor
+            process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        child = ChildProcess(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def dead(self) -> list[ChildProcess]:
+        return [child for child in self.children if child.process.poll() is not None]
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+    async def astop(self, timeout_s: float = 20.0) -> None:
+        await asyncio.to_thread(self.stop, timeout_s)
+
+
+def python_child_argv(code: str, *args: str) -> list[str]:
+    """`python -c CODE ARGS...` with this interpreter (the virtualenv's)."""
+    return [sys.executable, "-c", code, *args]
+
+
+# --- children that start in step -------------------------------------------------------------
+
+READY = b"ready"
+START_DELAY_S = 0.2
+
+
+async def run_in_step(
+    argvs: list[list[str]],
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    ready_timeout_s: float,
+    run_timeout_s: float,
+) -> list[dict[str, Any]]:
+    """Start children that each print `ready` once set up, then give them all one wall-clock
+    start time on stdin, and collect the JSON line each prints when done. Starting together
+    matters: a load split over processes is only a sum if the windows coincide."""
+    children: list[asyncio.subprocess.Process] = []
+    try:
+        for index, argv in enumerate(argvs):
+            with (log_dir / f"step-{index}.log").open("w") as log:
+                children.append(await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                ))
+        for index, child in enumerate(children):
+            line = await asyncio.wait_for(child.stdout.readline(), ready_timeout_s)
+            if line.strip() != READY:
+                raise RuntimeError(f"child {index} did not get ready (see {log_dir / f'step-{index}.log'})")
+        start_at = time.time() + START_DELAY_S
+        for child in children:
+            child.stdin.write(f"{start_at}\n".encode())
+            await child.stdin.drain()
+        lines = await asyncio.wait_for(
+            asyncio.gather(*(child.stdout.readline() for child in children)), run_timeout_s
+        )
+        return [json.loads(line) for line in lines]
+    finally:
+        await _reap(children)
+
+
+async def _reap(children: list[asyncio.subprocess.Process], timeout_s: float = 10.0) -> None:
+    for child in children:
+        if child.returncode is None and child.stdin is not None:
+            child.stdin.close()
+        try:
+            await asyncio.wait_for(child.wait(), timeout_s)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+
+
+async def wait_for_start_signal() -> float:
+    """The child's half of `run_in_step`: say ready, then sleep until the common start time."""
+    print(READY.decode(), flush=True)
+    line = await asyncio.to_thread(sys.stdin.readline)
+    if not line.strip():
+        raise SystemExit("no start time on stdin: the parent is gone")
+    start_at = float(line)
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    return start_at
+
+
+def print_result_line(data: dict[str, Any]) -> None:
+    """The child's last word to `run_in_step`: one JSON line on stdout."""
+    print(json.dumps(data), flush=True)
