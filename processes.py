@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from powerbank.actors import dispatch
+from powerbank.actors.metrics import run_mailbox_sampler
 from powerbank.config import Settings
 from powerbank.services import Services, build_services
 from powerbank.storage import migrate, seed
@@ -57,6 +58,7 @@ class Backend:
     worker: object | None = None
     server: _EmbeddedServer | None = None
     server_task: asyncio.Task | None = None
+    fast_lane: dispatch.FastLane | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -72,6 +74,8 @@ class Backend:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.fast_lane is not None:
+            await self.fast_lane.close()
         if self.worker is not None:
             # Worker threads may be waiting on this loop; join them from another thread.
             await asyncio.to_thread(self.worker.stop)
@@ -79,6 +83,8 @@ class Backend:
             await self.bridge.stop()
         if self.broker_handle is not None:
             await self.broker_handle.stop()
+        if hasattr(self.services.runtime.dispatcher, "close"):
+            await self.services.runtime.dispatcher.close()
         await self.services.close()
 
 
@@ -96,12 +102,17 @@ async def start_backend(settings: Settings, roles: Iterable[str] = ALL_ROLES, *,
     if migrate_first:
         await asyncio.to_thread(migrate.upgrade, settings.database_url)
     broker = dispatch.setup_broker(settings.redis_url)
-    services = build_services(settings, dispatcher=dispatch.DramatiqDispatcher())
+    dispatcher = dispatch.RedisDispatcher(settings.redis_url) if settings.redis_url else dispatch.DramatiqDispatcher()
+    services = build_services(settings, dispatcher=dispatcher)
     await seed.ensure_defaults(services.sessions, settings.currency)
     backend = Backend(settings=settings, roles=roles, services=services)
     await _start_mqtt_parts(backend)
     if "worker" in roles:
         backend.worker = dispatch.start_worker(broker, asyncio.get_running_loop())
+        if settings.redis_url:
+            backend.fast_lane = dispatch.FastLane(settings.redis_url, services.runtime)
+            backend.tasks.append(asyncio.create_task(backend.fast_lane.run()))
+    backend.tasks.append(asyncio.create_task(run_mailbox_sampler(services.readonly)))
     if "scheduler" in roles:
         backend.tasks.append(asyncio.create_task(run_scheduler(services)))
     if "web" in roles:
@@ -121,7 +132,9 @@ async def _start_mqtt_parts(backend: Backend) -> None:
         # The bridge subscribes to stations only in the mqtt role; elsewhere it just publishes
         # the outbox (eject commands, config) through its own client.
         bridge = StationBridge(settings, services.runtime, services.sessions, subscribe="mqtt" in backend.roles)
-        await bridge.start()
+        # Wait for the broker only when it runs in this process; a worker must come up (and
+        # keep applying commands) while an external broker is away: its outbox waits for it.
+        await bridge.start(wait_s=10.0 if backend.broker_handle is not None else None)
         services.runtime.outbox_sink = bridge
         backend.bridge = bridge
 

@@ -26,7 +26,6 @@ class Subscription:
         self.channels = channels
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._redis_task: asyncio.Task | None = None
 
     def put_threadsafe(self, channel: str, message: Any) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (channel, message))
@@ -88,14 +87,24 @@ class LocalBus:
 
 
 class RedisBus:
-    """Redis pub/sub. One connection per subscription keeps the code obvious; issue-level
-    fan-out at scale (thousands of sockets) multiplexes in the web process instead."""
+    """Redis pub/sub over one shared connection per process.
+
+    Command results (`cmd:*`) arrive through one pattern subscription made at start, so a caller
+    waiting for its result costs no Redis round trip and can never subscribe too late. Other
+    channels are subscribed on first local interest, and a subscription counts as made only
+    once Redis confirms it."""
+
+    RESULT_PATTERN = "cmd:*"
 
     def __init__(self, redis_url: str) -> None:
         import redis.asyncio as redis_asyncio
 
-        self._redis_url = redis_url
         self._client = redis_asyncio.Redis.from_url(redis_url)
+        self._pubsub = None
+        self._reader: asyncio.Task | None = None
+        self._ready: asyncio.Lock | None = None
+        self._local: dict[str, set[Subscription]] = defaultdict(set)
+        self._confirmations: dict[str, asyncio.Future] = {}
 
     def subscribe(self, *channels: str) -> Subscription:
         return Subscription(self, channels)
@@ -104,28 +113,70 @@ class RedisBus:
         await self._client.publish(channel, _encoder.encode(message))
 
     async def _attach(self, subscription: Subscription) -> None:
-        pubsub = self._client.pubsub()
-        await pubsub.subscribe(*subscription.channels)
-        subscription._pubsub = pubsub  # type: ignore[attr-defined]
-        subscription._redis_task = asyncio.create_task(self._pump(subscription, pubsub))
-
-    async def _pump(self, subscription: Subscription, pubsub) -> None:
-        async for item in pubsub.listen():
-            if item.get("type") != "message":
-                continue
-            channel = item["channel"].decode() if isinstance(item["channel"], bytes) else item["channel"]
-            subscription.queue.put_nowait((channel, _decoder.decode(item["data"])))
+        await self._start_reader()
+        for channel in subscription.channels:
+            first = not self._local[channel]
+            self._local[channel].add(subscription)
+            if first and not channel.startswith("cmd:"):
+                await self._confirmed(channel, self._pubsub.subscribe(channel))
 
     async def _detach(self, subscription: Subscription) -> None:
-        if subscription._redis_task is not None:
-            subscription._redis_task.cancel()
-            try:
-                await subscription._redis_task
-            except (asyncio.CancelledError, Exception):
-                pass
-        pubsub = getattr(subscription, "_pubsub", None)
-        if pubsub is not None:
-            await pubsub.aclose()
+        for channel in subscription.channels:
+            subscribers = self._local.get(channel)
+            if subscribers is None:
+                continue
+            subscribers.discard(subscription)
+            if not subscribers:
+                del self._local[channel]
+                if not channel.startswith("cmd:") and self._pubsub is not None:
+                    await self._pubsub.unsubscribe(channel)
+
+    async def _start_reader(self) -> None:
+        if self._ready is None:
+            self._ready = asyncio.Lock()
+        async with self._ready:
+            if self._pubsub is not None:
+                return
+            self._pubsub = self._client.pubsub()
+            # The reader starts after the first request: redis-py ends `listen()` at once on a
+            # pubsub that has no subscription yet.
+            await self._confirmed(self.RESULT_PATTERN, self._pubsub.psubscribe(self.RESULT_PATTERN), start_reader=True)
+
+    async def _confirmed(self, name: str, request, *, start_reader: bool = False) -> None:
+        confirmation = asyncio.get_running_loop().create_future()
+        self._confirmations[name] = confirmation
+        await request
+        if start_reader:
+            self._reader = asyncio.create_task(self._read())
+        await asyncio.wait_for(confirmation, 10)
+
+    async def _read(self) -> None:
+        async for item in self._pubsub.listen():
+            kind = item.get("type")
+            name = _text(item.get("channel"))  # the pattern itself in a psubscribe confirmation
+            if kind in ("subscribe", "psubscribe"):
+                confirmation = self._confirmations.pop(name, None)
+                if confirmation is not None and not confirmation.done():
+                    confirmation.set_result(None)
+            elif kind in ("message", "pmessage"):
+                self._deliver(name, item["data"])
+
+    def _deliver(self, channel: str, data: bytes) -> None:
+        subscribers = self._local.get(channel)
+        if not subscribers:
+            return
+        message = _decoder.decode(data)
+        for subscription in tuple(subscribers):
+            subscription.queue.put_nowait((channel, message))
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
         await self._client.aclose()
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
