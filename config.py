@@ -53,6 +53,8 @@ class Settings:
     rental_start_timeout_ms: int = 20000
     heartbeat_interval_s: int = 30
     currency: str = "NPR"
+    # Processes without the web role (worker, mqtt, scheduler) serve /metrics here when set.
+    metrics_port: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -92,6 +94,7 @@ def load_settings() -> Settings:
         rental_start_timeout_ms=_env_int("RENTAL_START_TIMEOUT_MS", 20000),
         heartbeat_interval_s=_env_int("HEARTBEAT_INTERVAL_S", 30),
         currency=os.environ.get("CURRENCY", "NPR"),
+        metrics_port=_env_int("METRICS_PORT", 0) or None,
     )
 
 

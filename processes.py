@@ -117,6 +117,10 @@ async def start_backend(settings: Settings, roles: Iterable[str] = ALL_ROLES, *,
         backend.tasks.append(asyncio.create_task(run_scheduler(services)))
     if "web" in roles:
         await _start_web(backend)
+    elif settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.http_host)
     return backend
 
 
