@@ -74,6 +74,7 @@ class LoadResult:
     rejected_in_window: int = 0
     errors: int = 0
     started: int = 0
+    completed: int = 0  # ok or rejected, window or not: what the database saw
     unfinished: int = 0
     latencies_s: list[float] = field(default_factory=list, repr=False)
 
@@ -97,6 +98,7 @@ class LoadResult:
             rejected_in_window=self.rejected_in_window + other.rejected_in_window,
             errors=self.errors + other.errors,
             started=self.started + other.started,
+            completed=self.completed + other.completed,
             unfinished=self.unfinished + other.unfinished,
             latencies_s=self.latencies_s + other.latencies_s,
         )
@@ -131,7 +133,9 @@ async def closed_loop(
             finished = loop.time()
             if outcome == "error":
                 result.errors += 1
-            elif window_start <= finished <= window_end:
+                continue
+            result.completed += 1
+            if window_start <= finished <= window_end:
                 if outcome == "ok":
                     result.ok_in_window += 1
                     result.latencies_s.append(finished - began)

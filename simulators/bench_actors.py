@@ -9,7 +9,8 @@ Phases, one run, one fresh database and Redis db:
    few client counts), the reference for a hot entity;
 4. hot entity: one wallet receiving debits as fast as the web process can send them;
 5. naive locking: the same hot-wallet debits done the usual way, `SELECT ... FOR UPDATE` inside
-   the request handler, from `--naive-processes` processes;
+   the request handler, from `--naive-processes` processes at a few in-flight levels (the best
+   is the reference, as for pgbench: queueing too many requests on one row lock only hurts it);
 then an audit of the ledger (totals equal the rows, nothing failed or left pending).
 
 A debit does the same ledger work on both paths (`debit_to_revenue`): read the account, check
@@ -82,6 +83,8 @@ NAIVE_TRANSFER_KIND = "bench_naive_debit"
 HOT_BALANCE_MINOR = 10**15
 WALLET_BALANCE_MINOR = 10**12
 DEFAULT_REDIS_DB = 10
+# PostgreSQL backends publish their transaction counts at most once a second.
+STATS_SETTLE_S = 1.2
 HOT_ROW_TABLE = "bench_hot_row"
 PGBENCH_SQL = f"UPDATE {HOT_ROW_TABLE} SET balance_minor = balance_minor - 1 WHERE id = 1;"
 WORKER_CODE = "import powerbank.simulators.bench_actors; from powerbank.cli import main; raise SystemExit(main(['worker']))"
@@ -160,6 +163,7 @@ class BenchOptions:
     independent_concurrency: int = 64
     hot_concurrency: int = 128
     naive_processes: int = 2
+    naive_concurrency: tuple[int, ...] = (16, 128)
     pgbench_clients: tuple[int, ...] = (1, 4, 16)
     pgbench_s: int = 5
     redis_db: int = DEFAULT_REDIS_DB
@@ -167,10 +171,15 @@ class BenchOptions:
     total_timeout_s: float = 600.0
 
 
+# One level per reference instead of a sweep, shorter windows: a smoke run, not a measurement.
 QUICK = dict(
-    quick=True, entities=100, idle_samples=15, idle_gap_s=0.25, warmup_s=1.0, phase_s=4.0,
-    pgbench_clients=(1, 4), pgbench_s=2, total_timeout_s=240.0,
+    quick=True, entities=100, idle_samples=12, idle_gap_s=0.2, warmup_s=1.0, phase_s=3.0,
+    pgbench_clients=(4,), pgbench_s=2, naive_concurrency=(16,), total_timeout_s=240.0,
 )
+
+
+def _int_list(text_value: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text_value.split(","))
 
 
 def parse_options(argv: list[str]) -> BenchOptions:
@@ -190,9 +199,10 @@ def parse_options(argv: list[str]) -> BenchOptions:
     parser.add_argument("--warmup", dest="warmup_s", type=float, help="seconds of load before each measured window")
     parser.add_argument("--duration", dest="phase_s", type=float, help="seconds measured per load phase")
     parser.add_argument("--independent-concurrency", type=int, help="commands in flight, independent phase")
-    parser.add_argument("--hot-concurrency", type=int, help="commands in flight, hot-wallet and naive phases")
+    parser.add_argument("--hot-concurrency", type=int, help="commands in flight, hot-wallet phase")
     parser.add_argument("--naive-processes", type=int, help="processes doing naive locked debits")
-    parser.add_argument("--pgbench-clients", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 1,4,16; the best is the reference")
+    parser.add_argument("--naive-concurrency", type=_int_list, help="requests in flight over all naive processes, e.g. 16,128; the best is the reference")
+    parser.add_argument("--pgbench-clients", type=_int_list, help="e.g. 1,4,16; the best is the reference")
     parser.add_argument("--pgbench-duration", dest="pgbench_s", type=int, help="seconds per pgbench run")
     parser.add_argument("--redis-db", type=int, help=f"Redis database number to use and flush (default {DEFAULT_REDIS_DB})")
     parser.add_argument("--timeout", dest="total_timeout_s", type=float, help="give up after this many seconds")
@@ -260,6 +270,28 @@ async def server_facts(sessions: async_sessionmaker[AsyncSession]) -> dict[str, 
         for name in ("server_version", "synchronous_commit", "fsync", "commit_delay"):
             facts[f"postgres_{name}"] = await session.scalar(text(f"SHOW {name}"))
     return facts
+
+
+async def transaction_counters(sessions: async_sessionmaker[AsyncSession]) -> tuple[int, int]:
+    """(commits, rollbacks) PostgreSQL has counted in this database, every process included."""
+    async with sessions() as session:
+        row = (await session.execute(text(
+            "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+        ))).one()
+    return int(row[0]), int(row[1])
+
+
+def db_activity(before: tuple[int, int], after: tuple[int, int], commands: int) -> dict[str, Any]:
+    """Per command, so phases of different lengths compare; read-only transactions (a mailbox
+    sampler, a stalled-mailbox sweep) count too, which is why this is a rate, not a proof."""
+    commits, rollbacks = after[0] - before[0], after[1] - before[1]
+    return {
+        "commands": commands,
+        "commits": commits,
+        "rollbacks": rollbacks,
+        "commits_per_command": ratio(commits, commands),
+        "rollbacks_per_command": ratio(rollbacks, commands),
+    }
 
 
 def source_revision() -> dict[str, Any]:
@@ -366,9 +398,12 @@ async def measure_idle_roundtrips(runtime: Runtime, user_ids: list[str], options
     return durations_s
 
 
-async def measure_naive(database_url: str, hot_user: uuid.UUID, options: BenchOptions, work_dir: Path) -> LoadResult:
-    """The naive path from `naive_processes` processes, their windows aligned."""
-    per_process = max(1, options.hot_concurrency // options.naive_processes)
+async def measure_naive(
+    database_url: str, hot_user: uuid.UUID, options: BenchOptions, concurrency: int, work_dir: Path
+) -> LoadResult:
+    """The naive path from `naive_processes` processes, `concurrency` requests in flight over
+    all of them, their windows aligned."""
+    per_process = max(1, concurrency // options.naive_processes)
     argv = python_child_argv(
         NAIVE_CHILD_CODE, database_url, str(hot_user), str(per_process), str(options.warmup_s), str(options.phase_s)
     )
@@ -471,6 +506,11 @@ def best_pgbench(runs: list[PgbenchResult]) -> PgbenchResult:
     return max(runs, key=lambda run: run.tps)
 
 
+def best_load(runs: list[LoadResult]) -> LoadResult:
+    """The naive reference at its best in-flight level, for the same reason as `best_pgbench`."""
+    return max(runs, key=lambda run: run.ok_per_s)
+
+
 def goals_met(figures: dict[str, float]) -> dict[str, bool]:
     met = {}
     for key, (relation, target) in GOALS.items():
@@ -485,17 +525,19 @@ def assemble_summary(
     idle_s: list[float],
     independent: LoadResult,
     hot: LoadResult,
-    naive: LoadResult,
+    naive_runs: list[LoadResult],
     pgbench_runs: list[PgbenchResult],
     audit_report: dict[str, Any],
     environment: dict[str, Any],
     elapsed_s: float,
     workers_seen: bool = True,
+    db_activity: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything the final JSON line holds: the headline figures flat at the top, the phases'
     details, the parameters they were measured with, and the references."""
     idle_ms = latency_summary_ms(idle_s)
     reference = best_pgbench(pgbench_runs)
+    naive = best_load(naive_runs)
     figures = {
         "idle_roundtrip_p50_ms": idle_ms["p50"],
         "idle_roundtrip_p99_ms": idle_ms["p99"],
@@ -510,22 +552,26 @@ def assemble_summary(
         **figures,
         "goals": goals_met(figures),
         "audit": audit_report,
-        "errors": independent.errors + hot.errors + naive.errors,
+        "errors": independent.errors + hot.errors + sum(run.errors for run in naive_runs),
         "phases": {
             "idle": {"samples": len(idle_s), "latency_ms": idle_ms},
             "independent": independent.as_dict(),
             "hot_entity": hot.as_dict(),
-            "naive_locking": naive.as_dict(),
+            "naive_locking": [run.as_dict() for run in naive_runs],
             "pgbench": [dataclasses.asdict(run) for run in pgbench_runs],
         },
-        "reference": {"pgbench_clients": reference.clients, "pgbench_sql": PGBENCH_SQL},
+        "reference": {
+            "pgbench_clients": reference.clients,
+            "pgbench_sql": PGBENCH_SQL,
+            "naive_concurrency": naive.concurrency,
+        },
         "params": {
             **{key: list(v) if isinstance(v, tuple) else v for key, v in dataclasses.asdict(options).items()},
             "batch_size": DEFAULT_BATCH_SIZE,
             "worker_threads": worker_threads(),
-            "naive_concurrency_per_process": max(1, options.hot_concurrency // options.naive_processes),
             "workers_seen_polling": workers_seen,
         },
+        "db_activity": db_activity or {},
         "environment": environment,
         "elapsed_s": rounded(elapsed_s, 1),
     }
@@ -540,6 +586,7 @@ class Run:
     def __init__(self, options: BenchOptions, console) -> None:
         self.options = options
         self.console = console
+        self.started = time.monotonic()
         self.work_dir = Path(tempfile.mkdtemp(prefix="powerbank-bench-"))
         self.pool = ProcessPool(self.work_dir)
         self.database_name: str | None = None
@@ -547,43 +594,65 @@ class Run:
         self.redis_url = ""
         self.backend = None
         self.failed = True
+        self.db_activity: dict[str, dict[str, Any]] = {}
+        self._counters: tuple[int, int] = (0, 0)
 
     def say(self, message: str) -> None:
-        self.console.print(f"[dim]bench:[/dim] {message}")
+        self.console.print(f"[dim]bench {time.monotonic() - self.started:5.1f}s:[/dim] {message}")
 
     async def execute(self) -> dict[str, Any]:
-        options, started = self.options, time.monotonic()
+        options, started = self.options, self.started
         user_ids, hot_user = await self._prepare()
-        self.say(f"starting {options.worker_processes} worker processes and the web process")
-        for index in range(options.worker_processes):
-            self.pool.start(f"worker-{index}", python_child_argv(WORKER_CODE), child_env(self.database_url, self.redis_url, self.work_dir))
-        self.backend = await start_web(self.database_url, self.redis_url, self.work_dir)
-        runtime = self.backend.services.runtime
-        workers_seen = await wait_for_workers(self.redis_url, self.pool, options.worker_processes, timeout_s=60)
-        if not workers_seen:
-            self.say("[yellow]workers not seen in Dramatiq's heartbeats; relying on warm-up[/yellow]")
+        runtime, workers_seen = await self._start_processes()
         ids = [str(u) for u in user_ids]
         await self._warm_up(runtime, ids)
+        await self._count_db_activity(runtime, None, 0)
 
         self.say(f"idle round trip: {options.idle_samples} samples")
         idle_s = await measure_idle_roundtrips(runtime, ids, options)
+        await self._count_db_activity(runtime, "idle", len(idle_s))
         independent = await self._load_phase(
-            "independent commands", runtime, lambda n: ids[n % len(ids)], "bench-ind", options.independent_concurrency
+            "independent", runtime, lambda n: ids[n % len(ids)], options.independent_concurrency
         )
         pgbench_runs = await self._pgbench()
-        hot = await self._load_phase("hot wallet (actor)", runtime, lambda n: str(hot_user), "bench-hot", options.hot_concurrency)
-        self.say(f"hot wallet (naive locking): {options.naive_processes} processes, {options.hot_concurrency} in flight")
-        naive = await measure_naive(self.database_url, hot_user, options, self.work_dir)
-        await runtime.wait_idle(timeout_s=30)
+        await self._count_db_activity(runtime, "pgbench", sum(run.transactions for run in pgbench_runs))
+        hot = await self._load_phase("hot_entity", runtime, lambda n: str(hot_user), options.hot_concurrency)
+        naive_runs = [await self._naive_phase(runtime, hot_user, concurrency) for concurrency in options.naive_concurrency]
         audit_report = await audit(self.backend.services.sessions)
         environment = {**await server_facts(self.backend.services.sessions), **source_revision()}
         summary = assemble_summary(
-            options, idle_s=idle_s, independent=independent, hot=hot, naive=naive, pgbench_runs=pgbench_runs,
+            options, idle_s=idle_s, independent=independent, hot=hot, naive_runs=naive_runs, pgbench_runs=pgbench_runs,
             audit_report=audit_report, environment=environment, elapsed_s=time.monotonic() - started,
-            workers_seen=workers_seen,
+            workers_seen=workers_seen, db_activity=self.db_activity,
         )
         self.failed = not audit_report["ok"]
+        self.say("done; stopping processes and dropping the database")
         return summary
+
+    async def _start_processes(self) -> tuple[Runtime, bool]:
+        """Worker processes, then the web backend in this process; True if every worker was
+        seen polling before the clock starts."""
+        self.say(f"starting {self.options.worker_processes} worker processes and the web process")
+        env = child_env(self.database_url, self.redis_url, self.work_dir)
+        for index in range(self.options.worker_processes):
+            self.pool.start(f"worker-{index}", python_child_argv(WORKER_CODE), env)
+        self.backend = await start_web(self.database_url, self.redis_url, self.work_dir)
+        seen = await wait_for_workers(self.redis_url, self.pool, self.options.worker_processes, timeout_s=60)
+        if not seen:
+            self.say("[yellow]workers not seen in Dramatiq's heartbeats; relying on warm-up[/yellow]")
+        return self.backend.services.runtime, seen
+
+    async def _count_db_activity(self, runtime: Runtime, label: str | None, commands: int) -> None:
+        """Commits and rollbacks PostgreSQL counted in this database since the last call, per
+        command of the phase just ended: what batching saved, whatever the runtime's design.
+        Waits for the mailboxes to empty and for backends to publish their statistics first."""
+        if not await runtime.wait_idle(timeout_s=30):
+            self.say(f"[yellow]{label}: mailboxes not empty 30 s after the phase[/yellow]")
+        await asyncio.sleep(STATS_SETTLE_S)
+        counters = await transaction_counters(self.backend.services.sessions)
+        if label is not None:
+            self.db_activity[label] = db_activity(self._counters, counters, commands)
+        self._counters = counters
 
     async def _prepare(self) -> tuple[list[uuid.UUID], uuid.UUID]:
         from powerbank.storage import migrate
@@ -615,16 +684,23 @@ class Run:
         )
         await runtime.wait_idle(timeout_s=30)
 
-    async def _load_phase(self, label: str, runtime: Runtime, entity_for, prefix: str, concurrency: int) -> LoadResult:
+    async def _load_phase(self, label: str, runtime: Runtime, entity_for, concurrency: int) -> LoadResult:
         options = self.options
         self.say(f"{label}: {concurrency} in flight, {options.warmup_s:g} s warm-up + {options.phase_s:g} s")
         result = await closed_loop(
-            actor_debit_operation(runtime, entity_for, prefix, options.command_timeout_s),
+            actor_debit_operation(runtime, entity_for, f"bench-{label}", options.command_timeout_s),
             concurrency=concurrency, warmup_s=options.warmup_s, duration_s=options.phase_s,
             finish_timeout_s=options.command_timeout_s + 5,
         )
-        if not await runtime.wait_idle(timeout_s=30):
-            self.say(f"[yellow]{label}: mailboxes not empty 30 s after the phase[/yellow]")
+        await self._count_db_activity(runtime, label, result.completed)
+        return result
+
+    async def _naive_phase(self, runtime: Runtime, hot_user: uuid.UUID, concurrency: int) -> LoadResult:
+        options = self.options
+        self.say(f"naive locking: {options.naive_processes} processes, {concurrency} in flight, "
+                 f"{options.warmup_s:g} s warm-up + {options.phase_s:g} s")
+        result = await measure_naive(self.database_url, hot_user, options, concurrency, self.work_dir)
+        await self._count_db_activity(runtime, f"naive_locking_{concurrency}", result.completed)
         return result
 
     async def _pgbench(self) -> list[PgbenchResult]:
@@ -701,6 +777,10 @@ def print_report(console, summary: dict[str, Any]) -> None:
     console.print(table)
     pgbench = ", ".join(f"{run['clients']} clients {run['tps']:.0f} tps" for run in summary["phases"]["pgbench"])
     console.print(f"pgbench (reference = best): {pgbench}")
+    naive = ", ".join(f"{run['concurrency']} in flight {run['ok_per_s']:.0f}/s" for run in summary["phases"]["naive_locking"])
+    console.print(f"naive locking (reference = best): {naive}")
+    activity = ", ".join(f"{label} {data['commits_per_command']:g}" for label, data in summary["db_activity"].items())
+    console.print(f"database commits per command: {activity}")
     audit_report = summary["audit"]
     console.print(f"ledger audit: {'[green]clean[/green]' if audit_report['ok'] else '[red]PROBLEMS[/red]'} {audit_report}")
 
@@ -710,7 +790,7 @@ def main(argv: list[str]) -> int:
     from rich.console import Console
 
     options = parse_options(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     code = 1
     try:
         summary = asyncio.run(run_benchmark(options, console))

@@ -15,7 +15,7 @@ import pytest
 
 from powerbank.simulators import bench
 from powerbank.simulators.bench import LoadResult, PgbenchResult, closed_loop, parse_pgbench_output
-from powerbank.simulators.bench_actors import BenchOptions, assemble_summary, parse_options
+from powerbank.simulators.bench_actors import BenchOptions, assemble_summary, db_activity, parse_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_REDIS_DB = 9
@@ -106,12 +106,14 @@ def test_quick_defaults_and_explicit_options():
     quick = parse_options(["--quick"])
     assert quick.quick and quick.phase_s < BenchOptions().phase_s
     assert quick.total_timeout_s < BenchOptions().total_timeout_s
-    tuned = parse_options(["--quick", "--duration", "7", "--pgbench-clients", "2,8", "--workers", "3"])
-    assert (tuned.phase_s, tuned.pgbench_clients, tuned.worker_processes) == (7.0, (2, 8), 3)
+    tuned = parse_options(["--quick", "--duration", "7", "--pgbench-clients", "2,8", "--workers", "3", "--naive-concurrency", "4,32"])
+    assert (tuned.phase_s, tuned.pgbench_clients, tuned.worker_processes, tuned.naive_concurrency) == (7.0, (2, 8), 3, (4, 32))
 
 
-def _load(ok: int, duration_s: float = 10.0) -> LoadResult:
-    return LoadResult(concurrency=64, warmup_s=1.0, duration_s=duration_s, ok_in_window=ok, started=ok, latencies_s=[0.01] * ok)
+def _load(ok: int, duration_s: float = 10.0, concurrency: int = 64) -> LoadResult:
+    return LoadResult(
+        concurrency=concurrency, warmup_s=1.0, duration_s=duration_s, ok_in_window=ok, started=ok, latencies_s=[0.01] * ok
+    )
 
 
 def test_summary_holds_figures_ratios_goals_references_and_parameters():
@@ -124,7 +126,7 @@ def test_summary_holds_figures_ratios_goals_references_and_parameters():
         idle_s=[0.004] * 50 + [0.02],
         independent=_load(30000),
         hot=_load(50000),
-        naive=_load(20000),
+        naive_runs=[_load(20000, concurrency=16), _load(15000, concurrency=128)],
         pgbench_runs=pgbench_runs,
         audit_report={"ok": True},
         environment={"cpu_count": 2},
@@ -138,13 +140,25 @@ def test_summary_holds_figures_ratios_goals_references_and_parameters():
     assert summary["pgbench_hot_row_tps"] == 4000.0  # the best client count is the reference
     assert summary["reference"]["pgbench_clients"] == 4
     assert summary["hot_entity_vs_pgbench"] == 1.25
+    assert summary["naive_locking_commands_per_s"] == 2000.0  # the best in-flight level is the reference
+    assert summary["reference"]["naive_concurrency"] == 16
     assert summary["vs_naive_locking"] == 2.5
     assert all(summary["goals"].values())
     params = summary["params"]
-    for key in ("worker_processes", "phase_s", "warmup_s", "batch_size", "worker_threads", "hot_concurrency", "pgbench_clients"):
+    for key in ("worker_processes", "phase_s", "warmup_s", "batch_size", "worker_threads", "hot_concurrency",
+                "naive_processes", "naive_concurrency", "pgbench_clients"):
         assert key in params
     assert len(summary["phases"]["pgbench"]) == 2
+    assert len(summary["phases"]["naive_locking"]) == 2
     json.loads(bench.json_line(summary))
+
+
+def test_database_activity_is_per_command_of_the_phase():
+    activity = db_activity((1000, 10), (1600, 30), commands=500)
+    assert activity == {
+        "commands": 500, "commits": 600, "rollbacks": 20, "commits_per_command": 1.2, "rollbacks_per_command": 0.04,
+    }
+    assert db_activity((5, 5), (5, 5), commands=0)["commits_per_command"] == 0.0
 
 
 def test_summary_with_nothing_measured_stays_valid_json():
@@ -153,7 +167,7 @@ def test_summary_with_nothing_measured_stays_valid_json():
         idle_s=[],
         independent=_load(0),
         hot=_load(0),
-        naive=_load(0),
+        naive_runs=[_load(0)],
         pgbench_runs=[PgbenchResult(clients=1, duration_s=2, tps=0.0, transactions=0, failed=0, latency_avg_ms=0.0)],
         audit_report={"ok": True},
         environment={},
