@@ -117,8 +117,12 @@ class RedisBus:
         for channel in subscription.channels:
             first = not self._local[channel]
             self._local[channel].add(subscription)
-            if first and not channel.startswith("cmd:"):
+            if channel.startswith("cmd:"):
+                continue
+            if first:
                 await self._confirmed(channel, self._pubsub.subscribe(channel))
+            elif channel in self._confirmations:  # subscribed a moment ago, not yet confirmed
+                await asyncio.shield(self._confirmations[channel])
 
     async def _detach(self, subscription: Subscription) -> None:
         for channel in subscription.channels:
