@@ -287,6 +287,17 @@ class ProcessPool:
         await asyncio.to_thread(self.stop, timeout_s)
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used, from /proc: Linux only; None elsewhere
+    or once the process is gone. For the CPU cost per command, which noise from other
+    processes on a shared machine disturbs far less than it disturbs throughput."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def python_child_argv(code: str, *args: str) -> list[str]:
     """`python -c CODE ARGS...` with this interpreter (the virtualenv's)."""
     return [sys.executable, "-c", code, *args]

@@ -3,7 +3,9 @@ references measured in the same run.
 
 Phases, one run, one fresh database and Redis db:
 1. idle round trip: one command at a time into a quiet system (workers idle between samples),
-   timed from the web process's `Runtime.call` until it returns the result;
+   timed from the web process's `Runtime.call` until it returns the result; the headline is a
+   debit (real ledger work), interleaved with a no-op command that isolates the runtime's own
+   share;
 2. independent commands: many wallets, closed-loop load, `--workers` worker processes;
 3. pgbench: a single-row UPDATE on the same server (one commit per transaction, the best of a
    few client counts), the reference for a hot entity;
@@ -60,6 +62,7 @@ from powerbank.simulators.bench import (
     ProcessPool,
     closed_loop,
     json_line,
+    process_cpu_s,
     latency_summary_ms,
     print_result_line,
     python_child_argv,
@@ -75,6 +78,7 @@ from powerbank.storage.models import ActorCommand, LedgerAccount, LedgerTransfer
 
 KIND = "wallet"
 BENCH_DEBIT = "BenchDebit"
+BENCH_NOOP = "BenchNoop"
 CURRENCY = "NPR"
 DEBIT_MINOR = 1
 ACTOR_TRANSFER_KIND = "bench_actor_debit"
@@ -119,7 +123,9 @@ def debit_payload() -> dict[str, Any]:
 @handles(KIND, BENCH_DEBIT)
 async def bench_debit(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Benchmark-only wallet command. No row lock: the actor runtime already guarantees that
-    nothing else applies to this wallet meanwhile; that is the point being measured."""
+    nothing else applies to this wallet meanwhile; that is the point being measured. Returns
+    when it ran (wall clock, one host) so a round trip can be split around the handler."""
+    started_at = time.time()
     wallet = await load_wallet(ctx, user_id)
     account = await ctx.session.get(LedgerAccount, wallet.account_id)
     try:
@@ -128,7 +134,14 @@ async def bench_debit(ctx: ActorContext, user_id: str, payload: dict[str, Any]) 
         )
     except LedgerError as error:
         raise CommandRejected(error.reason) from None
-    return {"ok": True}
+    return {"ok": True, "handler_started_at": started_at, "handler_finished_at": time.time()}
+
+
+@handles(KIND, BENCH_NOOP)
+async def bench_noop(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Benchmark-only command with no domain work: its round trip is the runtime's own cost."""
+    now = time.time()
+    return {"ok": True, "handler_started_at": now, "handler_finished_at": now}
 
 
 async def naive_debit(sessions: async_sessionmaker[AsyncSession], user_id: uuid.UUID) -> str:
@@ -156,7 +169,7 @@ class BenchOptions:
     quick: bool = False
     worker_processes: int = 2
     entities: int = 500
-    idle_samples: int = 60
+    idle_samples: int = 50
     idle_gap_s: float = 0.3
     warmup_s: float = 2.0
     phase_s: float = 15.0
@@ -173,7 +186,7 @@ class BenchOptions:
 
 # One level per reference instead of a sweep, shorter windows: a smoke run, not a measurement.
 QUICK = dict(
-    quick=True, entities=100, idle_samples=12, idle_gap_s=0.2, warmup_s=1.0, phase_s=3.0,
+    quick=True, entities=100, idle_samples=8, idle_gap_s=0.2, warmup_s=1.0, phase_s=3.0,
     pgbench_clients=(4,), pgbench_s=2, naive_concurrency=(16,), total_timeout_s=240.0,
 )
 
@@ -194,7 +207,7 @@ def parse_options(argv: list[str]) -> BenchOptions:
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     parser.add_argument("--workers", dest="worker_processes", type=int, help="worker processes (default 2)")
     parser.add_argument("--entities", type=int, help="wallets for the independent phase")
-    parser.add_argument("--idle-samples", type=int, help="idle round trips to time")
+    parser.add_argument("--idle-samples", type=int, help="idle round trips to time, of each command")
     parser.add_argument("--idle-gap", dest="idle_gap_s", type=float, help="seconds of quiet before each idle sample (jittered up to +50%%)")
     parser.add_argument("--warmup", dest="warmup_s", type=float, help="seconds of load before each measured window")
     parser.add_argument("--duration", dest="phase_s", type=float, help="seconds measured per load phase")
@@ -382,27 +395,54 @@ def actor_debit_operation(runtime: Runtime, entity_for, prefix: str, timeout_s: 
     return operation
 
 
-async def measure_idle_roundtrips(runtime: Runtime, user_ids: list[str], options: BenchOptions) -> list[float]:
-    """Sequential round trips, each after a quiet spell long enough for idle workers to settle
-    into their idle polling; jittered so samples do not lock onto a poll period."""
+@dataclass(frozen=True)
+class IdleSample:
+    """One idle round trip, and its three legs (wall clock; every process is on this host):
+    send until the handler starts (accept, doorbell, wake-up, lock, read the mailbox), the
+    handler itself (the ledger work), and handler end until the caller has the result (mark the
+    command, commit, publish, deliver)."""
+
+    total_s: float
+    to_handler_s: float = 0.0
+    handler_s: float = 0.0
+    to_caller_s: float = 0.0
+
+
+async def measure_idle_roundtrips(
+    runtime: Runtime, user_ids: list[str], options: BenchOptions
+) -> dict[str, list[IdleSample]]:
+    """Sequential round trips of a debit and a no-op, alternating so both see the same
+    conditions, each after a quiet spell long enough for idle workers to settle into their idle
+    polling; jittered so samples do not lock onto a poll period."""
     rng = random.Random(3)
-    durations_s: list[float] = []
+    samples: dict[str, list[IdleSample]] = {BENCH_DEBIT: [], BENCH_NOOP: []}
     for n in range(options.idle_samples):
-        await asyncio.sleep(options.idle_gap_s * rng.uniform(1.0, 1.5))
-        user_id = user_ids[n % len(user_ids)]
-        started = time.perf_counter()
-        result = await runtime.call(KIND, user_id, BENCH_DEBIT, debit_payload(), f"bench-idle-{n}", timeout_s=options.command_timeout_s)
-        durations_s.append(time.perf_counter() - started)
-        if not result.get("ok"):
-            raise RuntimeError(f"idle debit refused: {result}")
-    return durations_s
+        for name, payload in ((BENCH_DEBIT, debit_payload()), (BENCH_NOOP, {})):
+            await asyncio.sleep(options.idle_gap_s * rng.uniform(1.0, 1.5))
+            user_id = user_ids[n % len(user_ids)]
+            samples[name].append(await _timed_call(runtime, user_id, name, payload, f"bench-idle-{name}-{n}", options))
+    return samples
+
+
+async def _timed_call(runtime: Runtime, user_id: str, name: str, payload: dict[str, Any], command_id: str, options) -> IdleSample:
+    sent_at, started = time.time(), time.perf_counter()
+    result = await runtime.call(KIND, user_id, name, payload, command_id, timeout_s=options.command_timeout_s)
+    total_s, seen_at = time.perf_counter() - started, time.time()
+    if not result.get("ok"):
+        raise RuntimeError(f"idle {name} refused: {result}")
+    return IdleSample(
+        total_s=total_s,
+        to_handler_s=result["handler_started_at"] - sent_at,
+        handler_s=result["handler_finished_at"] - result["handler_started_at"],
+        to_caller_s=seen_at - result["handler_finished_at"],
+    )
 
 
 async def measure_naive(
     database_url: str, hot_user: uuid.UUID, options: BenchOptions, concurrency: int, work_dir: Path
-) -> LoadResult:
+) -> tuple[LoadResult, float]:
     """The naive path from `naive_processes` processes, `concurrency` requests in flight over
-    all of them, their windows aligned."""
+    all of them, their windows aligned; with the CPU seconds those processes used."""
     per_process = max(1, concurrency // options.naive_processes)
     argv = python_child_argv(
         NAIVE_CHILD_CODE, database_url, str(hot_user), str(per_process), str(options.warmup_s), str(options.phase_s)
@@ -416,9 +456,9 @@ async def measure_naive(
     )
     merged: LoadResult | None = None
     for data in results:
-        part = LoadResult(**data)
+        part = LoadResult(**data["load"])
         merged = part if merged is None else merged.merge(part)
-    return merged
+    return merged, sum(data["cpu_s"] for data in results)
 
 
 def naive_child_main(argv: list[str]) -> int:
@@ -436,10 +476,11 @@ async def _naive_child(database_url: str, user_id: uuid.UUID, concurrency: int, 
         async with sessions() as session:  # connect before the clock starts
             await session.execute(text("SELECT 1"))
         await wait_for_start_signal()
+        cpu_before_s = time.process_time()
         result = await closed_loop(
             lambda n: naive_debit(sessions, user_id), concurrency=concurrency, warmup_s=warmup_s, duration_s=duration_s
         )
-        print_result_line(dataclasses.asdict(result))
+        print_result_line({"load": dataclasses.asdict(result), "cpu_s": time.process_time() - cpu_before_s})
     finally:
         await engine.dispose()
     return 0
@@ -506,6 +547,15 @@ def best_pgbench(runs: list[PgbenchResult]) -> PgbenchResult:
     return max(runs, key=lambda run: run.tps)
 
 
+def idle_legs_p50_ms(samples: list[IdleSample]) -> dict[str, float]:
+    """Where an idle round trip's time goes; medians of each leg (they need not add up to the
+    median of the whole)."""
+    return {
+        leg: latency_summary_ms([getattr(sample, f"{leg}_s") for sample in samples])["p50"]
+        for leg in ("to_handler", "handler", "to_caller")
+    }
+
+
 def best_load(runs: list[LoadResult]) -> LoadResult:
     """The naive reference at its best in-flight level, for the same reason as `best_pgbench`."""
     return max(runs, key=lambda run: run.ok_per_s)
@@ -522,7 +572,8 @@ def goals_met(figures: dict[str, float]) -> dict[str, bool]:
 def assemble_summary(
     options: BenchOptions,
     *,
-    idle_s: list[float],
+    idle: list[IdleSample],
+    idle_noop: list[IdleSample],
     independent: LoadResult,
     hot: LoadResult,
     naive_runs: list[LoadResult],
@@ -535,12 +586,15 @@ def assemble_summary(
 ) -> dict[str, Any]:
     """Everything the final JSON line holds: the headline figures flat at the top, the phases'
     details, the parameters they were measured with, and the references."""
-    idle_ms = latency_summary_ms(idle_s)
+    idle_ms = latency_summary_ms([sample.total_s for sample in idle])
+    noop_ms = latency_summary_ms([sample.total_s for sample in idle_noop])
     reference = best_pgbench(pgbench_runs)
     naive = best_load(naive_runs)
     figures = {
         "idle_roundtrip_p50_ms": idle_ms["p50"],
         "idle_roundtrip_p99_ms": idle_ms["p99"],
+        "idle_noop_roundtrip_p50_ms": noop_ms["p50"],
+        "idle_noop_roundtrip_p99_ms": noop_ms["p99"],
         "independent_commands_per_s": rounded(independent.ok_per_s, 1),
         "hot_entity_commands_per_s": rounded(hot.ok_per_s, 1),
         "pgbench_hot_row_tps": rounded(reference.tps, 1),
@@ -554,7 +608,10 @@ def assemble_summary(
         "audit": audit_report,
         "errors": independent.errors + hot.errors + sum(run.errors for run in naive_runs),
         "phases": {
-            "idle": {"samples": len(idle_s), "latency_ms": idle_ms},
+            "idle": {"command": BENCH_DEBIT, "samples": len(idle), "latency_ms": idle_ms, "legs_p50_ms": idle_legs_p50_ms(idle)},
+            "idle_noop": {
+                "command": BENCH_NOOP, "samples": len(idle_noop), "latency_ms": noop_ms, "legs_p50_ms": idle_legs_p50_ms(idle_noop),
+            },
             "independent": independent.as_dict(),
             "hot_entity": hot.as_dict(),
             "naive_locking": [run.as_dict() for run in naive_runs],
@@ -596,6 +653,7 @@ class Run:
         self.failed = True
         self.db_activity: dict[str, dict[str, Any]] = {}
         self._counters: tuple[int, int] = (0, 0)
+        self._cpu_mark = (0.0, 0.0)
 
     def say(self, message: str) -> None:
         self.console.print(f"[dim]bench {time.monotonic() - self.started:5.1f}s:[/dim] {message}")
@@ -606,22 +664,22 @@ class Run:
         runtime, workers_seen = await self._start_processes()
         ids = [str(u) for u in user_ids]
         await self._warm_up(runtime, ids)
-        await self._count_db_activity(runtime, None, 0)
+        await self._account(runtime, None, 0)
 
-        self.say(f"idle round trip: {options.idle_samples} samples")
-        idle_s = await measure_idle_roundtrips(runtime, ids, options)
-        await self._count_db_activity(runtime, "idle", len(idle_s))
+        self.say(f"idle round trip: {options.idle_samples} debits and {options.idle_samples} no-ops, alternating")
+        idle = await measure_idle_roundtrips(runtime, ids, options)
+        await self._account(runtime, "idle", 2 * options.idle_samples, python_cpu=False)
         independent = await self._load_phase(
             "independent", runtime, lambda n: ids[n % len(ids)], options.independent_concurrency
         )
         pgbench_runs = await self._pgbench()
-        await self._count_db_activity(runtime, "pgbench", sum(run.transactions for run in pgbench_runs))
+        await self._account(runtime, "pgbench", sum(run.transactions for run in pgbench_runs), python_cpu=False)
         hot = await self._load_phase("hot_entity", runtime, lambda n: str(hot_user), options.hot_concurrency)
         naive_runs = [await self._naive_phase(runtime, hot_user, concurrency) for concurrency in options.naive_concurrency]
         audit_report = await audit(self.backend.services.sessions)
         environment = {**await server_facts(self.backend.services.sessions), **source_revision()}
         summary = assemble_summary(
-            options, idle_s=idle_s, independent=independent, hot=hot, naive_runs=naive_runs, pgbench_runs=pgbench_runs,
+            options, idle=idle[BENCH_DEBIT], idle_noop=idle[BENCH_NOOP], independent=independent, hot=hot, naive_runs=naive_runs, pgbench_runs=pgbench_runs,
             audit_report=audit_report, environment=environment, elapsed_s=time.monotonic() - started,
             workers_seen=workers_seen, db_activity=self.db_activity,
         )
@@ -642,17 +700,34 @@ class Run:
             self.say("[yellow]workers not seen in Dramatiq's heartbeats; relying on warm-up[/yellow]")
         return self.backend.services.runtime, seen
 
-    async def _count_db_activity(self, runtime: Runtime, label: str | None, commands: int) -> None:
-        """Commits and rollbacks PostgreSQL counted in this database since the last call, per
-        command of the phase just ended: what batching saved, whatever the runtime's design.
-        Waits for the mailboxes to empty and for backends to publish their statistics first."""
+    async def _account(
+        self, runtime: Runtime, label: str | None, commands: int, *, python_cpu: bool = True, python_cpu_s: float | None = None
+    ) -> None:
+        """What the phase just ended cost per command, whatever the runtime's design: commits
+        and rollbacks PostgreSQL counted in this database, and CPU seconds of the Python
+        processes doing the work (web and workers, or `python_cpu_s` when the caller measured
+        its own processes). Waits for the mailboxes to empty and for backends to publish their
+        statistics first, so each phase pays for its own tail."""
         if not await runtime.wait_idle(timeout_s=30):
             self.say(f"[yellow]{label}: mailboxes not empty 30 s after the phase[/yellow]")
         await asyncio.sleep(STATS_SETTLE_S)
-        counters = await transaction_counters(self.backend.services.sessions)
+        counters, cpu_mark = await transaction_counters(self.backend.services.sessions), self._python_cpu_s()
         if label is not None:
-            self.db_activity[label] = db_activity(self._counters, counters, commands)
-        self._counters = counters
+            activity = db_activity(self._counters, counters, commands)
+            if python_cpu_s is not None:
+                activity["python_cpu_ms_per_command"] = ratio(python_cpu_s * 1000, commands)
+            elif python_cpu:
+                web_s, workers_s = (now - before for now, before in zip(cpu_mark, self._cpu_mark))
+                activity["python_cpu_ms_per_command"] = ratio((web_s + workers_s) * 1000, commands)
+                activity["web_cpu_ms_per_command"] = ratio(web_s * 1000, commands)
+                activity["workers_cpu_ms_per_command"] = ratio(workers_s * 1000, commands)
+            self.db_activity[label] = activity
+        self._counters, self._cpu_mark = counters, cpu_mark
+
+    def _python_cpu_s(self) -> tuple[float, float]:
+        """(this process: the web backend and its callers, all worker processes together)."""
+        workers = (process_cpu_s(child.process.pid) for child in self.pool.children)
+        return time.process_time(), sum(cpu_s for cpu_s in workers if cpu_s is not None)
 
     async def _prepare(self) -> tuple[list[uuid.UUID], uuid.UUID]:
         from powerbank.storage import migrate
@@ -692,15 +767,15 @@ class Run:
             concurrency=concurrency, warmup_s=options.warmup_s, duration_s=options.phase_s,
             finish_timeout_s=options.command_timeout_s + 5,
         )
-        await self._count_db_activity(runtime, label, result.completed)
+        await self._account(runtime, label, result.completed)
         return result
 
     async def _naive_phase(self, runtime: Runtime, hot_user: uuid.UUID, concurrency: int) -> LoadResult:
         options = self.options
         self.say(f"naive locking: {options.naive_processes} processes, {concurrency} in flight, "
                  f"{options.warmup_s:g} s warm-up + {options.phase_s:g} s")
-        result = await measure_naive(self.database_url, hot_user, options, concurrency, self.work_dir)
-        await self._count_db_activity(runtime, f"naive_locking_{concurrency}", result.completed)
+        result, cpu_s = await measure_naive(self.database_url, hot_user, options, concurrency, self.work_dir)
+        await self._account(runtime, f"naive_locking_{concurrency}", result.completed, python_cpu_s=cpu_s)
         return result
 
     async def _pgbench(self) -> list[PgbenchResult]:
@@ -765,7 +840,7 @@ def print_report(console, summary: dict[str, Any]) -> None:
     table.add_column("goal")
     goals = {key.split(" ")[0]: (key, met) for key, met in summary["goals"].items()}
     for key in (
-        "idle_roundtrip_p50_ms", "idle_roundtrip_p99_ms", "independent_commands_per_s",
+        "idle_roundtrip_p50_ms", "idle_roundtrip_p99_ms", "idle_noop_roundtrip_p50_ms", "independent_commands_per_s",
         "hot_entity_commands_per_s", "pgbench_hot_row_tps", "hot_entity_vs_pgbench",
         "naive_locking_commands_per_s", "vs_naive_locking",
     ):
@@ -779,8 +854,14 @@ def print_report(console, summary: dict[str, Any]) -> None:
     console.print(f"pgbench (reference = best): {pgbench}")
     naive = ", ".join(f"{run['concurrency']} in flight {run['ok_per_s']:.0f}/s" for run in summary["phases"]["naive_locking"])
     console.print(f"naive locking (reference = best): {naive}")
-    activity = ", ".join(f"{label} {data['commits_per_command']:g}" for label, data in summary["db_activity"].items())
-    console.print(f"database commits per command: {activity}")
+    for label, data in summary["db_activity"].items():
+        cpu = data.get("python_cpu_ms_per_command")
+        cpu_note = f", Python CPU {cpu:g} ms" if cpu is not None else ""
+        console.print(f"per command, {label}: {data['commits_per_command']:g} commits{cpu_note}")
+    for phase in ("idle", "idle_noop"):
+        legs = summary["phases"][phase]["legs_p50_ms"]
+        legs_text = ", ".join(f"{leg} {value:g}" for leg, value in legs.items())
+        console.print(f"idle round trip legs of {summary['phases'][phase]['command']} (p50 ms): {legs_text}")
     audit_report = summary["audit"]
     console.print(f"ledger audit: {'[green]clean[/green]' if audit_report['ok'] else '[red]PROBLEMS[/red]'} {audit_report}")
 

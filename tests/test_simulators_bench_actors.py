@@ -15,7 +15,7 @@ import pytest
 
 from powerbank.simulators import bench
 from powerbank.simulators.bench import LoadResult, PgbenchResult, closed_loop, parse_pgbench_output
-from powerbank.simulators.bench_actors import BenchOptions, assemble_summary, db_activity, parse_options
+from powerbank.simulators.bench_actors import BenchOptions, IdleSample, assemble_summary, db_activity, parse_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_REDIS_DB = 9
@@ -101,6 +101,15 @@ def test_results_of_processes_sharing_a_window_add_up():
     assert merged.ok_per_s == 15.0
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_process_cpu_is_read_from_proc_and_none_for_a_gone_process():
+    sum(i * i for i in range(200_000))  # spend a little CPU
+    assert bench.process_cpu_s(os.getpid()) > 0
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert bench.process_cpu_s(child.pid) is None
+
+
 def test_quick_defaults_and_explicit_options():
     assert parse_options([]) == BenchOptions()
     quick = parse_options(["--quick"])
@@ -123,7 +132,8 @@ def test_summary_holds_figures_ratios_goals_references_and_parameters():
     ]
     summary = assemble_summary(
         BenchOptions(),
-        idle_s=[0.004] * 50 + [0.02],
+        idle=[IdleSample(0.004, 0.002, 0.001, 0.001)] * 50 + [IdleSample(0.02, 0.01, 0.005, 0.005)],
+        idle_noop=[IdleSample(0.003, 0.002, 0.0, 0.001)] * 10,
         independent=_load(30000),
         hot=_load(50000),
         naive_runs=[_load(20000, concurrency=16), _load(15000, concurrency=128)],
@@ -136,6 +146,8 @@ def test_summary_holds_figures_ratios_goals_references_and_parameters():
         assert isinstance(summary[key], float), key
     assert summary["idle_roundtrip_p50_ms"] == 4.0
     assert summary["idle_roundtrip_p99_ms"] == 20.0
+    assert summary["phases"]["idle"]["legs_p50_ms"] == {"to_handler": 2.0, "handler": 1.0, "to_caller": 1.0}
+    assert summary["idle_noop_roundtrip_p50_ms"] == 3.0
     assert summary["hot_entity_commands_per_s"] == 5000.0
     assert summary["pgbench_hot_row_tps"] == 4000.0  # the best client count is the reference
     assert summary["reference"]["pgbench_clients"] == 4
@@ -164,7 +176,8 @@ def test_database_activity_is_per_command_of_the_phase():
 def test_summary_with_nothing_measured_stays_valid_json():
     summary = assemble_summary(
         BenchOptions(quick=True),
-        idle_s=[],
+        idle=[],
+        idle_noop=[],
         independent=_load(0),
         hot=_load(0),
         naive_runs=[_load(0)],
