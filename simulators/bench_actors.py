@@ -15,6 +15,11 @@ Phases, one run, one fresh database and Redis db:
    is the reference, as for pgbench: queueing too many requests on one row lock only hurts it);
 then an audit of the ledger (totals equal the rows, nothing failed or left pending).
 
+After each phase the run records what it cost per command: database commits and rollbacks
+(PostgreSQL's own counters for this database) and CPU seconds of the Python processes doing the
+work. On a shared, noisy machine those explain a throughput figure better than it explains
+itself: they show whether a path is bound by commits or by CPU.
+
 A debit does the same ledger work on both paths (`debit_to_revenue`): read the account, check
 it cannot overdraw, insert a ledger transfer, bump both accounts' totals. The actor path adds
 its own costs (the mailbox row, the doorbell, the result on the bus) and saves commits by
@@ -22,7 +27,7 @@ applying a busy mailbox in batches.
 
 The command sender is a real `web` process (`processes.start_backend`), so the figures follow
 whatever dispatcher and bus the runtime wires; workers are real `powerbank worker` processes
-that import this module (for the benchmark-only `BenchDebit` handler).
+that import this module (for the benchmark-only `BenchDebit` and `BenchNoop` handlers).
 """
 
 from __future__ import annotations
@@ -62,9 +67,9 @@ from powerbank.simulators.bench import (
     ProcessPool,
     closed_loop,
     json_line,
-    process_cpu_s,
     latency_summary_ms,
     print_result_line,
+    process_cpu_s,
     python_child_argv,
     ratio,
     rounded,
@@ -356,10 +361,13 @@ async def start_web(database_url: str, redis_url: str, data_dir: Path):
 
 
 async def wait_for_workers(redis_url: str, pool: ProcessPool, count: int, timeout_s: float) -> bool:
-    """Until `count` worker processes poll the queue (Dramatiq's heartbeat set holds one id per
-    consuming broker). False if they were not seen in time; the caller then relies on warm-up."""
+    """Until `count` worker processes poll the queue (Dramatiq's heartbeat set holds the id of
+    every broker that talked to Redis; this process's own is left out). False if they were not
+    seen in time; the caller then relies on warm-up."""
+    import dramatiq
     import redis.asyncio as redis_asyncio
 
+    own_id = getattr(dramatiq.get_broker(), "broker_id", "").encode()
     client = redis_asyncio.Redis.from_url(redis_url)
     deadline = time.monotonic() + timeout_s
     try:
@@ -367,7 +375,8 @@ async def wait_for_workers(redis_url: str, pool: ProcessPool, count: int, timeou
             dead = pool.dead()
             if dead:
                 raise RuntimeError(f"worker {dead[0].name} exited early:\n{dead[0].log_tail()}")
-            if await client.zcard("dramatiq:__heartbeats__") >= count:
+            polling = set(await client.zrange("dramatiq:__heartbeats__", 0, -1)) - {own_id}
+            if len(polling) >= count:
                 return True
             await asyncio.sleep(0.1)
         return False
@@ -424,7 +433,9 @@ async def measure_idle_roundtrips(
     return samples
 
 
-async def _timed_call(runtime: Runtime, user_id: str, name: str, payload: dict[str, Any], command_id: str, options) -> IdleSample:
+async def _timed_call(
+    runtime: Runtime, user_id: str, name: str, payload: dict[str, Any], command_id: str, options: BenchOptions
+) -> IdleSample:
     sent_at, started = time.time(), time.perf_counter()
     result = await runtime.call(KIND, user_id, name, payload, command_id, timeout_s=options.command_timeout_s)
     total_s, seen_at = time.perf_counter() - started, time.time()
