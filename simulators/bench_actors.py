@@ -94,6 +94,7 @@ WALLET_BALANCE_MINOR = 10**12
 DEFAULT_REDIS_DB = 10
 # PostgreSQL backends publish their transaction counts at most once a second.
 STATS_SETTLE_S = 1.2
+NAIVE_POOL_SIZE = 8
 HOT_ROW_TABLE = "bench_hot_row"
 PGBENCH_SQL = f"UPDATE {HOT_ROW_TABLE} SET balance_minor = balance_minor - 1 WHERE id = 1;"
 WORKER_CODE = "import powerbank.simulators.bench_actors; from powerbank.cli import main; raise SystemExit(main(['worker']))"
@@ -481,7 +482,9 @@ def naive_child_main(argv: list[str]) -> int:
 async def _naive_child(database_url: str, user_id: uuid.UUID, concurrency: int, warmup_s: float, duration_s: float) -> int:
     from powerbank.storage.db import create_engine, session_factory
 
-    engine = create_engine(database_url)
+    # Up to twice the pool size: enough connections to queue on the row lock, and a bound on
+    # this benchmark's share of the server's connection slots.
+    engine = create_engine(database_url, pool_size=min(NAIVE_POOL_SIZE, concurrency))
     try:
         sessions = session_factory(engine)
         async with sessions() as session:  # connect before the clock starts
@@ -686,6 +689,10 @@ class Run:
         pgbench_runs = await self._pgbench()
         await self._account(runtime, "pgbench", sum(run.transactions for run in pgbench_runs), python_cpu=False)
         hot = await self._load_phase("hot_entity", runtime, lambda n: str(hot_user), options.hot_concurrency)
+        # A deployment done the usual way has no actor workers; stopping them also frees their
+        # connection slots, which every user of this PostgreSQL server shares.
+        self.say("stopping the workers before the naive phases")
+        await self.pool.astop()
         naive_runs = [await self._naive_phase(runtime, hot_user, concurrency) for concurrency in options.naive_concurrency]
         audit_report = await audit(self.backend.services.sessions)
         environment = {**await server_facts(self.backend.services.sessions), **source_revision()}
