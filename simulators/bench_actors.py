@@ -95,6 +95,8 @@ DEFAULT_REDIS_DB = 10
 # PostgreSQL backends publish their transaction counts at most once a second.
 STATS_SETTLE_S = 1.2
 NAIVE_POOL_SIZE = 8
+# Peak connections of a run: the web process's and each worker's pool (storage.db defaults).
+CONNECTIONS_NEEDED = 60
 HOT_ROW_TABLE = "bench_hot_row"
 PGBENCH_SQL = f"UPDATE {HOT_ROW_TABLE} SET balance_minor = balance_minor - 1 WHERE id = 1;"
 WORKER_CODE = "import powerbank.simulators.bench_actors; from powerbank.cli import main; raise SystemExit(main(['worker']))"
@@ -289,6 +291,15 @@ async def server_facts(sessions: async_sessionmaker[AsyncSession]) -> dict[str, 
         for name in ("server_version", "synchronous_commit", "fsync", "commit_delay"):
             facts[f"postgres_{name}"] = await session.scalar(text(f"SHOW {name}"))
     return facts
+
+
+async def free_connection_slots(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """Connections the server would still accept from a non-superuser right now."""
+    async with sessions() as session:
+        return int(await session.scalar(text(
+            "SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int"
+            " - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+        )))
 
 
 async def transaction_counters(sessions: async_sessionmaker[AsyncSession]) -> tuple[int, int]:
@@ -759,6 +770,7 @@ class Run:
         engine = create_engine(self.database_url)
         try:
             sessions = session_factory(engine)
+            await self._check_connection_slots(sessions)
             self.say(f"opening and funding {self.options.entities + 1} wallets")
             user_ids = await create_users(sessions, self.options.entities + 1)
             hot_user, independent_users = user_ids[0], user_ids[1:]
@@ -768,6 +780,14 @@ class Run:
         finally:
             await engine.dispose()
         return independent_users, hot_user
+
+    async def _check_connection_slots(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        """Warn early when other users of the server leave too few connection slots: the run
+        would otherwise fail half-way with "too many clients"."""
+        free = await free_connection_slots(sessions)
+        if free < CONNECTIONS_NEEDED:
+            self.say(f"[yellow]only {free} PostgreSQL connection slots free; this run may need up to "
+                     f"{CONNECTIONS_NEEDED} (web and worker pools)[/yellow]")
 
     async def _warm_up(self, runtime: Runtime, ids: list[str]) -> None:
         """A few round trips through every worker's pool and caches before any clock runs."""
