@@ -210,12 +210,27 @@ def pgbench_command(admin_dsn: str, database: str, script: Path, clients: int, d
     ]
 
 
+PGBENCH_RETRY_DELAY_S = 3.0
+
+
 async def run_pgbench(
-    admin_dsn: str, database: str, sql: str, *, clients: int, duration_s: int, work_dir: Path
+    admin_dsn: str, database: str, sql: str, *, clients: int, duration_s: int, work_dir: Path, attempts: int = 3
 ) -> PgbenchResult:
-    """One pgbench run of a one-statement script; killed if it overruns its duration."""
+    """One pgbench run of a one-statement script; killed if it overruns its duration. Retried
+    when the server is out of connection slots, which other users of a shared server cause."""
     script = work_dir / "pgbench_script.sql"
     script.write_text(sql.strip() + "\n")
+    for attempt in range(1, attempts + 1):
+        returncode, text = await _pgbench_once(admin_dsn, database, script, clients, duration_s)
+        if returncode == 0:
+            return parse_pgbench_output(text)
+        if "too many clients" not in text or attempt == attempts:
+            raise RuntimeError(f"pgbench exited with {returncode}:\n{text[-2000:]}")
+        await asyncio.sleep(PGBENCH_RETRY_DELAY_S)
+    raise AssertionError("unreachable")
+
+
+async def _pgbench_once(admin_dsn: str, database: str, script: Path, clients: int, duration_s: int) -> tuple[int, str]:
     env = dict(os.environ)
     password = urlsplit(admin_dsn).password
     if password:
@@ -230,10 +245,7 @@ async def run_pgbench(
         process.kill()
         await process.wait()
         raise
-    text = output.decode(errors="replace")
-    if process.returncode != 0:
-        raise RuntimeError(f"pgbench exited with {process.returncode}:\n{text[-2000:]}")
-    return parse_pgbench_output(text)
+    return process.returncode, output.decode(errors="replace")
 
 
 # --- child processes --------------------------------------------------------------------------
