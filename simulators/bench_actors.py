@@ -831,19 +831,35 @@ class Run:
     async def close(self) -> None:
         """Stop everything this run started and remove its database and Redis data, even after
         an error or a cancellation; logs are kept when the run failed."""
-        from powerbank.storage.testing import drop_postgres_database, isolated_redis_url
+        from powerbank.storage.testing import isolated_redis_url
 
         if self.backend is not None:
             await _quietly(self.backend.stop())
         await _quietly(self.pool.astop())
         if self.database_name is not None:
-            await _quietly(drop_postgres_database(self.database_name))
+            await _quietly(_drop_database(self.database_name))
         if self.redis_url:
             await _quietly(asyncio.to_thread(isolated_redis_url, self.options.redis_db))
         if self.failed:
             self.say(f"[yellow]logs kept in {self.work_dir}[/yellow]")
         else:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+async def _drop_database(name: str, attempts: int = 5, delay_s: float = 3.0) -> None:
+    """Drop the run's database, retrying while the shared server is out of connection slots
+    (the failure that most often ends a run early), so no run leaves a database behind."""
+    from powerbank.storage.testing import drop_postgres_database
+
+    for attempt in range(1, attempts + 1):
+        try:
+            await drop_postgres_database(name)
+            return
+        except Exception:
+            if attempt == attempts:
+                print(f"bench: could not drop database {name}; drop it by hand", file=sys.stderr)
+                raise
+            await asyncio.sleep(delay_s)
 
 
 async def _quietly(awaitable) -> None:
