@@ -248,6 +248,8 @@ class StationPlayer:
         self.watermark = 0
         self.played: list[PlayedEject] = []
         self.returns_due: list[tuple[float, PlayedEject]] = []
+        self._answers: dict[int, Any] = {}
+        self._returns: dict[int, Any] = {}
         self.returned = 0
         self.submit_errors = 0
         self._lock = asyncio.Lock()
@@ -263,8 +265,9 @@ class StationPlayer:
         return self.station_ids[serial]
 
     async def new_ejects(self) -> list[tuple[int, str, dict[str, Any]]]:
-        # Ids from a sequence may commit out of order: look back behind the highest id seen.
-        low = max(0, self.watermark - 2000)
+        """Eject rows not answered yet. Ids from a sequence may commit out of order, so this
+        looks back behind the highest id answered rather than only past it."""
+        low = max(0, self.watermark - 500)
         async with self.reader() as session:
             rows = (
                 await session.execute(
@@ -273,24 +276,27 @@ class StationPlayer:
                     .order_by(OutboxMessage.id)
                 )
             ).all()
-        fresh = []
-        for row_id, topic, payload in rows:
-            if row_id in self.seen:
-                continue
-            self.seen.add(row_id)
-            self.watermark = max(self.watermark, row_id)
-            if payload.get("type") == "eject":
-                fresh.append((row_id, topic, payload))
-        return fresh
+        return [(i, topic, payload) for i, topic, payload in rows if i not in self.seen and payload.get("type") == "eject"]
 
     async def submit_event(self, serial: str, message) -> None:
-        """Submit a station message the way the bridge does; sometimes twice (a duplicate)."""
+        """Submit a station message the way the bridge does; sometimes twice (a duplicate).
+        A failed submit is retried with the same message (same seq, same command id)."""
         from powerbank.broker.bridge import submission_for
 
         station_id = await self._station_id(serial)
         submission = submission_for(serial, message, utcnow())
         for _ in range(2 if self.rng.random() < self.duplicate_rate else 1):
-            await self.runtime.submit("station", station_id, submission.name, submission.payload, submission.command_id)
+            for attempt in range(60):
+                try:
+                    await self.runtime.submit(
+                        "station", station_id, submission.name, submission.payload, submission.command_id
+                    )
+                    break
+                except Exception:  # the database briefly away: the bridge retries too
+                    self.submit_errors += 1
+                    await asyncio.sleep(0.25)
+            else:
+                raise RuntimeError(f"could not submit {submission.command_id}")
         self.accepted.append(
             {"kind": "station", "entity_id": station_id, "name": submission.name,
              "command_id": submission.command_id, "payload": submission.payload}
@@ -301,29 +307,38 @@ class StationPlayer:
         return self.seq[serial]
 
     async def answer(self, row_id: int, topic: str, payload: dict[str, Any]) -> None:
+        """The station's ack for one eject row; decided once (code, seq), so a retry after an
+        error re-sends the same event."""
         from powerbank.broker.protocol import EJECT_ERROR, EJECT_OK, EjectAck, epoch_ms
 
         serial = serial_of_topic(topic)
-        code = EJECT_ERROR if self.rng.random() < self.fail_rate else EJECT_OK
-        ack = EjectAck(
-            v=1, seq=self.next_seq(serial), ts=epoch_ms(utcnow()),
-            command_id=payload["command_id"], slot=payload["slot"], bank=payload["bank"], code=code,
-        )
+        if row_id not in self._answers:
+            code = EJECT_ERROR if self.rng.random() < self.fail_rate else EJECT_OK
+            ack = EjectAck(
+                v=1, seq=self.next_seq(serial), ts=epoch_ms(utcnow()),
+                command_id=payload["command_id"], slot=payload["slot"], bank=payload["bank"], code=code,
+            )
+            self._answers[row_id] = ack
+        ack = self._answers[row_id]
         await self.submit_event(serial, ack)
-        played = PlayedEject(row_id, await self._station_id(serial), serial, payload["slot"], payload["bank"], code)
+        self.seen.add(row_id)
+        self.watermark = max(self.watermark, row_id)
+        played = PlayedEject(row_id, await self._station_id(serial), serial, ack.slot, ack.bank, ack.code)
         self.played.append(played)
-        if code == EJECT_OK and self.rng.random() < self.return_rate:
+        if ack.code == EJECT_OK and self.rng.random() < self.return_rate:
             due = asyncio.get_running_loop().time() + self.rng.uniform(*self.return_delay_s)
             self.returns_due.append((due, played))
 
     async def give_back(self, played: PlayedEject) -> None:
+        """The bank goes back into the slot it left (the one place no other bank can be)."""
         from powerbank.broker.protocol import BankInserted, epoch_ms
 
-        message = BankInserted(
-            v=1, seq=self.next_seq(played.serial), ts=epoch_ms(utcnow()),
-            slot=played.slot, bank=played.bank, charge=90,
-        )
-        await self.submit_event(played.serial, message)
+        if played.outbox_id not in self._returns:
+            self._returns[played.outbox_id] = BankInserted(
+                v=1, seq=self.next_seq(played.serial), ts=epoch_ms(utcnow()),
+                slot=played.slot, bank=played.bank, charge=90,
+            )
+        await self.submit_event(played.serial, self._returns[played.outbox_id])
         self.returned += 1
 
     async def step(self) -> int:
@@ -334,10 +349,12 @@ class StationPlayer:
                 await self.answer(row_id, topic, payload)
                 sent += 1
             now = asyncio.get_running_loop().time()
-            due = [item for item in self.returns_due if item[0] <= now]
-            self.returns_due = [item for item in self.returns_due if item[0] > now]
-            for _, played in due:
-                await self.give_back(played)
+            while self.returns_due:
+                due = min(self.returns_due, key=lambda item: item[0])
+                if due[0] > now:
+                    break
+                await self.give_back(due[1])
+                self.returns_due.remove(due)
                 sent += 1
             return sent
 
