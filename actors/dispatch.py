@@ -55,7 +55,11 @@ def setup_broker(redis_url: str | None) -> dramatiq.Broker:
 
 
 async def drain_mailbox(kind: str, entity_id: str) -> None:
-    await actor_runtime.current().drain(kind, entity_id)
+    runtime = actor_runtime.current()
+    # With Redis this is usually the delayed fallback of a doorbell the fast lane served
+    # already: look before opening a transaction.
+    if runtime.single_writer or await runtime.has_pending(kind, entity_id):
+        await runtime.drain(kind, entity_id)
 
 
 class DramatiqDispatcher:

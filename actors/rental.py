@@ -252,6 +252,10 @@ async def start_rental(
         if not result.get("ok"):
             return {"id": str(rental_id), "status": "cancelled", "cancel_reason": result.get("reason")}
         view = result["rental"]
+        if view["status"] in WAITING_STATUSES:
+            # A repeated start gets the first result ("pending") back; the rental may have moved
+            # on since. We are subscribed already, so nothing after this read can be missed.
+            view = await read_rental(runtime, rental_id) or view
         while view["status"] in WAITING_STATUSES:
             remaining = deadline - loop.time()
             if remaining <= 0:

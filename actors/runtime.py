@@ -43,6 +43,8 @@ DEFAULT_BATCH_SIZE = 64
 # times, in order, before the command is marked failed and its mailbox moves on.
 MAX_ATTEMPTS = 5
 RETRY_DELAY_S = 0.05
+# The single-writer pump applies every kind at once, so it takes bigger batches.
+PUMP_BATCH_FACTOR = 4
 # How soon a drainer that found the entity locked by another process asks again.
 LOCK_RETRY_DELAY_S = 0.01
 
@@ -144,6 +146,11 @@ def result_channel(kind: str, command_id: str) -> str:
 
 async def insert_command(session: AsyncSession, envelope: Envelope) -> bool:
     """Insert unless (kind, command_id) exists; True when this call accepted it."""
+    result = await session.execute(insert_command_statement(session.bind.dialect.name, envelope))
+    return result.rowcount == 1
+
+
+def insert_command_statement(dialect_name: str, envelope: Envelope):
     values = dict(
         kind=envelope.kind,
         entity_id=envelope.entity_id,
@@ -151,16 +158,15 @@ async def insert_command(session: AsyncSession, envelope: Envelope) -> bool:
         name=envelope.name,
         payload=envelope.payload,
         status="pending",
+        attempts=0,
         accepted_at=utcnow(),
     )
-    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
-    statement = (
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    return (
         dialect.insert(ActorCommand)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["kind", "command_id"])
     )
-    result = await session.execute(statement)
-    return result.rowcount == 1
 
 
 class EntityLocks(Protocol):
@@ -242,13 +248,24 @@ class Runtime:
     ) -> CommandOutcome:
         """Accept a command durably and ring the entity's doorbell; does not wait for it."""
         envelope = Envelope(kind, str(entity_id), name, payload, command_id or str(uuid.uuid4()))
-        async with self.sessions.begin() as session:
-            inserted = await insert_command(session, envelope)
-            if not inserted:
-                metrics.DUPLICATES.labels(kind).inc()
+        if not await self._accept(envelope):
+            metrics.DUPLICATES.labels(kind).inc()
+            async with self.sessions() as session:
                 return await self._existing_outcome(session, envelope)
         self.ring(kind, envelope.entity_id)
         return CommandOutcome(status="pending", result=None)
+
+    async def _accept(self, envelope: Envelope) -> bool:
+        """One durable INSERT. On PostgreSQL it runs in autocommit (one round trip instead of
+        BEGIN, INSERT, COMMIT); SQLite keeps its write transaction, which queues the writer."""
+        engine = self.sessions.kw["bind"]
+        if engine.dialect.name != "postgresql":
+            async with self.sessions.begin() as session:
+                return await insert_command(session, envelope)
+        async with engine.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            result = await autocommit.execute(insert_command_statement("postgresql", envelope))
+            return result.rowcount == 1
 
     async def call(
         self,
@@ -278,6 +295,16 @@ class Runtime:
             if outcome is not None and outcome.status != "pending":
                 return outcome.result or {}
             raise
+
+    async def has_pending(self, kind: str, entity_id: str) -> bool:
+        """A cheap look (no lock, no write) before a fallback doorbell opens a transaction."""
+        async with self.sessions() as session:
+            found = await session.scalar(
+                select(ActorCommand.id)
+                .where(ActorCommand.kind == kind, ActorCommand.entity_id == entity_id, ActorCommand.status == "pending")
+                .limit(1)
+            )
+            return found is not None
 
     async def outcome(self, kind: str, command_id: str) -> CommandOutcome | None:
         async with self.sessions() as session:
@@ -328,7 +355,9 @@ class Runtime:
             if batch is None:
                 return applied
             applied += batch
-            if batch == 0 and key not in self._drain_again:
+            # A short batch emptied the mailbox as of its read; anything accepted since has
+            # rung its own doorbell (here it set "drain again"; elsewhere it retries the lock).
+            if batch < self.batch_size and key not in self._drain_again:
                 return applied
 
     async def _pump_all(self) -> int:
@@ -343,7 +372,7 @@ class Runtime:
                 self._pump_dirty = False
                 batch = await self._drain_batch(None, None)
                 applied += batch or 0
-                if not batch and not self._pump_dirty:
+                if batch < self.batch_size * PUMP_BATCH_FACTOR and not self._pump_dirty:
                     return applied
         finally:
             self._pumping = False
@@ -389,7 +418,7 @@ class Runtime:
         if kind is not None:
             query = query.where(ActorCommand.kind == kind, ActorCommand.entity_id == entity_id)
         else:
-            limit = self.batch_size * 4
+            limit = self.batch_size * PUMP_BATCH_FACTOR
         rows = list((await session.execute(query.order_by(ActorCommand.id).limit(limit))).scalars())
         ctx = ActorContext(session=session, now=utcnow())
         held_back: set[tuple[str, str]] = set()
