@@ -61,7 +61,7 @@ from powerbank.storage.types import utcnow
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("crash_driver.py")
 WITH_TEST_HANDLERS = "import sys, powerbank.actors.testing; from powerbank.cli import main; sys.exit(main(sys.argv[1:]))"
-CRASH_REDIS_DB = 11
+CRASH_REDIS_DB = 12  # 9-11, 13, 14 belong to other suites
 COMMANDS = int(os.environ.get("CRASH_TEST_COMMANDS", "2000"))
 STORM_S = float(os.environ.get("CRASH_TEST_STORM_S", "60"))
 DRAIN_S = 80.0
