@@ -5,8 +5,12 @@ Holds are two-phase: a `pending` row reserves funds; exactly one later row with 
 resolves it, either `posted` (for at most the held amount) or `voided`. The unique index on
 `pending_id` makes "exactly once" a database fact, not a hope.
 
-Account totals are updated with atomic increments in the same transaction as the transfer row,
-so the totals always equal the sum of the rows (checked by `ledger_discrepancies`).
+A person's accounts (wallet, points) keep running totals, updated in the same transaction as the
+transfer row, so the totals always equal the sum of the rows (checked by `ledger_discrepancies`).
+Shared accounts (platform revenue, adjustments, clearing) keep no stored totals: every wallet's
+actor moves money to or from them, and a stored total there would be one row that every wallet
+writes. Different wallets' transactions would then queue on it and deadlock when batches touch
+two shared accounts in different orders. Their balances are sums over the transfer rows instead.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from powerbank.storage.models import LedgerAccount, LedgerTransfer
 from powerbank.storage.types import utcnow
+
+
+# Accounts with a single owner (one Wallet actor) keep running totals; shared ones do not.
+OWNED_ACCOUNT_KINDS = frozenset({"user_wallet", "user_points"})
 
 
 class LedgerError(Exception):
@@ -103,8 +111,8 @@ async def transfer(
         created_at=utcnow(),
     )
     session.add(row)
-    await _bump(session, debit.id, ("debits_pending" if pending else "debits_posted"), amount_minor)
-    await _bump(session, credit.id, ("credits_pending" if pending else "credits_posted"), amount_minor)
+    await _bump(session, debit, ("debits_pending" if pending else "debits_posted"), amount_minor)
+    await _bump(session, credit, ("credits_pending" if pending else "credits_posted"), amount_minor)
     return row
 
 
@@ -134,11 +142,13 @@ async def resolve_pending(
         created_at=utcnow(),
     )
     session.add(row)
-    await _bump(session, pending.debit_account_id, "debits_pending", -pending.amount_minor)
-    await _bump(session, pending.credit_account_id, "credits_pending", -pending.amount_minor)
+    debit = await session.get(LedgerAccount, pending.debit_account_id)
+    credit = await session.get(LedgerAccount, pending.credit_account_id)
+    await _bump(session, debit, "debits_pending", -pending.amount_minor)
+    await _bump(session, credit, "credits_pending", -pending.amount_minor)
     if posting:
-        await _bump(session, pending.debit_account_id, "debits_posted", amount)
-        await _bump(session, pending.credit_account_id, "credits_posted", amount)
+        await _bump(session, debit, "debits_posted", amount)
+        await _bump(session, credit, "credits_posted", amount)
     return row
 
 
@@ -180,39 +190,42 @@ def _same_transfer_or_error(existing, debit, credit, amount_minor, kind) -> Ledg
     return existing
 
 
-async def _bump(session: AsyncSession, account_id: uuid.UUID, column: str, delta: int) -> None:
-    # An atomic increment: system accounts (revenue, adjustments) are shared by every wallet.
-    # The ORM's default synchronize_session keeps loaded account objects current.
+def keeps_totals(account: LedgerAccount) -> bool:
+    """Only accounts owned by one actor (a person's) store running totals."""
+    return account.kind in OWNED_ACCOUNT_KINDS
+
+
+async def _bump(session: AsyncSession, account: LedgerAccount, column: str, delta: int) -> None:
+    if not keeps_totals(account):
+        return
+    # An atomic increment; the ORM's default synchronize_session keeps the loaded object current.
     await session.execute(
         update(LedgerAccount)
-        .where(LedgerAccount.id == account_id)
+        .where(LedgerAccount.id == account.id)
         .values({column: getattr(LedgerAccount, column) + delta})
     )
 
 
 async def ledger_discrepancies(session: AsyncSession) -> list[str]:
-    """Every way the stored totals disagree with the transfer rows, or debits differ from credits.
+    """Every way the books disagree with themselves; empty means balanced.
 
-    Used by the demo's final audit and by tests after every step; empty means balanced."""
+    Recomputed from the transfer rows: total debits equal total credits (posted and pending),
+    every stored running total equals its rows, and no account that must not go negative is.
+    Used by the demo's final audit and by tests after every step."""
     problems: list[str] = []
-    totals = (
-        await session.execute(
-            select(
-                func.coalesce(func.sum(LedgerAccount.debits_posted), 0),
-                func.coalesce(func.sum(LedgerAccount.credits_posted), 0),
-                func.coalesce(func.sum(LedgerAccount.debits_pending), 0),
-                func.coalesce(func.sum(LedgerAccount.credits_pending), 0),
-            )
-        )
-    ).one()
-    if totals[0] != totals[1] or totals[2] != totals[3]:
-        problems.append(f"debits != credits: {tuple(totals)}")
     expected = await _expected_totals(session)
+    columns = list(zip(*expected.values())) or [(), (), (), ()]
+    if sum(columns[0]) != sum(columns[1]) or sum(columns[2]) != sum(columns[3]):
+        problems.append(f"debits != credits: {[sum(c) for c in columns]}")
     for account in (await session.execute(select(LedgerAccount))).scalars():
-        want = expected.get(account.id, (0, 0, 0, 0))
+        want = tuple(expected.get(account.id, (0, 0, 0, 0)))
         have = (account.debits_posted, account.credits_posted, account.debits_pending, account.credits_pending)
-        if tuple(want) != have:
-            problems.append(f"account {account.code}: stored {have} != transfers {tuple(want)}")
+        if keeps_totals(account) and want != have:
+            problems.append(f"account {account.code}: stored {have} != transfers {want}")
+        if not keeps_totals(account) and have != (0, 0, 0, 0):
+            problems.append(f"shared account {account.code} has stored totals {have}")
+        if account.no_overdraft and want[0] + want[2] > want[1]:
+            problems.append(f"account {account.code} is overdrawn: {want}")
     return problems
 
 
