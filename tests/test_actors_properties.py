@@ -1,7 +1,11 @@
 """Property test of the runtime's first two promises (SPEC, "The actor runtime: what must hold"):
 many concurrent senders, few entities, random interleavings; the final state must equal a
 sequential reference model that applies each entity's commands one at a time in acceptance
-order (the order of `actor_commands.id` for that entity).
+order. Acceptance is the commit of the mailbox row: on SQLite (one writer) that is the order of
+`actor_commands.id` exactly; on PostgreSQL two submissions in flight together have no order
+until they commit, so there the model runs over the order actually applied (the log), which
+must be serial, exactly once, and respect real time (a command sent after another's submission
+returned applies after it).
 
 The command under test is `PropApply` (powerbank.actors.testing): state = state * 31 + x mod
 2**61 plus a log of tags. It is order-sensitive and not idempotent, so a command applied twice,
@@ -172,9 +176,14 @@ async def run_example(url: str, plan: Plan) -> None:
         ]
         for history in histories.values():
             assert proof.serial_problems(history, precedes) == []
-        # The issue's model: each entity's commands applied in `actor_commands.id` order.
-        for history in histories.values():
-            assert proof.id_order_problems(history) == []
+        # The model's acceptance order. With one writer (SQLite) ids are drawn in commit order,
+        # so it is the `actor_commands.id` order exactly. On PostgreSQL two submissions in
+        # flight together have no order until they commit, and the one that drew the lower id
+        # may commit later (docs/actors.md, promise 2; the race test below): there the model is
+        # the serial order actually applied, bound by real time, as checked above.
+        if url.startswith("sqlite"):
+            for history in histories.values():
+                assert proof.id_order_problems(history) == []
         # A caller got the stored (first) result. A command that failed once did fail (its
         # rolled-back write is not in the state, checked above), and needed at most one
         # counted attempt (a failure in an optimistic, savepoint-free pass is not counted).
