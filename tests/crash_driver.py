@@ -135,13 +135,9 @@ class Driver:
         for user_id in self.users:
             await self.submit("wallet", user_id, "OpenWallet", {"currency": self.settings.currency}, f"open:{user_id}")
             await self.credit(user_id, INITIAL_CREDIT_MINOR)
-        # Storm credits go to one half of the wallets, rentals to the other. A wallet batch
-        # that both credits (admin_adjustments row) and holds or captures (platform_revenue
-        # row) locks the two shared ledger rows in either order, and concurrent batches of
-        # that kind deadlock (pinned by test_independent_wallets_drained_together_do_not_
-        # conflict); this test is about crashes, so it keeps clear of that.
-        half = len(self.users) // 2
-        self.crediting, self.renting = self.users[:half], self.users[half:]
+        # Credits and rentals hit the same wallets: a wallet batch then both credits and holds
+        # or captures, touching both shared ledger accounts.
+        self.crediting = self.renting = self.users
 
     # --- the storm ------------------------------------------------------------------------
 
