@@ -5,7 +5,10 @@
   lost, reordered or interleaved with another apply of the same entity shows up in the state.
   Importing this module registers it (worker processes of the crash tests import it first).
 - `reference_model`: the sequential model the runtime must match: each entity's commands
-  applied one at a time in acceptance order (= `actor_commands.id` order).
+  applied one at a time in acceptance order. `serial_problems` checks a history against it in
+  the order actually applied (plus real-time precedences), `id_order_problems` checks that
+  the order was `actor_commands.id` order, which is acceptance order whenever acceptances do
+  not overlap (one writer, or one sequential sender per entity).
 - The station's half of an eject, played from the outbox (`StationPlayer`), for tests where no
   simulated station is connected over MQTT: it reads eject rows and submits the acks (and later
   the returns) exactly as the bridge would turn a station's messages into commands.
@@ -189,7 +192,8 @@ def id_order_problems(history: PropHistory) -> list[str]:
 
 
 async def check_prop_commands(session: AsyncSession, entities: Iterable[str] | None = None) -> list[str]:
-    """Both checks above (without real-time pairs) for every entity's PropApply commands."""
+    """Both checks above (without real-time pairs) for every entity's PropApply commands. Only
+    for histories whose acceptances did not overlap (see `id_order_problems`)."""
     problems = []
     for history in (await prop_histories(session, entities)).values():
         problems.extend(serial_problems(history) or id_order_problems(history))
