@@ -53,6 +53,8 @@ class Settings:
     rental_start_timeout_ms: int = 20000
     heartbeat_interval_s: int = 30
     currency: str = "NPR"
+    # Connections per process (plus as many again in overflow); every drain in flight holds one.
+    db_pool_size: int = 10
     # Processes without the web role (worker, mqtt, scheduler) serve /metrics here when set.
     metrics_port: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -95,6 +97,7 @@ def load_settings() -> Settings:
         heartbeat_interval_s=_env_int("HEARTBEAT_INTERVAL_S", 30),
         currency=os.environ.get("CURRENCY", "NPR"),
         metrics_port=_env_int("METRICS_PORT", 0) or None,
+        db_pool_size=_env_int("DATABASE_POOL_SIZE", 10),
     )
 
 

@@ -31,6 +31,7 @@ from powerbank.storage import migrate, seed
 log = logging.getLogger(__name__)
 ALL_ROLES = frozenset({"web", "worker", "mqtt", "scheduler"})
 SCHEDULER_TICK_S = 0.5
+WORKER_THREADS = 8
 
 
 def import_actors() -> None:
@@ -108,9 +109,12 @@ async def start_backend(settings: Settings, roles: Iterable[str] = ALL_ROLES, *,
     backend = Backend(settings=settings, roles=roles, services=services)
     await _start_mqtt_parts(backend)
     if "worker" in roles:
-        backend.worker = dispatch.start_worker(broker, asyncio.get_running_loop())
+        backend.worker = dispatch.start_worker(broker, asyncio.get_running_loop(), threads=WORKER_THREADS)
         if settings.redis_url:
-            backend.fast_lane = dispatch.FastLane(settings.redis_url, services.runtime)
+            # Drains hold a connection each: the Dramatiq threads and the fast lane together stay
+            # within the pool (size + overflow), so a burst queues here, not in PostgreSQL.
+            lane_slots = max(1, min(dispatch.FAST_LANE_CONCURRENCY, 2 * settings.db_pool_size - WORKER_THREADS))
+            backend.fast_lane = dispatch.FastLane(settings.redis_url, services.runtime, concurrency=lane_slots)
             backend.tasks.append(asyncio.create_task(backend.fast_lane.run()))
     backend.tasks.append(asyncio.create_task(run_mailbox_sampler(services.readonly)))
     if "scheduler" in roles:

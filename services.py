@@ -32,7 +32,7 @@ class Services:
 def build_services(settings: Settings, *, dispatcher=None, outbox_sink=None) -> Services:
     """Wire storage, bus and runtime. The dispatcher (Dramatiq) and the outbox sink (MQTT) are
     attached by the process that has them; see powerbank.processes."""
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
     sessions = session_factory(engine)
     is_sqlite = engine.dialect.name == "sqlite"
     reader = create_engine(settings.database_url, read_only=True) if is_sqlite else engine
