@@ -27,10 +27,10 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy import func, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from powerbank.actors import metrics
+from powerbank.storage.db import insert_unless_exists
 from powerbank.storage.models import ActorCommand, OutboxMessage
 from powerbank.storage.types import utcnow
 
@@ -161,12 +161,7 @@ def insert_command_statement(dialect_name: str, envelope: Envelope):
         attempts=0,
         accepted_at=utcnow(),
     )
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
-    return (
-        dialect.insert(ActorCommand)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["kind", "command_id"])
-    )
+    return insert_unless_exists(dialect_name, ActorCommand, values, ["kind", "command_id"])
 
 
 class EntityLocks(Protocol):

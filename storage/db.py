@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -67,3 +68,10 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def insert_unless_exists(dialect_name: str, model, values: dict, unique_columns: list[str]):
+    """INSERT … ON CONFLICT DO NOTHING on either backend: the row is created once, whoever of
+    several concurrent writers commits first."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    return dialect.insert(model).values(**values).on_conflict_do_nothing(index_elements=unique_columns)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from powerbank.storage.db import insert_unless_exists
 from powerbank.storage.models import LedgerAccount, LedgerTransfer
 from powerbank.storage.types import utcnow
 
@@ -71,12 +71,8 @@ async def system_account(session: AsyncSession, kind: str, currency: str) -> Led
     account = (await session.execute(select(LedgerAccount).where(LedgerAccount.code == code))).scalar_one_or_none()
     if account is not None:
         return account
-    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
-    await session.execute(
-        dialect.insert(LedgerAccount)
-        .values(id=uuid.uuid4(), code=code, kind=kind, currency=currency, no_overdraft=False, created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["code"])
-    )
+    values = dict(id=uuid.uuid4(), code=code, kind=kind, currency=currency, no_overdraft=False, created_at=utcnow())
+    await session.execute(insert_unless_exists(session.bind.dialect.name, LedgerAccount, values, ["code"]))
     return (await session.execute(select(LedgerAccount).where(LedgerAccount.code == code))).scalar_one()
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from powerbank.storage.db import insert_unless_exists
 from powerbank.storage.models import AppConfig, RentalPackage
 from powerbank.storage.types import utcnow
 
@@ -52,5 +52,4 @@ def _columns(row) -> dict:
 
 
 async def _insert_missing(session: AsyncSession, model, values: dict, unique_column: str) -> None:
-    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
-    await session.execute(dialect.insert(model).values(**values).on_conflict_do_nothing(index_elements=[unique_column]))
+    await session.execute(insert_unless_exists(session.bind.dialect.name, model, values, [unique_column]))
