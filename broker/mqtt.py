@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -49,7 +50,21 @@ async def connect(
     except BaseException:
         await _close_transport(client)
         raise
+    no_delay(getattr(getattr(client, "_handler", None), "writer", None))
     return client
+
+
+def no_delay(writer: Any) -> None:
+    """Send small packets at once (TCP_NODELAY) on an amqtt writer adapter's socket.
+
+    MQTT is small request/answer packets (PUBLISH then PUBACK, an event then its ack); with
+    Nagle's algorithm on one end and delayed ACKs on the other, each exchange can stall for
+    the delayed-ACK timer (40 ms on Linux). amqtt leaves the option unset."""
+    stream = getattr(writer, "_writer", None)
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def is_connected(client: MQTTClient | None) -> bool:
@@ -82,11 +97,16 @@ def abort(client: MQTTClient | None) -> None:
 
 
 async def _close_transport(client: MQTTClient) -> None:
+    """Close the socket. amqtt's own close() awaits drain() first and gives up (for good) if the
+    peer has reset the connection, so the transport underneath is closed here as well."""
     handler = getattr(client, "_handler", None)
     writer = getattr(handler, "writer", None)
     if writer is not None:
         with contextlib.suppress(Exception):
             await writer.close()
+        stream = getattr(writer, "_writer", None)
+        if stream is not None:
+            stream.close()
 
 
 async def messages(client: MQTTClient) -> AsyncIterator[tuple[str, bytes]]:

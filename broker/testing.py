@@ -30,7 +30,7 @@ from powerbank.actors.dispatch import LoopDispatcher
 from powerbank.actors.runtime import AdvisoryLocks, ProcessLocks, Runtime
 from powerbank.broker.bridge import StationBridge
 from powerbank.broker.embedded import EmbeddedBroker, start_embedded_broker
-from powerbank.broker.mosquitto import acl_file_text
+from powerbank.broker.mosquitto import RECOMMENDED_SETTINGS, acl_file_text
 from powerbank.broker.protocol import Topics
 from powerbank.config import Settings
 from powerbank.storage.db import create_engine, session_factory
@@ -188,7 +188,7 @@ async def private_mosquitto(
         # `user`: started as root Mosquitto would switch to its own user, who cannot read a
         # test's private directory; for anyone else the line has no effect.
         f"user {getpass.getuser()}\n"
-        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\nacl_file {acl}\n"
+        f"listener {port} 127.0.0.1\n{RECOMMENDED_SETTINGS}password_file {passwords}\nacl_file {acl}\n"
         "persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n"
     )
     log_path = work_dir / "mosquitto.log"

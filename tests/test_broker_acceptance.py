@@ -414,3 +414,174 @@ async def test_a_station_is_confined_to_its_own_topics_and_a_wrong_password_is_r
     finally:
         await mqtt.close(station)
         await mqtt.close(spy)
+
+
+# --- 2. a scripted day, clean and with faults --------------------------------------------------
+
+DAY_STATIONS, DAY_SLOTS, DAY_BANKS, DAY_RIDERS, DAY_ROUNDS = 4, 6, 3, 8, 8
+DAY_PREFIX = "DAY"
+FAULTY = FaultKnobs(drop_rate=0.05, duplicate_rate=0.05, reorder_rate=0.1, reorder_delay_ms=(50, 300))
+STORMS = ChaosPlan(storm_every_s=1.0, storm_fraction=0.5, storm_down_s=(0.1, 0.8))
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "rent" or "return"
+    rider: int
+    station: int  # index into the fleet's stations
+    charge: int = 0  # a returned bank's charge
+
+
+def scripted_day(seed: int = 4) -> list[list[Step]]:
+    """Rounds of steps. In each round riders without a bank rent at distinct stations that have
+    one, then riders with a bank return it at distinct stations with room; closing rounds
+    return every bank still out. Distinct stations within a phase, and one phase after the
+    other, make the day's outcome depend only on the script, not on timing."""
+    import random
+
+    rng = random.Random(seed)
+    banks = [DAY_BANKS] * DAY_STATIONS
+    free = [DAY_SLOTS - DAY_BANKS] * DAY_STATIONS
+    holding: set[int] = set()
+
+    def returns(keep_probability: float) -> list[Step]:
+        steps, used = [], set()
+        for rider in sorted(holding):
+            stations = [s for s in range(DAY_STATIONS) if free[s] and s not in used]
+            if not stations or rng.random() < keep_probability:
+                continue
+            station = rng.choice(stations)
+            used.add(station)
+            banks[station], free[station] = banks[station] + 1, free[station] - 1
+            holding.discard(rider)
+            steps.append(Step("return", rider, station, charge=rng.randint(30, 95)))
+        return steps
+
+    rounds = []
+    for _ in range(DAY_ROUNDS):
+        steps, used = [], set()
+        for rider in rng.sample(range(DAY_RIDERS), DAY_RIDERS):
+            stations = [s for s in range(DAY_STATIONS) if banks[s] and s not in used]
+            if rider in holding or not stations or rng.random() < 0.3:
+                continue
+            station = rng.choice(stations)
+            used.add(station)
+            banks[station], free[station] = banks[station] - 1, free[station] + 1
+            holding.add(rider)
+            steps.append(Step("rent", rider, station))
+        rounds.append(steps + returns(keep_probability=0.4))
+    while holding:  # closing time: every bank comes back
+        rounds.append(returns(keep_probability=0.0))
+    return rounds
+
+
+class DayDriver:
+    """Plays the script like riders with the app: a rider rents at a station the app shows
+    online, and tries again when the rental was refused because the station dropped offline
+    meanwhile (that refusal changed nothing: its hold was voided)."""
+
+    def __init__(self, stack, fleet: Fleet, riders: list[str], package: RentalPackage) -> None:
+        self.stack, self.fleet, self.riders, self.package = stack, fleet, riders, package
+        self.stations = list(fleet)
+        self.out: dict[int, tuple[str, str]] = {}  # rider -> (rental id, bank serial)
+        self.offline_refusals = 0
+
+    async def play(self, rounds: list[list[Step]]) -> None:
+        for steps in rounds:
+            await asyncio.gather(*(self._rent(s) for s in steps if s.kind == "rent"))
+            await asyncio.gather(*(self._return(s) for s in steps if s.kind == "return"))
+
+    async def _rent(self, step: Step) -> None:
+        station = self.stations[step.station]
+        for _ in range(40):
+            await station.wait_until(lambda: station.connected, timeout_s=15)
+            rental = await rent(self.stack, self.riders[step.rider], station.spec.station_id, self.package)
+            if rental.get("cancel_reason") != "station_offline":
+                break
+            self.offline_refusals += 1
+            await asyncio.sleep(0.2)
+        assert rental["status"] == "active", rental
+        async with self.stack.sessions() as db:
+            bank = await db.get(PowerBank, uuid.UUID(rental["power_bank_id"]))
+        self.out[step.rider] = (rental["id"], bank.serial)
+
+    async def _return(self, step: Step) -> None:
+        rental_id, bank_serial = self.out.pop(step.rider)
+        await self.stations[step.station].insert_bank(bank_serial, charge=step.charge)
+        await eventually(lambda: _settled_rental(self.stack, rental_id), timeout_s=30)
+
+
+async def day_outcome(stack, riders: list[str]) -> dict:
+    """Everything the day decided, keyed by names that are the same in every run: riders by
+    index, stations and banks by serial. Rentals refused because the station was offline
+    are left out (the driver retried them; they moved nothing)."""
+    from powerbank.storage import ledger
+
+    rider_index = {uuid.UUID(r): n for n, r in enumerate(riders)}
+    async with stack.sessions() as db:
+        serial_of_station = dict((await db.execute(select(Station.id, Station.serial))).all())
+        serial_of_bank = dict((await db.execute(select(PowerBank.id, PowerBank.serial))).all())
+        rentals = [
+            (rider_index[r.user_id], serial_of_station[r.station_id], serial_of_bank.get(r.power_bank_id),
+             serial_of_station.get(r.return_station_id), r.status, r.cancel_reason, r.fee_minor, r.charged_minor, r.due_minor)
+            for r in (await db.execute(select(Rental).order_by(Rental.created_at))).scalars()
+            if r.cancel_reason != "station_offline"
+        ]
+        slots = {
+            (serial_of_station[s.station_id], s.slot_number): (s.status, serial_of_bank.get(s.power_bank_id))
+            for s in (await db.execute(select(StationSlot))).scalars()
+        }
+        banks = {
+            b.serial: (b.status, serial_of_station.get(b.station_id), b.charge_percent)
+            for b in (await db.execute(select(PowerBank))).scalars()
+        }
+        wallets = {}
+        for wallet in (await db.execute(select(Wallet))).scalars():
+            balance = ledger.credit_balance(await db.get(ledger.LedgerAccount, wallet.account_id))
+            wallets[rider_index[wallet.user_id]] = (balance.posted_minor, balance.held_minor)
+    return {"rentals": sorted(rentals, key=lambda r: r[0]), "slots": slots, "banks": banks, "wallets": wallets}
+
+
+async def play_day(tmp_path, broker: str, knobs: FaultKnobs, chaos: ChaosPlan | None) -> tuple[dict, dict]:
+    # Heartbeats every second: more traffic for the faults to hit (and clock offsets to keep).
+    async with full_stack(tmp_path, broker, heartbeat_interval_s=1) as stack:
+        package = await hourly_package(stack)
+        riders = [await funded_rider(stack) for _ in range(DAY_RIDERS)]
+        specs = await provision_fleet(stack.sessions, DAY_STATIONS, DAY_SLOTS, DAY_BANKS, serial_prefix=DAY_PREFIX,
+                                      settings=stack.settings)
+        knobs = replace(knobs, resend_after_s=0.5, charge_percent_per_minute=0, eject_delay_ms=(20, 60))
+        async with fleet_of(stack, specs, knobs) as fleet:
+            driver = DayDriver(stack, fleet, riders, package)
+            chaos_task = asyncio.create_task(fleet.run_chaos(chaos)) if chaos else None
+            try:
+                await driver.play(scripted_day())
+            finally:
+                if chaos_task is not None:
+                    chaos_task.cancel()
+                    await asyncio.gather(chaos_task, return_exceptions=True)
+            await asyncio.gather(*(s.wait_until(lambda s=s: s.connected, 15) for s in fleet))
+            await fleet.wait_acked(timeout_s=30)
+            await stack.dispatcher.settle()
+            await stack.runtime.wait_idle(timeout_s=30)
+            physical = {(s.serial, n): slot.bank for s in fleet for n, slot in s.slots.items()}
+            faults = {"storms": fleet.storms, "reconnects": fleet.stats().reconnects,
+                      "offline_refusals": driver.offline_refusals, "published": fleet.stats().published,
+                      "events": fleet.stats().events}
+        outcome = await day_outcome(stack, riders)
+        assert {key: bank for key, (_, bank) in outcome["slots"].items()} == physical
+        assert await audit(stack.sessions) == {}
+    return outcome, faults
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", BROKERS)
+async def test_a_scripted_day_ends_the_same_with_drops_duplicates_reordering_and_storms(tmp_path, broker):
+    require_broker(broker)
+    clean, clean_faults = await play_day(tmp_path / "clean", broker, FaultKnobs(), None)
+    faulty, faults = await play_day(tmp_path / "faulty", broker, FAULTY, STORMS)
+    # The faults did happen: storms cut connections, events went out more than once.
+    assert faults["storms"] >= 2 and faults["reconnects"] > 0
+    assert faults["published"] > faults["events"] and clean_faults["reconnects"] == 0
+    completed = [r for r in clean["rentals"] if r[4] == "completed"]
+    assert len(completed) == len(clean["rentals"]) >= 8
+    assert faulty == clean
