@@ -58,10 +58,15 @@ from powerbank.storage.models import Station
 
 log = logging.getLogger(__name__)
 
-# Station passwords are 192-bit random tokens, so argon2 here guards a leaked table against
-# nothing weaker than brute force of random bytes; OWASP's minimum parameters keep a
-# verification near 20 ms so a reconnect storm of a few thousand stations stays cheap.
-PASSWORD_HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+# Station passwords are 192-bit random tokens issued by us, never chosen by people. A slow
+# hash (argon2, bcrypt) protects low-entropy secrets from guessing; against 2**192 candidates
+# a salted SHA-256 is already out of reach, as for API tokens. What a slow hash would cost is
+# real: argon2 at OWASP's minimum took 27 ms of CPU per login here, so 10,000 stations
+# reconnecting after a broker restart meant 270 CPU-seconds of logins (minutes on two cores,
+# with logins timing out and retrying meanwhile). Hashes stored by earlier versions (argon2)
+# are still verified.
+STATION_HASH_SCHEME = "sha256"
+LEGACY_HASHER = PasswordHasher()
 STATION_PASSWORD_BYTES = 24
 HASH_CACHE_TTL_S = 30.0
 REFUSAL_CACHE_TTL_S = 5.0
@@ -88,14 +93,27 @@ ROLE_STATION = "station"
 
 
 def hash_password(password: str) -> str:
-    return PASSWORD_HASHER.hash(password)
+    """`sha256$<salt hex>$<digest hex>` of a station password (see STATION_HASH_SCHEME)."""
+    salt = secrets.token_bytes(16)
+    return f"{STATION_HASH_SCHEME}${salt.hex()}${_salted_digest(salt, password).hex()}"
 
 
 def verify_password(stored_hash: str, password: str) -> bool:
+    if stored_hash.startswith(STATION_HASH_SCHEME + "$"):
+        try:
+            _, salt_hex, digest_hex = stored_hash.split("$")
+            salt, digest = bytes.fromhex(salt_hex), bytes.fromhex(digest_hex)
+        except ValueError:
+            return False
+        return hmac.compare_digest(_salted_digest(salt, password), digest)
     try:
-        return PASSWORD_HASHER.verify(stored_hash, password)
+        return LEGACY_HASHER.verify(stored_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+def _salted_digest(salt: bytes, password: str) -> bytes:
+    return hashlib.sha256(salt + password.encode()).digest()
 
 
 async def provision_station_password(session: AsyncSession, station_id: uuid.UUID | str) -> str:
@@ -108,7 +126,7 @@ async def provision_station_password(session: AsyncSession, station_id: uuid.UUI
     if station is None:
         raise LookupError(f"no station {station_id}")
     password = secrets.token_urlsafe(STATION_PASSWORD_BYTES)
-    station.mqtt_password_hash = await asyncio.to_thread(hash_password, password)
+    station.mqtt_password_hash = hash_password(password)
     await session.flush()
     return password
 
@@ -186,13 +204,20 @@ class BrokerAuthority:
         now = time.monotonic()
         if self._refused.get(key, 0.0) > now:
             return False
-        if await asyncio.to_thread(verify_password, stored, password):
+        if await self._verify(stored, password):
             self._remember_verified(key, stored)
             return True
         self._refused[key] = now + REFUSAL_CACHE_TTL_S
         if len(self._refused) > VERIFIED_CACHE_SIZE:
             self._refused = {k: t for k, t in self._refused.items() if t > now}
         return False
+
+    @staticmethod
+    async def _verify(stored: str, password: str) -> bool:
+        """A legacy argon2 hash takes tens of milliseconds: off the event loop then."""
+        if stored.startswith(STATION_HASH_SCHEME + "$"):
+            return verify_password(stored, password)
+        return await asyncio.to_thread(verify_password, stored, password)
 
     def _remember_verified(self, key: tuple[str, bytes], stored: str) -> None:
         self._verified[key] = stored

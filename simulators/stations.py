@@ -126,7 +126,7 @@ async def provision_fleet(
     rng = random.Random(seed)
     serials = [f"{serial_prefix}-{i + 1:04d}" for i in range(n_stations)]
     passwords = {serial: secrets.token_urlsafe(STATION_PASSWORD_BYTES) for serial in serials}
-    hashes = await asyncio.gather(*(asyncio.to_thread(hash_password, passwords[s]) for s in serials))
+    hashes = [hash_password(passwords[s]) for s in serials]
     specs = []
     async with sessions.begin() as db:
         existing = {
