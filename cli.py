@@ -104,7 +104,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if not summary.get("errors") else 1
 
 
-BENCH_SUITES = {"actors": "powerbank.simulators.bench_actors"}
+BENCH_SUITES = {"actors": "powerbank.simulators.bench_actors", "stations": "powerbank.simulators.bench_stations"}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

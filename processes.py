@@ -135,11 +135,13 @@ async def _start_mqtt_parts(backend: Backend) -> None:
     if "mqtt" in backend.roles and settings.embedded_broker:
         from powerbank.broker.embedded import start_embedded_broker
 
-        backend.broker_handle = await start_embedded_broker(settings, services.sessions)
+        backend.broker_handle = await start_embedded_broker(settings, services.sessions, readonly=services.readonly)
     if backend.roles & {"mqtt", "worker", "scheduler"}:
         # The bridge subscribes to stations only in the mqtt role; elsewhere it just publishes
         # the outbox (eject commands, config) through its own client.
-        bridge = StationBridge(settings, services.runtime, services.sessions, subscribe="mqtt" in backend.roles)
+        bridge = StationBridge(
+            settings, services.runtime, services.sessions, subscribe="mqtt" in backend.roles, readonly=services.readonly
+        )
         # Wait for the broker only when it runs in this process; a worker must come up (and
         # keep applying commands) while an external broker is away: its outbox waits for it.
         await bridge.start(wait_s=10.0 if backend.broker_handle is not None else None)

@@ -141,10 +141,14 @@ class StationBridge:
         submit_attempts: int = 5,
         publish_timeout_s: float = 10.0,
         deliver_wait_s: float = 5.0,
+        readonly: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.sessions = sessions
+        # Station lookups only read: on SQLite a read-only session does not queue for the one
+        # writer connection behind every actor's transaction.
+        self.readonly = readonly or sessions
         self.url = url or bridge_url(settings)
         self.topics = topics or Topics.from_env()
         self.client_id = client_id or f"{settings.bridge_username}-{uuid.uuid4().hex[:8]}"
@@ -331,7 +335,7 @@ class StationBridge:
             return cached
         if self._unknown_until.get(serial, 0.0) > time.monotonic():
             return None
-        async with self.sessions() as db:
+        async with self.readonly() as db:
             found = (await db.execute(select(Station.id).where(Station.serial == serial))).scalar_one_or_none()
         if found is None:
             self._unknown_until[serial] = time.monotonic() + UNKNOWN_STATION_RECHECK_S

@@ -365,6 +365,8 @@ class _Broker(Broker):
         no_delay(writer)
         try:
             await super()._client_connected(listener_name, reader, writer)
+        except OSError as exc:  # the client vanished while amqtt was closing on it
+            log.debug("connection on %s ended with %r", listener_name, exc)
         finally:
             close_stream(writer)
 
@@ -427,13 +429,16 @@ async def start_embedded_broker(
     *,
     extra_listeners: dict[str, dict[str, Any]] | None = None,
     topics: Topics | None = None,
+    readonly: async_sessionmaker[AsyncSession] | None = None,
 ) -> EmbeddedBroker:
     """Start the broker on settings.mqtt_host:mqtt_port (port 0 picks a free one), plus any
-    `extra_listeners` in amqtt's listener format, e.g. {"ws": {"type": "ws", "bind": "0.0.0.0:8083"}}."""
+    `extra_listeners` in amqtt's listener format, e.g. {"ws": {"type": "ws", "bind": "0.0.0.0:8083"}}.
+    Logins only read the stations table: give `readonly` sessions where they exist (on SQLite
+    every other session queues for the single writer connection, and a login storm with it)."""
     if not settings.bridge_password:
         raise ValueError("settings.bridge_password is empty; the bridge could not log in")
     key = uuid.uuid4().hex
-    authority = BrokerAuthority(settings=settings, sessions=sessions, topics=topics or Topics())
+    authority = BrokerAuthority(settings=settings, sessions=readonly or sessions, topics=topics or Topics())
     _AUTHORITIES[key] = authority
     try:
         broker = _Broker(broker_config(settings, key, extra_listeners))

@@ -107,6 +107,8 @@ async def station_stack(
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
     sessions = session_factory(engine)
+    reader = create_engine(settings.database_url, read_only=True) if engine.dialect.name == "sqlite" else engine
+    readonly = session_factory(reader)
     dispatcher = LoopDispatcher(drain_kinds)
     locks = ProcessLocks() if engine.dialect.name == "sqlite" else AdvisoryLocks()
     runtime = Runtime(sessions, bus=LocalBus(), dispatcher=dispatcher, locks=locks)
@@ -117,12 +119,12 @@ async def station_stack(
     scheduler = None
     try:
         if broker == "embedded":
-            embedded = await start_embedded_broker(settings, sessions, topics=topics)
+            embedded = await start_embedded_broker(settings, sessions, topics=topics, readonly=readonly)
             broker_url = embedded.url
             bridge_url = f"mqtt://{settings.bridge_username}:{settings.bridge_password}@127.0.0.1:{embedded.port}"
         else:
             broker_url = bridge_url = external_url
-        bridge = StationBridge(settings, runtime, sessions, url=bridge_url, topics=topics)
+        bridge = StationBridge(settings, runtime, sessions, url=bridge_url, topics=topics, readonly=readonly)
         runtime.outbox_sink = bridge
         await bridge.start(wait_s=10)
         stack = StationStack(settings, engine, sessions, runtime, dispatcher, bridge, topics, broker_url, embedded)
@@ -142,6 +144,8 @@ async def station_stack(
         if stack is not None and stack.embedded is not None:
             await stack.embedded.stop()  # a test may have swapped in a restarted broker
         await engine.dispose()
+        if reader is not engine:
+            await reader.dispose()
         station_actor._policy = previous_policy
 
 

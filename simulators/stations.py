@@ -28,12 +28,13 @@ import math
 import random
 import secrets
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import quote, urlsplit
 
 from amqtt.client import MQTTClient
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from powerbank.broker import mqtt
@@ -126,69 +127,91 @@ async def provision_fleet(
     rng = random.Random(seed)
     serials = [f"{serial_prefix}-{i + 1:04d}" for i in range(n_stations)]
     passwords = {serial: secrets.token_urlsafe(STATION_PASSWORD_BYTES) for serial in serials}
-    hashes = [hash_password(passwords[s]) for s in serials]
-    specs = []
+    places = {
+        serial: (center[0] + rng.uniform(-spread_deg, spread_deg), center[1] + rng.uniform(-spread_deg, spread_deg))
+        for serial in serials
+    }
     async with sessions.begin() as db:
-        existing = {
-            s.serial: s for s in (await db.execute(select(Station).where(Station.serial.in_(serials)))).scalars()
-        }
-        for serial, password_hash in zip(serials, hashes):
-            lat = center[0] + rng.uniform(-spread_deg, spread_deg)
-            lng = center[1] + rng.uniform(-spread_deg, spread_deg)
-            station = existing.get(serial)
-            if station is None:
-                station = await _create_station(
-                    db, serial, lat, lng, slots_per_station, banks_per_station, currency,
-                    heartbeat_interval_s, rng, charge_range,
-                )
-            station.mqtt_password_hash = password_hash
-            banks = await _banks_in_slots(db, station.id)
-            specs.append(
-                StationSpec(
-                    serial=serial, password=passwords[serial], station_id=str(station.id),
-                    latitude=station.latitude, longitude=station.longitude,
-                    slot_count=station.slot_count, banks=banks,
-                )
-            )
-    return specs
-
-
-async def _create_station(
-    db: AsyncSession, serial, lat, lng, slot_count, bank_count, currency, heartbeat_interval_s, rng, charge_range
-) -> Station:
-    station = Station(
-        serial=serial, name=f"Simulated station {serial}", address="simulated", latitude=lat, longitude=lng,
-        slot_count=slot_count, status="offline", heartbeat_interval_s=heartbeat_interval_s,
-    )
-    db.add(station)
-    await db.flush()
-    for number in range(1, slot_count + 1):
-        bank_id = None
-        if number <= bank_count:
-            bank = PowerBank(
-                serial=f"{serial}-B{number:02d}", charge_percent=rng.randint(*charge_range),
-                currency=currency, station_id=station.id, status="in_slot",
-            )
-            db.add(bank)
-            await db.flush()
-            bank_id = bank.id
-        db.add(
-            StationSlot(
-                station_id=station.id, slot_number=number, power_bank_id=bank_id,
-                status="occupied" if bank_id else "empty",
-            )
+        existing = {}
+        for chunk in _chunks(serials):
+            existing.update((await db.execute(select(Station.serial, Station.id).where(Station.serial.in_(chunk)))).all())
+        new_rows = _fleet_rows(
+            [s for s in serials if s not in existing], places, slots_per_station, banks_per_station, currency,
+            heartbeat_interval_s, rng, charge_range,
         )
-    await db.flush()
-    return station
+        for model, rows in new_rows:
+            for chunk in _chunks(rows):
+                await db.execute(insert(model), chunk)
+        station_ids = {**existing, **{row["serial"]: row["id"] for row in new_rows[0][1]}}
+        for chunk in _chunks(serials):
+            await db.execute(
+                update(Station),
+                [{"id": station_ids[serial], "mqtt_password_hash": hash_password(passwords[serial])} for serial in chunk],
+            )
+        stations = {}
+        for chunk in _chunks(serials):
+            rows = await db.execute(
+                select(Station.serial, Station.latitude, Station.longitude, Station.slot_count).where(Station.serial.in_(chunk))
+            )
+            stations.update((row.serial, row) for row in rows)
+        banks = await _banks_in_slots(db, list(station_ids.values()))
+    return [
+        StationSpec(
+            serial=serial, password=passwords[serial], station_id=str(station_ids[serial]),
+            latitude=stations[serial].latitude, longitude=stations[serial].longitude,
+            slot_count=stations[serial].slot_count, banks=banks.get(station_ids[serial], {}),
+        )
+        for serial in serials
+    ]
 
 
-async def _banks_in_slots(db: AsyncSession, station_id) -> dict[int, tuple[str, int]]:
-    rows = await db.execute(
-        select(StationSlot.slot_number, PowerBank.serial, PowerBank.charge_percent)
-        .join(PowerBank, PowerBank.id == StationSlot.power_bank_id)
-        .where(StationSlot.station_id == station_id)
-    )
-    return {number: (serial, charge) for number, serial, charge in rows.all()}
+def _chunks(items: list, size: int = 500) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _fleet_rows(
+    serials, places, slot_count, bank_count, currency, heartbeat_interval_s, rng, charge_range
+) -> list[tuple[type, list[dict[str, Any]]]]:
+    """Rows for new stations, their banks and slots, inserted in bulk (a fleet of ten
+    thousand is set up in seconds rather than minutes of one INSERT each)."""
+    now = utcnow()
+    stations, banks, slots = [], [], []
+    for serial in serials:
+        station_id = uuid.uuid4()
+        lat, lng = places[serial]
+        stations.append({
+            "id": station_id, "serial": serial, "name": f"Simulated station {serial}", "address": "simulated",
+            "latitude": lat, "longitude": lng, "slot_count": slot_count, "status": "offline",
+            "heartbeat_interval_s": heartbeat_interval_s, "last_event_seq": 0, "created_at": now, "updated_at": now,
+        })
+        for number in range(1, slot_count + 1):
+            bank_id = None
+            if number <= bank_count:
+                bank_id = uuid.uuid4()
+                banks.append({
+                    "id": bank_id, "serial": f"{serial}-B{number:02d}", "charge_percent": rng.randint(*charge_range),
+                    "currency": currency, "station_id": station_id, "status": "in_slot", "updated_at": now,
+                })
+            slots.append({
+                "id": uuid.uuid4(), "station_id": station_id, "slot_number": number, "power_bank_id": bank_id,
+                "status": "occupied" if bank_id else "empty", "last_event_seq": 0, "updated_at": now,
+            })
+    return [(Station, stations), (PowerBank, banks), (StationSlot, slots)]
+
+
+async def _banks_in_slots(db: AsyncSession, station_ids: list) -> dict[Any, dict[int, tuple[str, int]]]:
+    """station id -> {slot number: (bank serial, charge)}."""
+    found: dict[Any, dict[int, tuple[str, int]]] = {}
+    for chunk in _chunks(station_ids):
+        rows = await db.execute(
+            select(StationSlot.station_id, StationSlot.slot_number, PowerBank.serial, PowerBank.charge_percent)
+            .join(PowerBank, PowerBank.id == StationSlot.power_bank_id)
+            .where(StationSlot.station_id.in_(chunk))
+        )
+        for station_id, number, serial, charge in rows.all():
+            found.setdefault(station_id, {})[number] = (serial, charge)
+    return found
 
 
 # --- one station ------------------------------------------------------------------------------
@@ -221,6 +244,7 @@ class FaultKnobs:
     charge_tick_s: float = 1.0  # how often the charge is updated (and a changed level reported)
 
 
+RESEND_MAX_S = 60.0
 CV_START_PERCENT = 80.0
 JAM_FAULT_CODE = "latch"
 
@@ -305,9 +329,11 @@ class StationSimulator:
         self._online_wanted = False
         self._reconnect_allowed = asyncio.Event()
         self._owes_backend = asyncio.Event()  # something waits for an ack: the re-send loop runs
+        self._ack_arrived = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._supervisor: asyncio.Task | None = None
         self._next_reconnect_delay_s: float | None = None  # set by disconnect_abruptly
+        self._resend_round = 0  # re-send rounds since the last ack (see resend_wait_s)
 
     # --- what the demo and the tests look at --------------------------------------------------
 
@@ -337,6 +363,12 @@ class StationSimulator:
     async def wait_acked(self, timeout_s: float = 10.0) -> None:
         """Until every slot event so far, and the latest boot or inventory, is acknowledged."""
         await self.wait_until(lambda: not self._owes_acks(), timeout_s)
+
+    async def wait_for_room(self, max_unacked: int) -> None:
+        """Until fewer than `max_unacked` events wait for their ack (a load generator's window)."""
+        while len(self.unacked) >= max_unacked:
+            self._ack_arrived.clear()
+            await self._ack_arrived.wait()
 
     def _owes_acks(self) -> bool:
         return bool(self.unacked) or (self._last_snapshot is not None and self._last_snapshot_seq not in self.acked)
@@ -546,6 +578,13 @@ class StationSimulator:
                     slot.reported_charge = level
                     await self._emit(Battery(**self._event_fields(), slot=number, bank=slot.bank, charge=level))
 
+    def resend_wait_s(self) -> float:
+        """How long an event waits for its ack before it is sent again: `resend_after_s`,
+        doubled after every round of re-sends that no ack answered, up to RESEND_MAX_S. An
+        overloaded backend acknowledges late; re-sending at a fixed pace would multiply its
+        load (every re-sent boot is a new command) just when it can least take it."""
+        return min(RESEND_MAX_S, self.knobs.resend_after_s * 2 ** self._resend_round)
+
     async def _resend_loop(self) -> None:
         """While something waits for an ack, look a few times per `resend_after_s`; otherwise
         sleep until something does (an idle station costs no wake-ups)."""
@@ -556,22 +595,27 @@ class StationSimulator:
             await asyncio.sleep(max(0.05, self.knobs.resend_after_s / 4))
             if not self._connected.is_set():
                 continue
-            cutoff = time.monotonic() - self.knobs.resend_after_s
+            cutoff = time.monotonic() - self.resend_wait_s()
+            resent = False
             for seq, (payload, sent_at) in list(self.unacked.items()):
                 if sent_at < cutoff and seq in self.unacked:
                     self.unacked[seq] = (payload, time.monotonic())
                     await self._send(payload)
-            await self._refresh_unacknowledged_snapshot(cutoff)
+                    resent = True
+            resent = await self._refresh_unacknowledged_snapshot(cutoff) or resent
+            if resent:
+                self._resend_round = min(self._resend_round + 1, 10)
 
-    async def _refresh_unacknowledged_snapshot(self, cutoff: float) -> None:
+    async def _refresh_unacknowledged_snapshot(self, cutoff: float) -> bool:
         """A boot or inventory is never re-sent, but if it (or its ack) got lost, a fresh one
         of the same kind replaces it: the backend needs the boot to send config."""
         if self._last_snapshot is None or self._last_snapshot_seq in self.acked:
-            return
+            return False
         kind, sent_at = self._last_snapshot
         if sent_at >= cutoff:
-            return
+            return False
         await self._emit(self._boot() if kind is Boot else self._inventory_event(), keep=False)
+        return True
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -586,6 +630,8 @@ class StationSimulator:
         elif isinstance(command, Ack):
             self.unacked.pop(command.seq, None)
             self.acked.add(command.seq)
+            self._ack_arrived.set()
+            self._resend_round = 0
         elif isinstance(command, Config):
             self.config = command
             self.heartbeat_interval_s = command.heartbeat_interval_s

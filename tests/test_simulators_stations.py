@@ -327,3 +327,19 @@ async def _eventually_status(stack, serial, status, timeout_s=10.0):
             return row
         assert time.monotonic() < deadline, f"{serial} stayed {row.status}, expected {status}"
         await asyncio.sleep(0.05)
+
+
+async def test_unanswered_events_are_sent_again_ever_more_slowly(stack):
+    """An overloaded (here: absent) backend must not be flooded: re-sends back off, doubling
+    from `resend_after_s`; the first ack brings the pace back."""
+    async with one_station(stack, slots=2, banks=0, knobs=FaultKnobs(resend_after_s=0.2)) as (sim, spec):
+        await stack.bridge.stop()
+        before = sim.published
+        await sim.insert_bank("PB-UNHEARD")
+        await asyncio.sleep(3.2)
+        resent = sim.published - before - 1
+        assert 2 <= resent <= 5  # a steady 0.2 s pace would have sent it about 15 times
+        assert sim.resend_wait_s() >= 1.6
+        await stack.bridge.start(wait_s=10)
+        await sim.wait_acked(timeout_s=20)
+        assert sim.resend_wait_s() == 0.2
