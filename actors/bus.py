@@ -60,6 +60,10 @@ class LocalBus:
     async def publish(self, channel: str, message: Any) -> None:
         self.publish_nowait(channel, message)
 
+    async def publish_many(self, messages: list[tuple[str, Any]]) -> None:
+        for channel, message in messages:
+            self.publish_nowait(channel, message)
+
     def publish_nowait(self, channel: str, message: Any) -> None:
         with self._lock:
             subscribers = tuple(self._subscribers.get(channel, ()))
@@ -111,6 +115,15 @@ class RedisBus:
 
     async def publish(self, channel: str, message: Any) -> None:
         await self._client.publish(channel, _encoder.encode(message))
+
+    async def publish_many(self, messages: list[tuple[str, Any]]) -> None:
+        """One round trip for a whole batch's results and notifications."""
+        if not messages:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for channel, message in messages:
+                pipe.publish(channel, _encoder.encode(message))
+            await pipe.execute()
 
     async def _attach(self, subscription: Subscription) -> None:
         await self._start_reader()

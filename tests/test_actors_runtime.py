@@ -8,7 +8,7 @@ import random
 
 from sqlalchemy import func, select
 
-from powerbank.actors.runtime import CommandRejected, handles
+from powerbank.actors.runtime import CommandRejected, handles, handles_batch
 from powerbank.storage.models import ActorCommand, AppConfig
 
 
@@ -145,3 +145,98 @@ async def test_a_command_failing_every_time_is_given_up_on(runtime):
     assert result == {"ok": False, "reason": "internal_error"}
     assert (row.status, row.attempts) == ("failed", 5)
     assert await _items(runtime, "doomed") == []
+
+
+# --- batch handlers ---------------------------------------------------------------------------
+
+_runs_seen: list[tuple[str, int]] = []
+
+
+@handles_batch("wallet", "TestAddMany")
+async def _add_many(ctx, entity_id, payloads):
+    """Appends a run of items with one write; an item "poison" makes the whole run raise, and
+    an item "refuse" is refused without writing."""
+    _runs_seen.append((entity_id, len(payloads)))
+    if any(p["item"] == "poison" for p in payloads):
+        raise RuntimeError("a poisoned run")
+    accepted = [p["item"] for p in payloads if p["item"] != "refuse"]
+    key = f"test:{entity_id}"
+    row = await ctx.session.get(AppConfig, key)
+    items = list(row.value["items"]) if row else []
+    start = len(items)
+    items.extend(accepted)
+    if row is None:
+        ctx.session.add(AppConfig(key=key, value={"items": items}))
+    else:
+        row.value = {"items": items}
+    await ctx.session.flush()
+    results, position = [], start
+    for p in payloads:
+        if p["item"] == "refuse":
+            results.append(CommandRejected("refused_item").as_result())
+        else:
+            position += 1
+            results.append({"ok": True, "length": position})
+    return results
+
+
+async def _submit_all(runtime, entity, items, prefix, name="TestAddMany"):
+    for n, item in enumerate(items):
+        await runtime.submit("wallet", entity, name, {"item": item}, f"{prefix}-{n}")
+
+
+async def test_a_batch_handler_takes_a_backlog_as_one_run_with_results_in_order(runtime):
+    runtime.dispatcher, dispatcher = None, runtime.dispatcher  # let a backlog build up
+    await _submit_all(runtime, "b1", ["a", "refuse", "b", "c"], "run")
+    runtime.dispatcher = dispatcher
+    _runs_seen.clear()
+    await runtime.drain("wallet", "b1")
+    outcomes = [(await runtime.outcome("wallet", f"run-{n}")).result for n in range(4)]
+    assert _runs_seen == [("b1", 4)]
+    assert outcomes == [
+        {"ok": True, "length": 1},
+        {"ok": False, "reason": "refused_item"},
+        {"ok": True, "length": 2},
+        {"ok": True, "length": 3},
+    ]
+    assert await _items(runtime, "b1") == ["a", "b", "c"]
+
+
+async def test_another_command_in_between_splits_the_run(runtime):
+    runtime.dispatcher, dispatcher = None, runtime.dispatcher
+    await _submit_all(runtime, "b2", ["a", "b"], "first")
+    await runtime.submit("wallet", "b2", "TestAppend", {"item": "single"}, "between")
+    await _submit_all(runtime, "b2", ["c"], "last")
+    runtime.dispatcher = dispatcher
+    _runs_seen.clear()
+    await runtime.drain("wallet", "b2")
+    assert _runs_seen == [("b2", 2), ("b2", 1)]
+    assert await _items(runtime, "b2") == ["a", "b", "single", "c"]
+
+
+async def test_a_raising_run_is_redone_one_command_at_a_time(runtime):
+    runtime.dispatcher, dispatcher = None, runtime.dispatcher
+    await _submit_all(runtime, "b3", ["a", "poison", "b"], "mixed")
+    runtime.dispatcher = dispatcher
+    _runs_seen.clear()
+    await runtime.drain("wallet", "b3")
+    await runtime.test_dispatcher.settle()
+    outcomes = [(await runtime.outcome("wallet", f"mixed-{n}")) for n in range(3)]
+    # The whole run was tried once, then each command alone; only the poison one failed.
+    assert _runs_seen[0] == ("b3", 3)
+    assert ("b3", 1) in _runs_seen[1:]
+    assert [o.status for o in outcomes] == ["applied", "failed", "applied"]
+    assert outcomes[1].result == {"ok": False, "reason": "internal_error"}
+    assert await _items(runtime, "b3") == ["a", "b"]
+
+
+async def test_concurrent_submits_share_statements_and_keep_each_callers_answer(runtime):
+    """Group commit: many submits at once, duplicates among them, each caller told the truth."""
+    ids = [f"g-{n % 40}" for n in range(60)]  # 20 ids submitted twice
+    outcomes = await asyncio.gather(*(
+        runtime.submit("wallet", "g", "TestAppend", {"item": command_id}, command_id) for command_id in ids
+    ))
+    await runtime.test_dispatcher.settle()
+    fresh = [o for o in outcomes if not o.duplicate]
+    assert len(fresh) == 40
+    assert sorted(await _items(runtime, "g")) == sorted(set(ids))
