@@ -273,9 +273,7 @@ class Runtime:
         if engine.dialect.name != "postgresql":
             async with self.sessions.begin() as session:
                 return await mailbox.accept(session, engine.dialect.name, envelopes)
-        async with engine.connect() as connection:
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            return await mailbox.accept(autocommit, "postgresql", envelopes)
+        return await mailbox.accept_autocommit(engine, envelopes)
 
     async def call(
         self,
