@@ -397,6 +397,8 @@ class Runtime:
     async def _drain_transaction(self, kind: str | None, entity_id: str | None, *, careful: bool):
         async with self.sessions() as session:
             await session.begin()
+            # The lock is its own statement, before the mailbox read: at READ COMMITTED the read
+            # then gets a snapshot taken after the previous holder committed (docs/actors.md).
             if kind is not None and not await self.locks.try_lock(session, kind, entity_id):
                 await session.rollback()
                 metrics.LOCK_BUSY.labels(kind).inc()
@@ -600,9 +602,14 @@ def _record_batch(label: str, ctx: ActorContext) -> None:
         return
     metrics.BATCH_SIZE.labels(label).observe(len(ctx.settled))
     committed_at = utcnow()
+    outcomes: dict[tuple[str, str], int] = {}
     for row in ctx.settled:
-        (metrics.FAILED if row.status == "failed" else metrics.APPLIED).labels(row.kind).inc()
-        metrics.COMMAND_LATENCY_SECONDS.labels(row.kind).observe((committed_at - row.accepted_at).total_seconds())
+        outcomes[(row.kind, row.status)] = outcomes.get((row.kind, row.status), 0) + 1
+    for (kind, status), count in outcomes.items():
+        (metrics.FAILED if status == "failed" else metrics.APPLIED).labels(kind).inc(count)
+    latency = {kind: metrics.COMMAND_LATENCY_SECONDS.labels(kind) for kind, _ in outcomes}
+    for row in ctx.settled:
+        latency[row.kind].observe((committed_at - row.accepted_at).total_seconds())
 
 
 async def pending_count(sessions: async_sessionmaker[AsyncSession]) -> int:

@@ -183,12 +183,23 @@ async def _insert_transfers(session: AsyncSession, rows: list[dict]) -> None:
     ))
 
 
+_EXISTING_POSTGRES = text(
+    "SELECT id, debit_account_id, credit_account_id, amount_minor, kind FROM ledger_transfers"
+    " WHERE id = ANY(CAST(:ids AS uuid[]))"
+)
+
+
 async def _existing_transfers(session: AsyncSession, ids: list[uuid.UUID]) -> dict[uuid.UUID, dict]:
-    table = LedgerTransfer.__table__
-    found = await session.execute(
-        select(table.c.id, table.c.debit_account_id, table.c.credit_account_id, table.c.amount_minor, table.c.kind)
-        .where(table.c.id.in_(ids))
-    )
+    """Transfers already recorded under these ids. On PostgreSQL one array parameter, not an
+    IN list of hundreds rendered anew for each batch size."""
+    if session.bind.dialect.name == "postgresql":
+        found = await session.execute(_EXISTING_POSTGRES, {"ids": ids})
+    else:
+        table = LedgerTransfer.__table__
+        found = await session.execute(
+            select(table.c.id, table.c.debit_account_id, table.c.credit_account_id, table.c.amount_minor, table.c.kind)
+            .where(table.c.id.in_(ids))
+        )
     return {row.id: row._asdict() for row in found}
 
 
