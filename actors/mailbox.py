@@ -151,6 +151,39 @@ async def read_pending(session: AsyncSession, kind: str | None, entity_id: str |
     return [Pending(*row) for row in rows]
 
 
+_HAS_PENDING = (
+    select(TABLE.c.id)
+    .where(TABLE.c.status == PENDING, TABLE.c.kind == bindparam("kind"), TABLE.c.entity_id == bindparam("entity_id"))
+    .limit(1)
+)
+
+
+async def has_pending(session: AsyncSession, kind: str, entity_id: str) -> bool:
+    return (await session.execute(_HAS_PENDING, {"kind": kind, "entity_id": entity_id})).first() is not None
+
+
+_INSERT_APPLIED = {
+    name: dialect.insert(TABLE)
+    .values({column: bindparam(column) for column in (
+        "kind", "entity_id", "command_id", "name", "payload", "status", "result", "attempts", "accepted_at", "applied_at",
+    )})
+    .on_conflict_do_nothing(index_elements=["kind", "command_id"])
+    .returning(TABLE.c.id)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+
+
+async def insert_applied(session: AsyncSession, row: Pending) -> bool:
+    """Record a command accepted and applied in one transaction; False when its (kind,
+    command_id) exists already (the caller must then roll back what it applied)."""
+    values = dict(
+        kind=row.kind, entity_id=row.entity_id, command_id=row.command_id, name=row.name, payload=row.payload,
+        status=row.status, result=row.result, attempts=0, accepted_at=row.accepted_at, applied_at=row.applied_at,
+    )
+    statement = _INSERT_APPLIED[session.bind.dialect.name]
+    return (await session.execute(statement, values)).first() is not None
+
+
 _SAVE = (
     update(TABLE)
     .where(TABLE.c.id == bindparam("row_id"))

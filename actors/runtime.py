@@ -228,6 +228,7 @@ class Runtime:
         locks: EntityLocks | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         single_writer: bool = False,
+        apply_in_caller: bool = False,
     ) -> None:
         self.sessions = sessions
         self.bus = bus
@@ -236,6 +237,8 @@ class Runtime:
         self.locks = locks or ProcessLocks()
         self.batch_size = batch_size
         self.single_writer = single_writer
+        self.apply_in_caller = apply_in_caller
+        self._calls_in_flight: dict[tuple[str, str], int] = {}
         self._pumping = False
         self._pump_dirty = False
         self._draining: set[tuple[str, str]] = set()
@@ -287,11 +290,72 @@ class Runtime:
         """Submit and wait until the command is applied; returns its result (the first result
         when the same command id was seen before)."""
         command_id = command_id or str(uuid.uuid4())
-        async with self.bus.subscribe(result_channel(kind, command_id)) as subscription:
-            outcome = await self.submit(kind, entity_id, name, payload, command_id)
-            if outcome.status != "pending":
-                return outcome.result or {}
-            return await self._await_result(subscription, kind, command_id, timeout_s)
+        key = (kind, str(entity_id))
+        # A call with company (another call to the entity in flight here) goes to the mailbox:
+        # a busy entity is served best in batches, not one caller's transaction at a time.
+        alone = key not in self._calls_in_flight
+        self._calls_in_flight[key] = self._calls_in_flight.get(key, 0) + 1
+        try:
+            if self.apply_in_caller and alone:
+                result = await self._apply_in_caller(Envelope(kind, key[1], name, payload, command_id))
+                if result is not None:
+                    return result
+            async with self.bus.subscribe(result_channel(kind, command_id)) as subscription:
+                outcome = await self.submit(kind, entity_id, name, payload, command_id)
+                if outcome.status != "pending":
+                    return outcome.result or {}
+                return await self._await_result(subscription, kind, command_id, timeout_s)
+        finally:
+            self._calls_in_flight[key] -= 1
+            if not self._calls_in_flight[key]:
+                del self._calls_in_flight[key]
+
+    async def _apply_in_caller(self, envelope: Envelope) -> dict[str, Any] | None:
+        """The idle fast path: when nobody drains the entity and its mailbox is empty, accept and
+        apply the command right here, in one transaction, under the same entity lock a worker
+        would take. It is the command the worker would apply next anyway, so the promises are the
+        same; what it saves is the separate accept commit, the doorbell, the wake-up and the
+        result's trip back over the bus.
+
+        None means "queue it as usual": the entity is busy or has mail, the handler refused or
+        raised (the worker applies it with savepoints and retries), the command id exists, or the
+        command wrote an MQTT message and this process cannot deliver one. Everything it did is
+        rolled back first."""
+        row = Pending(0, envelope.kind, envelope.entity_id, envelope.command_id, envelope.name, envelope.payload, 0, utcnow())
+        async with self.sessions() as session:
+            await session.begin()
+            try:
+                ctx = await self._apply_alone(session, row)
+                if ctx is None:
+                    await session.rollback()
+                    return None
+                await session.commit()
+            finally:
+                self.locks.release(row.kind, row.entity_id)
+        metrics.APPLIED_IN_CALLER.labels(row.kind).inc()
+        _record_batch(row.kind, ctx)
+        # Nobody else can be waiting for this result: a concurrent submit of the same id either
+        # found the row and reads it, or made this insert fail. So only the effects go out.
+        ctx.settled = []
+        await self._after_commit(ctx)
+        return row.result
+
+    async def _apply_alone(self, session: AsyncSession, row: Pending) -> ActorContext | None:
+        # The lock first, then the mailbox in a statement of its own (a snapshot after the lock).
+        if not await self.locks.try_lock(session, row.kind, row.entity_id):
+            return None
+        if await mailbox.has_pending(session, row.kind, row.entity_id):
+            return None
+        ctx = ActorContext(session=session, now=row.accepted_at)
+        started = time.perf_counter()
+        try:
+            results = await _run_handler(ctx, [row])
+        except Exception:  # refusals too: the queued path undoes a refusal's writes properly
+            return None
+        if results is None or (ctx.outbox_ids and self.outbox_sink is None):
+            return None
+        self._settle_run(ctx, [row], results, time.perf_counter() - started)
+        return ctx if await mailbox.insert_applied(session, row) else None
 
     async def _await_result(self, subscription, kind: str, command_id: str, timeout_s: float):
         try:

@@ -6,9 +6,14 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
 from sqlalchemy import func, select
 
-from powerbank.actors.runtime import CommandRejected, handles, handles_batch
+from powerbank.actors import metrics
+from powerbank.actors.bus import LocalBus
+from powerbank.actors.runtime import AdvisoryLocks, CommandRejected, Runtime, handles, handles_batch
+from powerbank.storage.db import create_engine, session_factory
+from powerbank.storage.models import Base
 from powerbank.storage.models import ActorCommand, AppConfig
 
 
@@ -240,3 +245,62 @@ async def test_concurrent_submits_share_statements_and_keep_each_callers_answer(
     fresh = [o for o in outcomes if not o.duplicate]
     assert len(fresh) == 40
     assert sorted(await _items(runtime, "g")) == sorted(set(ids))
+
+
+# --- applied in the caller (PostgreSQL: the idle fast path) ----------------------------------
+
+
+@pytest.fixture
+async def caller_runtime(postgres_url):
+    """Nobody drains: whatever is applied was applied by `call` itself."""
+    engine = create_engine(postgres_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    yield Runtime(session_factory(engine), bus=LocalBus(), dispatcher=None, locks=AdvisoryLocks(), apply_in_caller=True)
+    await engine.dispose()
+
+
+def _applied_in_caller() -> float:
+    return metrics.APPLIED_IN_CALLER.labels("wallet")._value.get()
+
+
+@pytest.mark.postgres
+async def test_an_idle_entity_is_applied_by_its_caller_once(caller_runtime):
+    before = _applied_in_caller()
+    first = await caller_runtime.call("wallet", "idle", "TestAppend", {"item": "a"}, "idle-1")
+    again = await caller_runtime.call("wallet", "idle", "TestAppend", {"item": "a"}, "idle-1")
+    assert first == again == {"ok": True, "length": 1}
+    assert _applied_in_caller() - before == 1
+    assert await _items(caller_runtime, "idle") == ["a"]
+    outcome = await caller_runtime.outcome("wallet", "idle-1")
+    assert (outcome.status, outcome.result) == ("applied", first)
+
+
+@pytest.mark.postgres
+async def test_a_caller_queues_behind_pending_mail_and_keeps_the_order(caller_runtime):
+    await caller_runtime.submit("wallet", "busy", "TestAppend", {"item": "queued"}, "busy-1")
+    waiting = asyncio.create_task(caller_runtime.call("wallet", "busy", "TestAppend", {"item": "later"}, "busy-2"))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # it did not jump the queue
+    await caller_runtime.drain("wallet", "busy")
+    assert (await asyncio.wait_for(waiting, 10))["ok"]
+    assert await _items(caller_runtime, "busy") == ["queued", "later"]
+
+
+@pytest.mark.postgres
+async def test_a_refusal_or_error_in_the_caller_leaves_nothing_and_goes_to_the_queue(caller_runtime):
+    before = _applied_in_caller()
+    refused = asyncio.create_task(caller_runtime.call("wallet", "r", "TestRefuse", {}, "refuse-in-caller"))
+    forwarded = asyncio.create_task(
+        caller_runtime.call("wallet", "src", "TestForward", {"to": "dst", "item": "x", "explode": True}, "explode-in-caller")
+    )
+    await asyncio.sleep(0.3)
+    assert _applied_in_caller() == before
+    async with caller_runtime.sessions() as session:
+        sent = await session.scalar(select(func.count()).select_from(ActorCommand).where(ActorCommand.command_id == "fwd:x"))
+    assert sent == 0  # the follow-up the exploding handler sent was rolled back with it
+    await caller_runtime.drain("wallet", "r")
+    for _ in range(5):  # no dispatcher here to re-ring a retried command: drain by hand
+        await caller_runtime.drain("wallet", "src")
+    assert await asyncio.wait_for(refused, 10) == {"ok": False, "reason": "not_today", "hint": "tomorrow"}
+    assert (await asyncio.wait_for(forwarded, 10))["reason"] == "internal_error"
