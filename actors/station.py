@@ -108,6 +108,7 @@ class SlotView:
     bank_serial: str | None = None
     bank_status: str | None = None
     charge: int | None = None
+    last_event_seq: int = 0  # the seq of the newest event (or inventory) that set this slot
 
 
 def is_ejectable(slot: SlotView, min_charge_percent: int = MIN_EJECT_CHARGE_PERCENT) -> bool:
@@ -185,15 +186,24 @@ class InventoryPlan:
     discrepancies: list[dict[str, Any]]
 
 
-def plan_inventory(stored: Iterable[SlotView], reported: Iterable[ReportedSlot], slot_count: int) -> InventoryPlan:
+def plan_inventory(
+    stored: Iterable[SlotView], reported: Iterable[ReportedSlot], slot_count: int, *, as_of_seq: int | None = None
+) -> InventoryPlan:
     """What a full inventory report means for the stored slots.
 
-    The report is the truth about what is physically in the station, except for slots with an
-    eject in flight: those are settled by the eject's ack or its expiry, never by a snapshot
-    that may have been taken a moment before the latch opened."""
+    The report is the truth about what is physically in the station, except for two kinds of
+    slot it leaves alone: slots with an eject in flight (settled by the eject's ack or expiry,
+    never by a snapshot that may have been taken a moment before the latch opened), and, when
+    `as_of_seq` is given, slots a newer event already set (the report was overtaken on the way:
+    applying it would move the slot back in time)."""
     stored_by_number = {s.number: s for s in stored}
     reported_by_number = {r.number: r for r in reported}
     ejecting = {n for n, s in stored_by_number.items() if s.status == "ejecting"}
+    newer = {
+        n for n, s in stored_by_number.items()
+        if as_of_seq is not None and s.last_event_seq > as_of_seq and n not in ejecting
+    }
+    banks_set_since = {stored_by_number[n].bank_serial for n in newer if stored_by_number[n].bank_serial}
     targets: list[SlotTarget] = []
     discrepancies: list[dict[str, Any]] = []
     for number in range(1, slot_count + 1):
@@ -205,6 +215,8 @@ def plan_inventory(stored: Iterable[SlotView], reported: Iterable[ReportedSlot],
                     {"kind": "ejecting_slot_differs", "slot": number, "expected": known.bank_serial,
                      "reported": seen.bank_serial if seen else None}
                 )
+            continue
+        if number in newer or (seen is not None and seen.bank_serial in banks_set_since):
             continue
         target = _target_for(number, seen)
         if known is None or (known.status, known.bank_serial) != (target.status, target.bank_serial):
@@ -218,13 +230,15 @@ def plan_inventory(stored: Iterable[SlotView], reported: Iterable[ReportedSlot],
     reported_serials = {r.bank_serial for r in reported_by_number.values() if r.bank_serial}
     missing = sorted(
         s.bank_serial for s in stored_by_number.values()
-        if s.bank_serial and s.status != "ejecting" and s.bank_serial not in reported_serials
+        if s.bank_serial and s.number not in ejecting | newer and s.bank_serial not in reported_serials
     )
     discrepancies.extend({"kind": "bank_missing", "bank": serial} for serial in missing)
-    surplus = sorted(n for n in stored_by_number if n > slot_count and n not in ejecting)
+    surplus = sorted(n for n in stored_by_number if n > slot_count and n not in ejecting | newer)
     discrepancies.extend({"kind": "slot_removed", "slot": n} for n in surplus)
     charges = {
-        r.bank_serial: r.charge for r in reported_by_number.values() if r.bank_serial and r.charge is not None
+        r.bank_serial: r.charge
+        for r in reported_by_number.values()
+        if r.bank_serial and r.charge is not None and r.number not in newer
     }
     return InventoryPlan(targets, charges, missing, surplus, discrepancies)
 
@@ -261,6 +275,7 @@ class Loaded:
             bank_serial=bank.serial if bank else None,
             bank_status=bank.status if bank else None,
             charge=bank.charge_percent if bank else None,
+            last_event_seq=slot.last_event_seq or 0,
         )
 
     def views(self) -> list[SlotView]:
@@ -537,12 +552,14 @@ def _reported(payload: dict[str, Any]) -> list[ReportedSlot]:
 
 
 async def _apply_inventory(
-    ctx: ActorContext, loaded: Loaded, payload: dict[str, Any], event: Event
+    ctx: ActorContext, loaded: Loaded, payload: dict[str, Any], event: Event, *, as_of_seq: int | None
 ) -> dict[str, Any]:
+    """Reconcile the stored slots with a full report; `as_of_seq` (see plan_inventory) leaves
+    alone the slots that newer events have set since."""
     station = loaded.station
     slot_count = int(payload["slot_count"])
     station.slot_count = slot_count
-    plan = plan_inventory(loaded.views(), _reported(payload), slot_count)
+    plan = plan_inventory(loaded.views(), _reported(payload), slot_count, as_of_seq=as_of_seq)
     discrepancies = list(plan.discrepancies)
     for serial in plan.missing_banks:
         slot = next(s for s in loaded.slots.values() if (b := loaded.bank_in(s)) and b.serial == serial)
@@ -633,7 +650,10 @@ async def boot(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> d
     station.hardware_version = payload.get("hardware")
     station.heartbeat_interval_s = policy().heartbeat_interval_s
     station.last_heartbeat_at = event.received_at
-    result = await _apply_inventory(ctx, loaded, payload, event)
+    # A boot whose seq was used before comes from a controller that lost its counter: its seqs
+    # say nothing about order, and its report is the truth. Otherwise it is ordered like any
+    # inventory (a boot that was overtaken on the way must not undo newer slot events).
+    result = await _apply_inventory(ctx, loaded, payload, event, as_of_seq=event.seq if event.fresh else None)
     await ctx.publish_mqtt(
         policy().topics.commands(station.serial),
         to_payload(
@@ -655,9 +675,30 @@ async def inventory(ctx: ActorContext, station_id: str, payload: dict[str, Any])
     event = await _record_event(ctx, loaded, "inventory", payload)
     if not event.fresh:
         return _duplicate(event)
-    result = await _apply_inventory(ctx, loaded, payload, event)
+    result = await _apply_inventory(ctx, loaded, payload, event, as_of_seq=event.seq)
+    resent = await _resend_ejects_in_flight(ctx, loaded)
     _notify(ctx, loaded)
-    return result
+    return {**result, "ejects_resent": resent} if resent else result
+
+
+async def _resend_ejects_in_flight(ctx: ActorContext, loaded: Loaded) -> list[str]:
+    """A station reports an inventory after every reconnect. An eject published while it was
+    away went nowhere (stations connect with a clean session), so every eject still in flight
+    and not past its deadline is published again, same command id and expiry: a station that
+    did get it answers the repeat with the same code and moves nothing.
+
+    Not after a boot: a controller that restarted re-sends its buffered acks before booting,
+    and its inventory says what it holds now; the deadline settles anything left."""
+    resent = []
+    for slot in sorted(loaded.slots.values(), key=lambda s: s.slot_number):
+        bank = loaded.bank_in(slot)
+        if slot.status != "ejecting" or bank is None or slot.eject_deadline_at is None:
+            continue
+        if slot.eject_deadline_at <= ctx.now:
+            continue
+        await _publish_eject(ctx, loaded, slot, bank, slot.eject_command_id, slot.eject_deadline_at)
+        resent.append(slot.eject_command_id)
+    return resent
 
 
 @handles(KIND, "Heartbeat")
@@ -850,13 +891,19 @@ async def _start_eject(
     slot.status, bank.status = "ejecting", "ejecting"
     slot.ejecting_rental_id, slot.eject_command_id = rental_id, command_id
     slot.eject_deadline_at, slot.eject_attempt = deadline, attempt
-    # The station judges expiry by its own clock, so the deadline is sent in its time.
+    await _publish_eject(ctx, loaded, slot, bank, command_id, deadline)
+    return {"ok": True, "slot": slot.slot_number, "eject_command_id": command_id, "attempt": attempt}
+
+
+async def _publish_eject(
+    ctx: ActorContext, loaded: Loaded, slot: StationSlot, bank: PowerBank, command_id: str, deadline: datetime
+) -> None:
+    """The station judges expiry by its own clock, so the deadline is sent in its time."""
     expires_at_station = epoch_ms(deadline) - (loaded.station.clock_offset_ms or 0)
     await ctx.publish_mqtt(
         policy().topics.commands(loaded.station.serial),
         to_payload(Eject(command_id=command_id, slot=slot.slot_number, bank=bank.serial, expires_at=max(0, expires_at_station))),
     )
-    return {"ok": True, "slot": slot.slot_number, "eject_command_id": command_id, "attempt": attempt}
 
 
 async def _bank_ejected(ctx: ActorContext, loaded: Loaded, slot: StationSlot, event: Event) -> dict[str, Any]:

@@ -25,6 +25,7 @@ worry about this run Mosquitto or EMQX with an equivalent ACL; the bridge works 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import logging
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amqtt.broker import Broker
+from prometheus_client import Counter
 from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
@@ -44,6 +46,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from powerbank.broker.mqtt import no_delay
 from powerbank.broker.protocol import (
     STATION_PUBLISHES,
     STATION_SUBSCRIBES,
@@ -55,14 +58,30 @@ from powerbank.storage.models import Station
 
 log = logging.getLogger(__name__)
 
-# Station passwords are 192-bit random tokens, so argon2 here guards a leaked table against
-# nothing weaker than brute force of random bytes; OWASP's minimum parameters keep a
-# verification near 20 ms so a reconnect storm of a few thousand stations stays cheap.
-PASSWORD_HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+# Station passwords are 192-bit random tokens issued by us, never chosen by people. A slow
+# hash (argon2, bcrypt) protects low-entropy secrets from guessing; against 2**192 candidates
+# a salted SHA-256 is already out of reach, as for API tokens. What a slow hash would cost is
+# real: argon2 at OWASP's minimum took 27 ms of CPU per login here, so 10,000 stations
+# reconnecting after a broker restart meant 270 CPU-seconds of logins (minutes on two cores,
+# with logins timing out and retrying meanwhile). Hashes stored by earlier versions (argon2)
+# are still verified.
+STATION_HASH_SCHEME = "sha256"
+LEGACY_HASHER = PasswordHasher()
 STATION_PASSWORD_BYTES = 24
 HASH_CACHE_TTL_S = 30.0
 REFUSAL_CACHE_TTL_S = 5.0
 VERIFIED_CACHE_SIZE = 50_000
+
+LOGINS_REFUSED = Counter(
+    "powerbank_mqtt_logins_refused_total", "MQTT logins the embedded broker refused", ["reason"]
+)
+# Why a login was refused (the `reason` label).
+REFUSED_ANONYMOUS = "anonymous"
+REFUSED_BAD_CLIENT_ID = "bad_client_id"  # not a valid serial, or not the username
+REFUSED_FOREIGN_WILL = "foreign_will"  # a last will on another topic than its own status
+REFUSED_UNKNOWN_STATION = "unknown_station"  # no station, or one without credentials
+REFUSED_WRONG_PASSWORD = "wrong_password"
+REFUSED_BRIDGE_PASSWORD = "bridge_password"
 
 ROLE_ATTRIBUTE = "powerbank_role"
 SERIAL_ATTRIBUTE = "powerbank_serial"
@@ -74,14 +93,27 @@ ROLE_STATION = "station"
 
 
 def hash_password(password: str) -> str:
-    return PASSWORD_HASHER.hash(password)
+    """`sha256$<salt hex>$<digest hex>` of a station password (see STATION_HASH_SCHEME)."""
+    salt = secrets.token_bytes(16)
+    return f"{STATION_HASH_SCHEME}${salt.hex()}${_salted_digest(salt, password).hex()}"
 
 
 def verify_password(stored_hash: str, password: str) -> bool:
+    if stored_hash.startswith(STATION_HASH_SCHEME + "$"):
+        try:
+            _, salt_hex, digest_hex = stored_hash.split("$")
+            salt, digest = bytes.fromhex(salt_hex), bytes.fromhex(digest_hex)
+        except ValueError:
+            return False
+        return hmac.compare_digest(_salted_digest(salt, password), digest)
     try:
-        return PASSWORD_HASHER.verify(stored_hash, password)
+        return LEGACY_HASHER.verify(stored_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+def _salted_digest(salt: bytes, password: str) -> bytes:
+    return hashlib.sha256(salt + password.encode()).digest()
 
 
 async def provision_station_password(session: AsyncSession, station_id: uuid.UUID | str) -> str:
@@ -94,7 +126,7 @@ async def provision_station_password(session: AsyncSession, station_id: uuid.UUI
     if station is None:
         raise LookupError(f"no station {station_id}")
     password = secrets.token_urlsafe(STATION_PASSWORD_BYTES)
-    station.mqtt_password_hash = await asyncio.to_thread(hash_password, password)
+    station.mqtt_password_hash = hash_password(password)
     await session.flush()
     return password
 
@@ -117,33 +149,49 @@ class BrokerAuthority:
     _refused: dict[tuple[str, bytes], float] = field(default_factory=dict)
     # Keyed digest: the caches never hold a plain password, and the key dies with the process.
     _digest_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
-    refused_logins: int = 0
+    # Every refused login, by reason (also powerbank_mqtt_logins_refused_total).
+    refusals: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def refused_logins(self) -> int:
+        return sum(self.refusals.values())
 
     async def authenticate(self, session: Session) -> bool:
+        refusal = await self._refusal(session)
+        if refusal is None:
+            return True
+        self.refusals[refusal] += 1
+        LOGINS_REFUSED.labels(refusal).inc()
+        return False
+
+    async def _refusal(self, session: Session) -> str | None:
+        """Why this login is refused, or None to admit it (and give the session its role)."""
         username, password = session.username, session.password or ""
         if not username:
-            return False  # anonymous
+            return REFUSED_ANONYMOUS
         if username == self.settings.bridge_username:
             return self._authenticate_bridge(session, password)
         return await self._authenticate_station(session, username, password)
 
-    def _authenticate_bridge(self, session: Session, password: str) -> bool:
+    def _authenticate_bridge(self, session: Session, password: str) -> str | None:
         expected = self.settings.bridge_password
         if not expected or not hmac.compare_digest(password.encode(), expected.encode()):
-            return False
+            return REFUSED_BRIDGE_PASSWORD
         session.attributes[ROLE_ATTRIBUTE] = ROLE_BRIDGE
-        return True
+        return None
 
-    async def _authenticate_station(self, session: Session, serial: str, password: str) -> bool:
+    async def _authenticate_station(self, session: Session, serial: str, password: str) -> str | None:
         if not is_valid_serial(serial) or session.client_id != serial:
-            return False
+            return REFUSED_BAD_CLIENT_ID
         if session.will_flag and session.will_topic != self.topics.status(serial):
-            return False
+            return REFUSED_FOREIGN_WILL
+        if await self._station_hash(serial) is None:
+            return REFUSED_UNKNOWN_STATION
         if not await self.check_station_password(serial, password):
-            return False
+            return REFUSED_WRONG_PASSWORD
         session.attributes[ROLE_ATTRIBUTE] = ROLE_STATION
         session.attributes[SERIAL_ATTRIBUTE] = serial
-        return True
+        return None
 
     async def check_station_password(self, serial: str, password: str) -> bool:
         stored = await self._station_hash(serial)
@@ -156,14 +204,20 @@ class BrokerAuthority:
         now = time.monotonic()
         if self._refused.get(key, 0.0) > now:
             return False
-        if await asyncio.to_thread(verify_password, stored, password):
+        if await self._verify(stored, password):
             self._remember_verified(key, stored)
             return True
-        self.refused_logins += 1
         self._refused[key] = now + REFUSAL_CACHE_TTL_S
         if len(self._refused) > VERIFIED_CACHE_SIZE:
             self._refused = {k: t for k, t in self._refused.items() if t > now}
         return False
+
+    @staticmethod
+    async def _verify(stored: str, password: str) -> bool:
+        """A legacy argon2 hash takes tens of milliseconds: off the event loop then."""
+        if stored.startswith(STATION_HASH_SCHEME + "$"):
+            return verify_password(stored, password)
+        return await asyncio.to_thread(verify_password, stored, password)
 
     def _remember_verified(self, key: tuple[str, bytes], stored: str) -> None:
         self._verified[key] = stored
@@ -298,6 +352,28 @@ class _Broker(Broker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._subscriptions = _Subscriptions()
+
+    async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
+        """One connection's whole life; its socket is closed when it ends, whatever happened.
+
+        amqtt 0.12's StreamWriterAdapter.close() marks itself closed, then awaits drain();
+        when the client has already reset the connection (a power cut, a reconnect storm)
+        drain raises, the socket is never closed, and every later close() is a no-op: one
+        file descriptor leaked per abrupt disconnect until garbage collection. Some of its
+        error paths (a client gone before CONNECT) do not close at all. It also leaves Nagle's
+        algorithm on (see mqtt.no_delay)."""
+        no_delay(writer)
+        try:
+            await super()._client_connected(listener_name, reader, writer)
+        finally:
+            close_stream(writer)
+
+
+def close_stream(writer: Any) -> None:
+    """Close the asyncio transport under an amqtt writer adapter (idempotent)."""
+    stream = getattr(writer, "_writer", None)
+    if stream is not None:
+        stream.close()
 
 
 # --- start / stop -----------------------------------------------------------------------------

@@ -2,16 +2,20 @@
 
 Each `StationSimulator` is one station: its own amqtt client (username = client id = serial,
 its own password, a last will on its status topic), a persistent seq counter, slots with
-banks that charge slowly, and the station's duties from docs/station-protocol.md:
-boot with a full inventory, heartbeat at the configured interval, answer eject commands after
-a small delay (refusing expired ones), keep every slot event until the backend acknowledges it
-and re-send it (periodically, and after every reconnect, followed by a fresh inventory).
+banks that charge along a lithium curve (`charge_after`), and the station's duties from
+docs/station-protocol.md: boot with a full inventory, heartbeat at the configured interval,
+answer eject commands after a mechanical delay (refusing expired ones, answering a repeated
+command id with the same code), keep every slot event until the backend acknowledges it and
+re-send it (periodically, and after every reconnect, before a fresh inventory).
 
-Fault knobs (`FaultKnobs`): eject failure probability, a drop rate (an event is "lost" on the
-way: it stays unacknowledged and is re-sent later) and a duplicate rate (an event is published
-twice). `disconnect_abruptly()` cuts the TCP connection the way a power or network loss would.
+Faults, per station (`FaultKnobs`): dropped, duplicated and reordered events, ejects that fail
+or jam their slot, ejects that arrive late, clock skew. `disconnect_abruptly()` cuts the TCP
+connection as a network loss would; `cut_power()` / `restore_power()` model a power loss with
+events buffered meanwhile. Fleet-wide (`Fleet`, `ChaosPlan`): reconnect storms and power cuts
+on a schedule, and `stats()` for a live display.
 
-`Fleet` runs N of them concurrently; `provision_fleet` creates their database rows.
+An idle station costs no wake-ups beyond its heartbeat and charge tick, so one process can
+hold thousands (see `powerbank bench stations`). `provision_fleet` creates the database rows.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import random
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import quote, urlsplit
 
@@ -38,6 +43,7 @@ from powerbank.broker.protocol import (
     EJECT_EXPIRED,
     EJECT_OK,
     EJECT_BANK_MISMATCH,
+    EJECT_JAMMED,
     EJECT_SLOT_EMPTY,
     PROTOCOL_VERSION,
     Ack,
@@ -120,7 +126,7 @@ async def provision_fleet(
     rng = random.Random(seed)
     serials = [f"{serial_prefix}-{i + 1:04d}" for i in range(n_stations)]
     passwords = {serial: secrets.token_urlsafe(STATION_PASSWORD_BYTES) for serial in serials}
-    hashes = await asyncio.gather(*(asyncio.to_thread(hash_password, passwords[s]) for s in serials))
+    hashes = [hash_password(passwords[s]) for s in serials]
     specs = []
     async with sessions.begin() as db:
         existing = {
@@ -190,15 +196,51 @@ async def _banks_in_slots(db: AsyncSession, station_id) -> dict[int, tuple[str, 
 
 @dataclass
 class FaultKnobs:
+    """How a simulated station misbehaves (all off by default) and how its hardware behaves.
+
+    Network faults apply to station -> backend events: `drop_rate` loses an event on the way (it
+    stays unacknowledged and is re-sent), `duplicate_rate` publishes it twice, `reorder_rate`
+    holds it back `reorder_delay_ms` so later events overtake it. Hardware: ejects take
+    `eject_delay_ms`, fail once with `eject_failure_code` at `eject_failure_rate`, or jam their
+    slot for good at `jam_rate`; `eject_latency_ms` delays an eject command before the latch
+    controller sees it (a slow link), which is how a command arrives after its expiry."""
+
     eject_delay_ms: tuple[int, int] = (50, 200)
     eject_failure_rate: float = 0.0
     eject_failure_code: str = EJECT_ERROR
-    drop_rate: float = 0.0  # a slot event is lost on the way (it stays unacknowledged: re-sent later)
-    duplicate_rate: float = 0.0  # an event is published twice
+    jam_rate: float = 0.0
+    eject_latency_ms: int = 0
+    drop_rate: float = 0.0
+    duplicate_rate: float = 0.0
+    reorder_rate: float = 0.0
+    reorder_delay_ms: tuple[int, int] = (50, 300)
     resend_after_s: float = 3.0  # re-send an unacknowledged event after this long
     reconnect_delay_s: float = 0.2
     clock_skew_ms: int = 0  # the station's clock minus real time
-    charge_percent_per_minute: float = 2.0
+    charge_percent_per_minute: float = 2.0  # charging speed below CV_START_PERCENT (0: banks do not charge)
+    charge_tick_s: float = 1.0  # how often the charge is updated (and a changed level reported)
+
+
+CV_START_PERCENT = 80.0
+JAM_FAULT_CODE = "latch"
+
+
+def charge_after(charge: float, elapsed_s: float, rate_percent_per_minute: float) -> float:
+    """A lithium bank's charging curve: constant current (a steady `rate`) up to 80 %, then
+    constant voltage, where the rate falls in proportion to what is left to fill (an
+    exponential approach to 100 %, continuous in slope at 80 %). The last half percent counts
+    as full, as a charger's own gauge does."""
+    if rate_percent_per_minute <= 0 or elapsed_s <= 0 or charge >= 100:
+        return min(100.0, charge)
+    minutes = elapsed_s / 60
+    if charge < CV_START_PERCENT:
+        minutes_to_cv = (CV_START_PERCENT - charge) / rate_percent_per_minute
+        if minutes <= minutes_to_cv:
+            return charge + rate_percent_per_minute * minutes
+        charge, minutes = CV_START_PERCENT, minutes - minutes_to_cv
+    rate_constant_per_minute = rate_percent_per_minute / (100 - CV_START_PERCENT)
+    left = (100 - charge) * math.exp(-rate_constant_per_minute * minutes)
+    return 100.0 if left < 0.5 else 100 - left
 
 
 @dataclass
@@ -206,6 +248,7 @@ class SimSlot:
     bank: str | None = None
     charge: float = 0.0
     reported_charge: int = 0
+    fault: str | None = None  # a jammed latch or another reported fault; the slot is out of service
 
 
 def _with_credentials(url: str, username: str, password: str) -> str:
@@ -228,6 +271,7 @@ class StationSimulator:
         heartbeat_interval_s: float = 30.0,
         firmware: str = "sim-1.0",
         seed: int | None = None,
+        keep_alive_s: int = 10,
     ) -> None:
         self.spec = spec
         self.serial = spec.serial
@@ -236,12 +280,14 @@ class StationSimulator:
         self.knobs = knobs or FaultKnobs()
         self.heartbeat_interval_s = heartbeat_interval_s
         self.firmware = firmware
+        self.keep_alive_s = keep_alive_s
         self.rng = random.Random(seed if seed is not None else spec.serial)
         self.slots: dict[int, SimSlot] = {n: SimSlot() for n in range(1, spec.slot_count + 1)}
         for number, (bank, charge) in spec.banks.items():
             self.slots[number] = SimSlot(bank, float(charge), charge)
-        self.seq = 0  # kept across reconnects, like non-volatile memory
-        # seq -> (payload, last sent monotonic time); only events the backend must see
+        self.seq = 0  # kept across reconnects and power cuts, like non-volatile memory
+        # seq -> (payload, last sent monotonic time); only events the backend must see. Also
+        # non-volatile: what happens during a power cut is buffered here and sent afterwards.
         self.unacked: collections.OrderedDict[int, tuple[bytes, float]] = collections.OrderedDict()
         self.acked: set[int] = set()
         self.errors: list[Error] = []
@@ -249,15 +295,19 @@ class StationSimulator:
         self.eject_results: dict[str, str] = {}  # eject command id -> code answered
         self.handed_out: list[str] = []  # banks that left through an eject
         self.connections = 0
+        self.published = 0  # PUBLISH packets sent, re-sends and duplicates included
+        self.powered = True
         self._last_snapshot_seq = -1
         self._last_snapshot: tuple[type, float] | None = None
         self._client: MQTTClient | None = None
         self._connected = asyncio.Event()
-        self._booted = False
+        self._needs_boot = True  # the first connection after power-up boots
         self._online_wanted = False
         self._reconnect_allowed = asyncio.Event()
+        self._owes_backend = asyncio.Event()  # something waits for an ack: the re-send loop runs
         self._tasks: set[asyncio.Task] = set()
         self._supervisor: asyncio.Task | None = None
+        self._next_reconnect_delay_s: float | None = None  # set by disconnect_abruptly
 
     # --- what the demo and the tests look at --------------------------------------------------
 
@@ -267,7 +317,8 @@ class StationSimulator:
 
     @property
     def free_slots(self) -> list[int]:
-        return [number for number, slot in sorted(self.slots.items()) if slot.bank is None]
+        """Slots a rider can push a bank into: empty and in service."""
+        return [number for number, slot in sorted(self.slots.items()) if slot.bank is None and slot.fault is None]
 
     @property
     def connected(self) -> bool:
@@ -285,7 +336,10 @@ class StationSimulator:
 
     async def wait_acked(self, timeout_s: float = 10.0) -> None:
         """Until every slot event so far, and the latest boot or inventory, is acknowledged."""
-        await self.wait_until(lambda: not self.unacked and self._last_snapshot_seq in self.acked, timeout_s)
+        await self.wait_until(lambda: not self._owes_acks(), timeout_s)
+
+    def _owes_acks(self) -> bool:
+        return bool(self.unacked) or (self._last_snapshot is not None and self._last_snapshot_seq not in self.acked)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -317,10 +371,28 @@ class StationSimulator:
         delay = self.knobs.reconnect_delay_s if reconnect_after_s is None else reconnect_after_s
         if delay < 0:
             self._reconnect_allowed.clear()
+        else:
+            self._next_reconnect_delay_s = delay
         mqtt.abort(self._client)
 
     def reconnect(self) -> None:
         self._reconnect_allowed.set()
+
+    def cut_power(self) -> None:
+        """Mains and modem go dark: the connection drops without DISCONNECT (the broker sends the
+        last will), no heartbeats, no commands. The latch controller runs on its backup cell:
+        it keeps its clock and still records what happens (a bank pushed in), numbered and
+        buffered in non-volatile memory until the backend acknowledges it."""
+        self.powered = False
+        self.disconnect_abruptly(reconnect_after_s=-1)
+
+    def restore_power(self, *, rebooted: bool = False) -> None:
+        """Power is back: reconnect, send the buffered events in seq order, then a full
+        inventory, or a boot when the controller restarted (`rebooted`)."""
+        self.powered = True
+        if rebooted:
+            self._needs_boot = True
+        self.reconnect()
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -334,12 +406,14 @@ class StationSimulator:
             await self._reconnect_allowed.wait()
             client = None
             try:
-                client = await mqtt.connect(self.url, self.serial, will=will)
+                client = await mqtt.connect(self.url, self.serial, will=will, keep_alive_s=self.keep_alive_s)
                 codes = await client.subscribe(
                     [(self.topics.commands(self.serial), mqtt.QOS_1), (self.topics.errors(self.serial), mqtt.QOS_1)]
                 )
                 if any(code not in (0, 1, 2) for code in codes):
                     raise ConnectionError(f"subscription refused: {codes}")
+                if not self._reconnect_allowed.is_set():
+                    raise ConnectionError("the power went while connecting")
                 self._client = client
                 self.connections += 1
                 reader = asyncio.create_task(self._read(client))
@@ -356,22 +430,25 @@ class StationSimulator:
                 self._client = None
                 await mqtt.close(client)
             if self._online_wanted:
+                if self._next_reconnect_delay_s is not None:
+                    delay_s, self._next_reconnect_delay_s = self._next_reconnect_delay_s, None
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
 
     async def _after_connect(self) -> None:
-        """First connection: boot. Every later one: re-send what is unacknowledged, then a
-        fresh inventory so the backend can reconcile whatever happened while apart."""
-        if not self._booted:
-            self._booted = True
-            await self._emit(self._boot(), keep=False)
-            return
+        """Buffered events first, in seq order, then a snapshot: a boot after power-up, a fresh
+        inventory after every other reconnect, so the backend reconciles whatever happened
+        while apart. The order matters: a snapshot applied before a buffered return would
+        close that rental at the snapshot's time instead of the return's."""
         for seq, (payload, _) in list(self.unacked.items()):
-            await self._send(payload)
-            self.unacked[seq] = (payload, time.monotonic())
-        await self._emit(
-            Inventory(**self._event_fields(), slot_count=len(self.slots), slots=self._inventory()), keep=False
-        )
+            if seq in self.unacked:
+                self.unacked[seq] = (payload, time.monotonic())
+                await self._send(payload)
+        if self._needs_boot:
+            self._needs_boot = False
+            await self._emit(self._boot(), keep=False)
+        else:
+            await self._emit(self._inventory_event(), keep=False)
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -386,26 +463,41 @@ class StationSimulator:
         return Boot(**self._event_fields(), firmware=self.firmware, hardware="sim-hw",
                     slot_count=len(self.slots), slots=self._inventory())
 
+    def _inventory_event(self) -> Inventory:
+        return Inventory(**self._event_fields(), slot_count=len(self.slots), slots=self._inventory())
+
     def _inventory(self) -> list[SlotState]:
         return [
-            SlotState(slot=n, bank=s.bank, charge=int(s.charge) if s.bank else None)
+            SlotState(slot=n, bank=s.bank, charge=int(s.charge) if s.bank else None, fault=s.fault)
             for n, s in sorted(self.slots.items())
         ]
 
     async def _emit(self, event: StationEvent, *, keep: bool = True) -> int:
-        """Publish an event; with `keep`, hold it until acknowledged (and re-send it)."""
+        """Publish an event; with `keep`, hold it until acknowledged (and re-send it). The
+        network faults of the knobs apply here."""
         payload = encode(event)
         if isinstance(event, (Boot, Inventory)):
             self._last_snapshot_seq = event.seq
             self._last_snapshot = (type(event), time.monotonic())
+            self._owes_backend.set()
         if keep:
             self.unacked[event.seq] = (payload, time.monotonic())
+            self._owes_backend.set()
             if self.rng.random() < self.knobs.drop_rate:
                 return event.seq
-        await self._send(payload)
-        if self.rng.random() < self.knobs.duplicate_rate:
+        copies = 2 if self.rng.random() < self.knobs.duplicate_rate else 1
+        if self.rng.random() < self.knobs.reorder_rate:
+            delay_s = self.rng.uniform(*self.knobs.reorder_delay_ms) / 1000
+            self._spawn(self._send_later(payload, delay_s, copies))
+            return event.seq
+        for _ in range(copies):
             await self._send(payload)
         return event.seq
+
+    async def _send_later(self, payload: bytes, delay_s: float, copies: int) -> None:
+        await asyncio.sleep(delay_s)
+        for _ in range(copies):
+            await self._send(payload)
 
     async def _send(self, payload: bytes) -> bool:
         client = self._client
@@ -413,6 +505,7 @@ class StationSimulator:
             return False
         try:
             await asyncio.wait_for(client.publish(self.topics.events(self.serial), payload, qos=mqtt.QOS_1), 10)
+            self.published += 1
             return True
         except asyncio.CancelledError:
             raise
@@ -421,26 +514,32 @@ class StationSimulator:
             return False
 
     async def _heartbeat_loop(self) -> None:
-        """Beat at the interval the backend configured (it may change with a config reply, so
-        the loop wakes often), and let the banks charge in between."""
+        """Beat at the interval the backend configured, and let the banks charge in between.
+        Sleeps until the next beat or charge tick, whichever is first (a config reply that
+        changes the interval is picked up at the next tick)."""
         last_beat = last_charge = time.monotonic()
         while True:
-            await asyncio.sleep(min(0.25, self.heartbeat_interval_s))
+            next_beat = last_beat + self.heartbeat_interval_s
+            next_charge = last_charge + self.knobs.charge_tick_s
+            await asyncio.sleep(max(0.01, min(next_beat, next_charge) - time.monotonic()))
             now = time.monotonic()
-            await self._charge(now - last_charge)
-            last_charge = now
+            if now >= next_charge:
+                await self._charge(now - last_charge)
+                last_charge = now
             if now - last_beat >= self.heartbeat_interval_s:
                 last_beat = now
                 if self._connected.is_set():
                     await self._emit(Heartbeat(**self._event_fields()), keep=False)
 
     async def _charge(self, elapsed_s: float) -> None:
-        """Banks charge slowly in their slots; a change of a whole step is reported."""
-        gain = self.knobs.charge_percent_per_minute * elapsed_s / 60
+        """Banks charge along `charge_after`'s curve; a change of a whole step is reported."""
+        rate = self.knobs.charge_percent_per_minute
+        if rate <= 0 or not self.powered:
+            return
         for number, slot in sorted(self.slots.items()):
             if slot.bank is None or slot.charge >= 100:
                 continue
-            slot.charge = min(100.0, slot.charge + gain)
+            slot.charge = charge_after(slot.charge, elapsed_s, rate)
             level = int(slot.charge)
             if level // BATTERY_REPORT_STEP_PERCENT != slot.reported_charge // BATTERY_REPORT_STEP_PERCENT or level == 100:
                 if level != slot.reported_charge:
@@ -448,7 +547,12 @@ class StationSimulator:
                     await self._emit(Battery(**self._event_fields(), slot=number, bank=slot.bank, charge=level))
 
     async def _resend_loop(self) -> None:
+        """While something waits for an ack, look a few times per `resend_after_s`; otherwise
+        sleep until something does (an idle station costs no wake-ups)."""
         while True:
+            if not self._owes_acks():
+                self._owes_backend.clear()
+                await self._owes_backend.wait()
             await asyncio.sleep(max(0.05, self.knobs.resend_after_s / 4))
             if not self._connected.is_set():
                 continue
@@ -467,12 +571,7 @@ class StationSimulator:
         kind, sent_at = self._last_snapshot
         if sent_at >= cutoff:
             return
-        if kind is Boot:
-            await self._emit(self._boot(), keep=False)
-        else:
-            await self._emit(
-                Inventory(**self._event_fields(), slot_count=len(self.slots), slots=self._inventory()), keep=False
-            )
+        await self._emit(self._boot() if kind is Boot else self._inventory_event(), keep=False)
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -497,8 +596,11 @@ class StationSimulator:
             self.errors.append(command)
 
     async def _eject(self, command: Eject) -> None:
-        """Answer an eject: refuse it when expired on arrival, otherwise release the bank after
-        the mechanical delay. A repeated command gets the same answer and moves nothing."""
+        """Answer an eject: refuse it when it reaches the latch controller after its expiry
+        (station clock), otherwise release the bank after the mechanical delay. A repeated
+        command gets the same answer and moves nothing."""
+        if self.knobs.eject_latency_ms > 0:
+            await asyncio.sleep(self.knobs.eject_latency_ms / 1000)
         if command.command_id in self.eject_results:
             code = self.eject_results[command.command_id]
         elif self.station_clock_ms() > command.expires_at:
@@ -519,6 +621,11 @@ class StationSimulator:
             return EJECT_SLOT_EMPTY
         if slot.bank != command.bank:
             return EJECT_BANK_MISMATCH
+        if slot.fault is not None:
+            return EJECT_JAMMED
+        if self.rng.random() < self.knobs.jam_rate:
+            slot.fault = JAM_FAULT_CODE
+            return EJECT_JAMMED
         if self.rng.random() < self.knobs.eject_failure_rate:
             return self.knobs.eject_failure_code
         self.handed_out.append(slot.bank)
@@ -528,7 +635,8 @@ class StationSimulator:
     # --- things people do at the station ------------------------------------------------------
 
     async def insert_bank(self, serial: str, slot: int | None = None, charge: int = 50) -> int:
-        """Someone pushes a bank into a slot (a return, or restocking); returns the slot used."""
+        """Someone pushes a bank into a slot (a return, or restocking); returns the slot used.
+        Works during a power cut too: the controller records it for later."""
         if slot is None:
             free = self.free_slots
             if not free:
@@ -552,7 +660,14 @@ class StationSimulator:
         return bank
 
     async def report_fault(self, slot: int, code: str = "sensor") -> None:
+        self.slots[slot].fault = code
         await self._emit(SlotFault(**self._event_fields(), slot=slot, code=code))
+
+    async def clear_fault(self, slot: int) -> None:
+        """A technician repairs the slot; a fresh inventory puts it back in service."""
+        self.slots[slot].fault = None
+        if self.connected:
+            await self._emit(self._inventory_event(), keep=False)
 
     async def send_raw(self, payload: bytes) -> bool:
         """Publish arbitrary bytes on the events topic (to test the backend's rejections)."""
@@ -562,8 +677,23 @@ class StationSimulator:
 # --- a fleet ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FleetStats:
+    """What the live progress display shows about a fleet."""
+
+    stations: int
+    connected: int
+    powered_off: int
+    events: int  # events numbered so far (each station counts from 1)
+    published: int  # PUBLISH packets, re-sends and duplicates included
+    unacked: int
+    reconnects: int
+    errors: int
+
+
 class Fleet:
-    """N simulated stations, started and stopped concurrently."""
+    """N simulated stations, started and stopped concurrently. Each station gets its own copy
+    of the knobs (`skew_spread_ms` gives each a clock skew drawn around the knob's)."""
 
     def __init__(
         self,
@@ -574,14 +704,22 @@ class Fleet:
         knobs: FaultKnobs | None = None,
         heartbeat_interval_s: float = 30.0,
         seed: int = 0,
+        skew_spread_ms: int = 0,
+        keep_alive_s: int = 10,
     ) -> None:
-        self.stations: dict[str, StationSimulator] = {
-            spec.serial: StationSimulator(
-                spec, broker_url, topics=topics, knobs=knobs, heartbeat_interval_s=heartbeat_interval_s,
-                seed=seed + index,
+        base = knobs or FaultKnobs()
+        rng = random.Random(seed)
+        self.rng = random.Random(seed + 1)
+        self.stations: dict[str, StationSimulator] = {}
+        for index, spec in enumerate(specs):
+            skew = base.clock_skew_ms + (rng.randint(-skew_spread_ms, skew_spread_ms) if skew_spread_ms else 0)
+            self.stations[spec.serial] = StationSimulator(
+                spec, broker_url, topics=topics, knobs=replace(base, clock_skew_ms=skew),
+                heartbeat_interval_s=heartbeat_interval_s, seed=seed + index, keep_alive_s=keep_alive_s,
             )
-            for index, spec in enumerate(specs)
-        }
+        self.storms = 0
+        self.power_cuts = 0
+        self._chaos_tasks: set[asyncio.Task] = set()
 
     def __iter__(self) -> Iterator[StationSimulator]:
         return iter(self.stations.values())
@@ -591,6 +729,11 @@ class Fleet:
 
     def station(self, serial: str) -> StationSimulator:
         return self.stations[serial]
+
+    def set_knobs(self, **changes: Any) -> None:
+        """Change knobs on every station at once (each keeps its own clock skew unless given)."""
+        for station in self:
+            station.knobs = replace(station.knobs, **changes)
 
     def station_with_free_slot(self, *, exclude: Iterable[str] = (), rng: random.Random | None = None) -> StationSimulator | None:
         """A connected station with room for a return (random when `rng` is given)."""
@@ -613,8 +756,78 @@ class Fleet:
         await asyncio.gather(*(start_one(s) for s in self))
 
     async def stop(self) -> None:
+        for task in list(self._chaos_tasks):
+            task.cancel()
+        await asyncio.gather(*self._chaos_tasks, return_exceptions=True)
         await asyncio.gather(*(s.stop() for s in self), return_exceptions=True)
 
     async def wait_acked(self, timeout_s: float = 10.0) -> None:
         await asyncio.gather(*(s.wait_acked(timeout_s) for s in self))
 
+    def stats(self) -> FleetStats:
+        stations = list(self)
+        return FleetStats(
+            stations=len(stations),
+            connected=sum(s.connected for s in stations),
+            powered_off=sum(not s.powered for s in stations),
+            events=sum(s.seq for s in stations),
+            published=sum(s.published for s in stations),
+            unacked=sum(len(s.unacked) for s in stations),
+            reconnects=sum(max(0, s.connections - 1) for s in stations),
+            errors=sum(len(s.errors) for s in stations),
+        )
+
+    def reconnect_storm(self, fraction: float, down_s: tuple[float, float] = (0.1, 2.0)) -> int:
+        """Cut the connections of `fraction` of the connected, powered stations at once, as a
+        cell tower or a broker failover would; each comes back after a random `down_s`.
+        Returns how many were cut."""
+        candidates = [s for s in self if s.connected and s.powered]
+        victims = self.rng.sample(candidates, k=min(len(candidates), max(1, round(fraction * len(candidates))))) if candidates else []
+        for station in victims:
+            station.disconnect_abruptly(reconnect_after_s=self.rng.uniform(*down_s))
+        self.storms += 1
+        return len(victims)
+
+    async def run_chaos(self, plan: "ChaosPlan") -> None:
+        """Storms and power cuts at the plan's pace until cancelled."""
+        tasks = []
+        if plan.storm_every_s > 0:
+            tasks.append(self._every(plan.storm_every_s, lambda: self.reconnect_storm(plan.storm_fraction, plan.storm_down_s)))
+        if plan.power_cut_every_s > 0:
+            tasks.append(self._every(plan.power_cut_every_s, lambda: self._spawn_power_cut(plan.power_cut_s)))
+        await asyncio.gather(*tasks)
+
+    async def _every(self, period_s: float, action: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(period_s * self.rng.uniform(0.5, 1.5))
+            action()
+
+    def _spawn_power_cut(self, duration_s: tuple[float, float]) -> None:
+        candidates = [s for s in self if s.connected and s.powered]
+        if not candidates:
+            return
+        station = self.rng.choice(candidates)
+        self.power_cuts += 1
+        task = asyncio.ensure_future(self._power_cut(station, self.rng.uniform(*duration_s)))
+        self._chaos_tasks.add(task)
+        task.add_done_callback(self._chaos_tasks.discard)
+
+    async def _power_cut(self, station: StationSimulator, duration_s: float) -> None:
+        station.cut_power()
+        try:
+            await asyncio.sleep(duration_s)
+        finally:
+            station.restore_power(rebooted=self.rng.random() < 0.5)
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    """Fleet-wide faults on a schedule (0 disables one): every ~`storm_every_s` a reconnect
+    storm cuts `storm_fraction` of the stations for `storm_down_s`; every ~`power_cut_every_s`
+    one station loses power for `power_cut_s` (buffering its events; half of them reboot)."""
+
+    storm_every_s: float = 0.0
+    storm_fraction: float = 0.2
+    storm_down_s: tuple[float, float] = (0.1, 2.0)
+    power_cut_every_s: float = 0.0
+    power_cut_s: tuple[float, float] = (2.0, 10.0)

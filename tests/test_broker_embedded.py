@@ -139,7 +139,7 @@ async def test_credential_checks_are_cached_and_follow_a_new_password(stack, mon
         assert not await refused(url, a.serial)
     for _ in range(3):
         assert await refused(login(stack, a.serial, "wrong"), a.serial)
-    assert verifications == [a.password, "wrong"]  # one argon2 check per distinct attempt
+    assert verifications == [a.password, "wrong"]  # one hash check per distinct attempt
     async with stack.sessions.begin() as db:
         new_password = await provision_station_password(db, a.station_id)
     stack.embedded.authority.forget(a.serial)
@@ -188,3 +188,13 @@ async def test_no_message_is_lost_while_clients_subscribe_and_leave(stack):
                 message = await listener.deliver_message(timeout_duration=2)
                 received.add(message.topic)
     assert len(received) == sent
+
+
+def test_station_passwords_are_stored_salted_and_older_argon2_hashes_still_verify():
+    password = "token-from-provisioning"
+    first, second = embedded.hash_password(password), embedded.hash_password(password)
+    assert first != second and password not in first  # salted, never the password itself
+    assert embedded.verify_password(first, password) and not embedded.verify_password(first, password + "x")
+    assert not embedded.verify_password("sha256$not-hex$00", password)
+    legacy = embedded.LEGACY_HASHER.hash(password)  # what earlier versions stored
+    assert embedded.verify_password(legacy, password) and not embedded.verify_password(legacy, "other")

@@ -14,9 +14,9 @@ from sqlalchemy import select
 
 from powerbank.broker import mqtt
 from powerbank.broker.embedded import verify_password
-from powerbank.broker.protocol import EJECT_EXPIRED, EJECT_OK, Eject, encode, epoch_ms
+from powerbank.broker.protocol import EJECT_EXPIRED, EJECT_JAMMED, EJECT_OK, Eject, encode, epoch_ms
 from powerbank.broker.testing import station_stack
-from powerbank.simulators.stations import FaultKnobs, Fleet, provision_fleet
+from powerbank.simulators.stations import CV_START_PERCENT, FaultKnobs, Fleet, charge_after, provision_fleet
 from powerbank.storage.models import ActorCommand, PowerBank, Station, StationEvent, StationSlot
 from powerbank.storage.types import utcnow
 
@@ -53,9 +53,11 @@ async def backend_client(stack):
 
 
 async def station_commands(stack, name):
+    """Commands named `name` (every Station-actor command when None), in acceptance order."""
     async with stack.sessions() as db:
-        rows = await db.execute(select(ActorCommand).where(ActorCommand.name == name).order_by(ActorCommand.id))
-        return list(rows.scalars())
+        query = select(ActorCommand).order_by(ActorCommand.id)
+        query = query.where(ActorCommand.kind == "station") if name is None else query.where(ActorCommand.name == name)
+        return list((await db.execute(query)).scalars())
 
 
 async def test_provision_fleet_creates_rows_and_reissues_passwords_on_rerun(stack):
@@ -195,3 +197,133 @@ async def test_a_boot_nobody_heard_is_replaced_by_a_fresh_one(stack):
         assert boots and all(b.payload["seq"] > 1 for b in boots)
     finally:
         await fleet.stop()
+
+
+def test_banks_charge_at_a_steady_rate_then_taper_towards_full():
+    rate = 2.0  # percent per minute below CV_START_PERCENT
+    assert charge_after(20, 60, rate) == pytest.approx(22.0)
+    assert charge_after(79, 30, rate) == pytest.approx(80.0)
+    # Past 80 % each minute adds less than the last, and the curve never overshoots.
+    levels = [charge_after(CV_START_PERCENT, minutes * 60, rate) for minutes in range(0, 35, 5)]
+    gains = [b - a for a, b in zip(levels, levels[1:])]
+    assert all(later < earlier for earlier, later in zip(gains, gains[1:]))
+    assert gains[0] < rate * 5  # slower than constant current already
+    assert charge_after(50, 10 * 3600, rate) == 100.0
+    # Charging in many small steps follows the same curve as one big step.
+    stepwise = 30.0
+    for _ in range(120):
+        stepwise = charge_after(stepwise, 30, rate)
+    assert stepwise == pytest.approx(charge_after(30.0, 3600, rate), abs=0.6)
+    assert charge_after(40, 60, 0) == 40
+
+
+async def test_a_power_cut_buffers_what_happens_and_sends_it_before_the_inventory(stack):
+    async with one_station(stack, slots=2, banks=0) as (sim, spec):
+        sim.cut_power()
+        await sim.wait_until(lambda: not sim.connected)
+        await _eventually_status(stack, sim.serial, "offline")  # the broker sent the last will
+        slot = await sim.insert_bank("PB-IN-THE-DARK", charge=40)
+        assert len(sim.unacked) == 1 and sim.connections == 1
+        sim.restore_power()
+        await sim.wait_acked()
+        await stack.dispatcher.settle()
+        names = [c.name for c in await station_commands(stack, None)]
+        assert names[-2:] == ["BankInserted", "Inventory"]
+        await _eventually_status(stack, sim.serial, "online")
+        async with stack.sessions() as db:
+            bank = (await db.execute(select(PowerBank).where(PowerBank.serial == "PB-IN-THE-DARK"))).scalar_one()
+            slot_row = (await db.execute(select(StationSlot).where(StationSlot.power_bank_id == bank.id))).scalar_one()
+        assert (slot_row.slot_number, str(bank.station_id)) == (slot, spec.station_id)
+
+
+async def test_a_controller_that_rebooted_sends_its_buffer_then_boots(stack):
+    async with one_station(stack, slots=2, banks=0) as (sim, spec):
+        sim.cut_power()
+        await sim.wait_until(lambda: not sim.connected)
+        await sim.insert_bank("PB-REBOOT", charge=40)
+        sim.restore_power(rebooted=True)
+        await sim.wait_acked()
+        await sim.wait_until(lambda: sim.config is not None)
+        await stack.dispatcher.settle()
+        names = [c.name for c in await station_commands(stack, None)]
+        assert names[0] == "Boot" and names[-2:] == ["BankInserted", "Boot"]
+
+
+async def test_reordered_events_arrive_out_of_order_and_still_end_in_the_stations_state(stack):
+    knobs = FaultKnobs(reorder_rate=0.5, reorder_delay_ms=(50, 150), resend_after_s=1.0)
+    async with one_station(stack, slots=3, banks=0, knobs=knobs) as (sim, spec):
+        for round_ in range(6):  # in and out of slots 1-3, then slots 1-3 filled
+            await sim.insert_bank(f"PB-RO-{round_}", slot=1 + round_ % 3)
+            if round_ < 3:
+                await sim.remove_bank(1 + round_ % 3)
+        await sim.wait_acked()
+        await stack.dispatcher.settle()
+        slot_events = [c for c in await station_commands(stack, None) if c.name in ("BankInserted", "BankRemoved")]
+        arrival = [c.payload["seq"] for c in slot_events]
+        assert arrival != sorted(arrival)  # the knob did reorder them
+        async with stack.sessions() as db:
+            rows = await db.execute(
+                select(StationSlot.slot_number, PowerBank.serial)
+                .outerjoin(PowerBank, PowerBank.id == StationSlot.power_bank_id)
+                .where(StationSlot.station_id == uuid.UUID(spec.station_id))
+                .order_by(StationSlot.slot_number)
+            )
+            stored = {number: serial for number, serial in rows.all()}
+        assert stored == {n: s.bank for n, s in sim.slots.items()}
+
+
+async def test_a_jammed_slot_keeps_its_bank_and_is_out_of_service_until_repaired(stack):
+    knobs = FaultKnobs(eject_delay_ms=(5, 10), jam_rate=1.0, resend_after_s=1.0)
+    async with one_station(stack, slots=2, banks=2, knobs=knobs) as (sim, spec):
+        rental_id = str(uuid.uuid4())
+        await stack.runtime.submit(
+            "station", spec.station_id, "ReserveAndEject", {"rental_id": rental_id, "user_id": "u"}, f"eject:{rental_id}"
+        )
+        await sim.wait_until(lambda: len(sim.eject_results) == 2 and "in_progress" not in sim.eject_results.values())
+        assert set(sim.eject_results.values()) == {EJECT_JAMMED}
+        assert all(slot.fault for slot in sim.slots.values()) and sim.bank_serials_in_slots == spec.bank_serials
+        await sim.wait_acked()
+        await stack.dispatcher.settle()
+        assert [s.status for s in await _slots(stack, spec)] == ["fault", "fault"]
+        await sim.clear_fault(1)
+        await sim.wait_acked()
+        await stack.dispatcher.settle()
+        assert [s.status for s in await _slots(stack, spec)] == ["occupied", "fault"]
+
+
+async def test_a_reconnect_storm_brings_every_station_back_online(stack):
+    specs = await provision_fleet(stack.sessions, 4, 2, 1, serial_prefix=f"STORM{uuid.uuid4().hex[:4]}", settings=stack.settings)
+    fleet = Fleet(specs, stack.broker_url, topics=stack.topics, knobs=FaultKnobs(resend_after_s=1.0))
+    await fleet.start()
+    try:
+        await fleet.wait_acked()
+        assert fleet.reconnect_storm(1.0, down_s=(0.1, 0.5)) == 4
+        await asyncio.gather(*(s.wait_until(lambda s=s: s.connections == 2 and s.connected) for s in fleet))
+        await fleet.wait_acked()
+        await stack.dispatcher.settle()
+        stats = fleet.stats()
+        assert (stats.connected, stats.reconnects, stats.unacked) == (4, 4, 0)
+        for spec in specs:
+            await _eventually_status(stack, spec.serial, "online")
+    finally:
+        await fleet.stop()
+
+
+async def _slots(stack, spec):
+    async with stack.sessions() as db:
+        rows = await db.execute(
+            select(StationSlot).where(StationSlot.station_id == uuid.UUID(spec.station_id)).order_by(StationSlot.slot_number)
+        )
+        return list(rows.scalars())
+
+
+async def _eventually_status(stack, serial, status, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await stack.dispatcher.settle()
+        async with stack.sessions() as db:
+            row = (await db.execute(select(Station).where(Station.serial == serial))).scalar_one()
+        if row.status == status:
+            return row
+        assert time.monotonic() < deadline, f"{serial} stayed {row.status}, expected {status}"
+        await asyncio.sleep(0.05)

@@ -453,3 +453,47 @@ async def test_a_return_before_the_rental_heard_of_its_eject_still_closes_it(rt)
     assert [c.name for c in commands] == ["BankEjected", "BankReturned"]
     assert commands[1].payload["station_id"] == away
     assert (await bank(rt, "PB-F")).rental_id is None
+
+
+async def test_an_inventory_overtaken_by_newer_slot_events_leaves_those_slots_alone(rt):
+    """Inventory 40 was taken before a return (41) into slot 2 and a removal (42) from slot 1
+    but arrives after them: it must not move those slots back in time, nor call a bank that
+    an event since put elsewhere missing. Slots no newer event touched are still reconciled."""
+    station_id = await make_station(rt, "ST-OVERTAKEN", [("PB-K", 60), None, ("PB-G", 70)], slot_count=3)
+    await apply(rt, station_id, "BankInserted", event(41, slot=2, bank="PB-NEWER", charge=33))
+    await apply(rt, station_id, "BankRemoved", event(42, slot=1, bank="PB-K"))
+    overtaken = event(
+        40, slot_count=3,
+        slots=[{"slot": 1, "bank": "PB-K", "charge": 60}, {"slot": 3, "bank": "PB-G", "charge": 75, "fault": "latch"}],
+    )
+    result = await apply(rt, station_id, "Inventory", overtaken)
+    slots = await slots_of(rt, station_id)
+    assert [s.status for s in slots] == ["empty", "occupied", "fault"]
+    assert (await bank(rt, "PB-NEWER")).status == "in_slot"
+    assert (await bank(rt, "PB-K")).status == "lost"  # removed at 42, as the newer event said
+    assert [d["kind"] for d in result["discrepancies"]] == ["slot_corrected"]  # slot 3 only
+    # The same report arriving in order (newer than every slot event) is the truth again.
+    fresh = {**overtaken, "seq": 43}
+    await apply(rt, station_id, "Inventory", fresh)
+    assert [s.status for s in await slots_of(rt, station_id)] == ["occupied", "empty", "fault"]
+
+
+async def test_an_eject_in_flight_is_published_again_after_the_stations_next_inventory(rt):
+    """Stations connect with a clean session, so an eject published while one was away is
+    gone; its reconnect inventory brings it back, same command id and expiry, while the
+    deadline has not passed."""
+    station_id = await make_station(rt, "ST-AWAY-EJ", [("PB-E1", 90), ("PB-E2", 50)])
+    started = await apply(rt, station_id, "ReserveAndEject", {"rental_id": str(uuid.uuid4()), "user_id": "u"})
+    [first] = await outbox(rt, "eject")
+    report = event(7, slot_count=4, slots=[{"slot": 1, "bank": "PB-E1", "charge": 90}, {"slot": 2, "bank": "PB-E2", "charge": 50}])
+    result = await apply(rt, station_id, "Inventory", report)
+    assert result["ejects_resent"] == [started["eject_command_id"]]
+    first_again, second = await outbox(rt, "eject")
+    assert first_again.id == first.id and second.payload == first.payload
+    assert (await slots_of(rt, station_id))[0].status == "ejecting"  # the snapshot does not settle it
+    # Past the deadline nothing is re-sent: the scheduler fails it instead.
+    async with rt.sessions.begin() as db:
+        slot = (await db.execute(select(StationSlot).where(StationSlot.eject_command_id == started["eject_command_id"]))).scalar_one()
+        slot.eject_deadline_at = utcnow() - timedelta(seconds=1)
+    result = await apply(rt, station_id, "Inventory", {**report, "seq": 8})
+    assert "ejects_resent" not in result and len(await outbox(rt, "eject")) == 2
