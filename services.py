@@ -46,6 +46,7 @@ def build_services(settings: Settings, *, dispatcher=None, outbox_sink=None) -> 
             outbox_sink=outbox_sink,
             locks=locks,
             single_writer=is_sqlite,
+            apply_in_caller=not is_sqlite,
         )
     )
     # The Station actor takes its timings (eject deadline, heartbeat interval) and the bank

@@ -60,6 +60,10 @@ class LocalBus:
     async def publish(self, channel: str, message: Any) -> None:
         self.publish_nowait(channel, message)
 
+    async def publish_many(self, messages: list[tuple[str, Any]]) -> None:
+        for channel, message in messages:
+            self.publish_nowait(channel, message)
+
     def publish_nowait(self, channel: str, message: Any) -> None:
         with self._lock:
             subscribers = tuple(self._subscribers.get(channel, ()))
@@ -95,6 +99,8 @@ class RedisBus:
     once Redis confirms it."""
 
     RESULT_PATTERN = "cmd:*"
+    # Matched by the pattern; never a command's own channel (those are cmd:{kind}:{id}).
+    RESULTS_CHANNEL = "cmd:"
 
     def __init__(self, redis_url: str) -> None:
         import redis.asyncio as redis_asyncio
@@ -111,6 +117,21 @@ class RedisBus:
 
     async def publish(self, channel: str, message: Any) -> None:
         await self._client.publish(channel, _encoder.encode(message))
+
+    async def publish_many(self, messages: list[tuple[str, Any]]) -> None:
+        """One round trip for a whole batch. Command results travel as one message on
+        `RESULTS_CHANNEL`, which every process receives through its `cmd:*` pattern anyway and
+        splits locally: one Redis message to pack and parse instead of one per command."""
+        results = [[channel, message] for channel, message in messages if channel.startswith("cmd:")]
+        others = [(channel, message) for channel, message in messages if not channel.startswith("cmd:")]
+        if not messages:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            if results:
+                pipe.publish(self.RESULTS_CHANNEL, _encoder.encode(results))
+            for channel, message in others:
+                pipe.publish(channel, _encoder.encode(message))
+            await pipe.execute()
 
     async def _attach(self, subscription: Subscription) -> None:
         await self._start_reader()
@@ -163,7 +184,15 @@ class RedisBus:
                 if confirmation is not None and not confirmation.done():
                     confirmation.set_result(None)
             elif kind in ("message", "pmessage"):
-                self._deliver(name, item["data"])
+                if name == self.RESULTS_CHANNEL:
+                    self._deliver_results(item["data"])
+                else:
+                    self._deliver(name, item["data"])
+
+    def _deliver_results(self, data: bytes) -> None:
+        for channel, message in _decoder.decode(data):
+            for subscription in tuple(self._local.get(channel, ())):
+                subscription.queue.put_nowait((channel, message))
 
     def _deliver(self, channel: str, data: bytes) -> None:
         subscribers = self._local.get(channel)

@@ -44,6 +44,11 @@ EMPTY_DRAINS = Counter(
     "Doorbells (redelivered, duplicated or fallback) that found the mailbox already empty",
     ["kind"],
 )
+APPLIED_IN_CALLER = Counter(
+    "powerbank_actor_applied_in_caller_total",
+    "Commands accepted and applied by the calling process itself (idle entity, empty mailbox)",
+    ["kind"],
+)
 LOCK_BUSY = Counter("powerbank_actor_lock_busy_total", "Drains that found another drainer holding the entity", ["kind"])
 MAILBOX_DEPTH = Gauge("powerbank_actor_mailbox_depth", "Commands pending, all entities of a kind", ["kind"])
 OLDEST_PENDING_AGE = Gauge(

@@ -29,7 +29,8 @@ from typing import Any, Protocol
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from powerbank.actors import metrics
+from powerbank.actors import mailbox, metrics
+from powerbank.actors.mailbox import Envelope, Pending
 from powerbank.storage.db import insert_unless_exists
 from powerbank.storage.models import ActorCommand, OutboxMessage
 from powerbank.storage.types import utcnow
@@ -37,8 +38,10 @@ from powerbank.storage.types import utcnow
 log = logging.getLogger(__name__)
 
 Handler = Callable[["ActorContext", str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+BatchHandler = Callable[["ActorContext", str, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
 HANDLERS: dict[tuple[str, str], Handler] = {}
-DEFAULT_BATCH_SIZE = 64
+BATCH_HANDLERS: dict[tuple[str, str], BatchHandler] = {}
+DEFAULT_BATCH_SIZE = 256
 # An unexpected error (a lost race on a unique key, a dropped connection) is retried this many
 # times, in order, before the command is marked failed and its mailbox moves on.
 MAX_ATTEMPTS = 5
@@ -59,6 +62,20 @@ def handles(kind: str, name: str) -> Callable[[Handler], Handler]:
     return register
 
 
+def handles_batch(kind: str, name: str) -> Callable[[BatchHandler], BatchHandler]:
+    """Register a function that applies a run of consecutive `name` commands to one entity at
+    once: it gets their payloads in order and returns one result each, deciding in memory and
+    writing with a few set-based statements instead of a few per command. A refusal is a result
+    (`CommandRejected(...).as_result()`) and must leave no write behind; raising fails the whole
+    run, which the runtime then redoes one command at a time (a run of one)."""
+
+    def register(fn: BatchHandler) -> BatchHandler:
+        BATCH_HANDLERS[(kind, name)] = fn
+        return fn
+
+    return register
+
+
 class CommandRejected(Exception):
     """A handler's way to refuse a command: the refusal is the command's result, not a crash."""
 
@@ -69,15 +86,6 @@ class CommandRejected(Exception):
 
     def as_result(self) -> dict[str, Any]:
         return {"ok": False, "reason": self.reason, **self.details}
-
-
-@dataclass
-class Envelope:
-    kind: str
-    entity_id: str
-    name: str
-    payload: dict[str, Any]
-    command_id: str
 
 
 @dataclass
@@ -97,7 +105,7 @@ class ActorContext:
     sent: list[Envelope] = field(default_factory=list)
     notifications: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     outbox_ids: list[int] = field(default_factory=list)
-    settled: list[ActorCommand] = field(default_factory=list)
+    settled: list[Pending] = field(default_factory=list)
     retry: list[tuple[str, str]] = field(default_factory=list)
 
     def mark(self) -> tuple[int, int, int]:
@@ -136,6 +144,8 @@ class OutboxSink(Protocol):
 
 class Bus(Protocol):
     async def publish(self, channel: str, message: Any) -> None: ...
+
+    async def publish_many(self, messages: list[tuple[str, Any]]) -> None: ...
 
     def subscribe(self, *channels: str) -> Any: ...
 
@@ -218,6 +228,7 @@ class Runtime:
         locks: EntityLocks | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         single_writer: bool = False,
+        apply_in_caller: bool = False,
     ) -> None:
         self.sessions = sessions
         self.bus = bus
@@ -226,10 +237,13 @@ class Runtime:
         self.locks = locks or ProcessLocks()
         self.batch_size = batch_size
         self.single_writer = single_writer
+        self.apply_in_caller = apply_in_caller
+        self._calls_in_flight: dict[tuple[str, str], int] = {}
         self._pumping = False
         self._pump_dirty = False
         self._draining: set[tuple[str, str]] = set()
         self._drain_again: set[tuple[str, str]] = set()
+        self._acceptor = mailbox.Acceptor(self._insert_many)
 
     # --- the sending side ------------------------------------------------------------------
 
@@ -251,16 +265,18 @@ class Runtime:
         return CommandOutcome(status="pending", result=None)
 
     async def _accept(self, envelope: Envelope) -> bool:
-        """One durable INSERT. On PostgreSQL it runs in autocommit (one round trip instead of
-        BEGIN, INSERT, COMMIT); SQLite keeps its write transaction, which queues the writer."""
+        """Durable once this returns; concurrent submits share one INSERT and one commit."""
+        return await self._acceptor.accept(envelope)
+
+    async def _insert_many(self, envelopes: list[Envelope]) -> set[tuple[str, str]]:
+        """One durable INSERT of many commands. On PostgreSQL in autocommit (one round trip
+        instead of BEGIN, INSERT, COMMIT); SQLite keeps its write transaction, which queues the
+        single writer."""
         engine = self.sessions.kw["bind"]
         if engine.dialect.name != "postgresql":
             async with self.sessions.begin() as session:
-                return await insert_command(session, envelope)
-        async with engine.connect() as connection:
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            result = await autocommit.execute(insert_command_statement("postgresql", envelope))
-            return result.rowcount == 1
+                return await mailbox.accept(session, engine.dialect.name, envelopes)
+        return await mailbox.accept_autocommit(engine, envelopes)
 
     async def call(
         self,
@@ -274,11 +290,72 @@ class Runtime:
         """Submit and wait until the command is applied; returns its result (the first result
         when the same command id was seen before)."""
         command_id = command_id or str(uuid.uuid4())
-        async with self.bus.subscribe(result_channel(kind, command_id)) as subscription:
-            outcome = await self.submit(kind, entity_id, name, payload, command_id)
-            if outcome.status != "pending":
-                return outcome.result or {}
-            return await self._await_result(subscription, kind, command_id, timeout_s)
+        key = (kind, str(entity_id))
+        # A call with company (another call to the entity in flight here) goes to the mailbox:
+        # a busy entity is served best in batches, not one caller's transaction at a time.
+        alone = key not in self._calls_in_flight
+        self._calls_in_flight[key] = self._calls_in_flight.get(key, 0) + 1
+        try:
+            if self.apply_in_caller and alone:
+                result = await self._apply_in_caller(Envelope(kind, key[1], name, payload, command_id))
+                if result is not None:
+                    return result
+            async with self.bus.subscribe(result_channel(kind, command_id)) as subscription:
+                outcome = await self.submit(kind, entity_id, name, payload, command_id)
+                if outcome.status != "pending":
+                    return outcome.result or {}
+                return await self._await_result(subscription, kind, command_id, timeout_s)
+        finally:
+            self._calls_in_flight[key] -= 1
+            if not self._calls_in_flight[key]:
+                del self._calls_in_flight[key]
+
+    async def _apply_in_caller(self, envelope: Envelope) -> dict[str, Any] | None:
+        """The idle fast path: when nobody drains the entity and its mailbox is empty, accept and
+        apply the command right here, in one transaction, under the same entity lock a worker
+        would take. It is the command the worker would apply next anyway, so the promises are the
+        same; what it saves is the separate accept commit, the doorbell, the wake-up and the
+        result's trip back over the bus.
+
+        None means "queue it as usual": the entity is busy or has mail, the handler refused or
+        raised (the worker applies it with savepoints and retries), the command id exists, or the
+        command wrote an MQTT message and this process cannot deliver one. Everything it did is
+        rolled back first."""
+        row = Pending(0, envelope.kind, envelope.entity_id, envelope.command_id, envelope.name, envelope.payload, 0, utcnow())
+        async with self.sessions() as session:
+            await session.begin()
+            try:
+                ctx = await self._apply_alone(session, row)
+                if ctx is None:
+                    await session.rollback()
+                    return None
+                await session.commit()
+            finally:
+                self.locks.release(row.kind, row.entity_id)
+        metrics.APPLIED_IN_CALLER.labels(row.kind).inc()
+        _record_batch(row.kind, ctx)
+        # Nobody else can be waiting for this result: a concurrent submit of the same id either
+        # found the row and reads it, or made this insert fail. So only the effects go out.
+        ctx.settled = []
+        await self._after_commit(ctx)
+        return row.result
+
+    async def _apply_alone(self, session: AsyncSession, row: Pending) -> ActorContext | None:
+        # The lock first, then the mailbox in a statement of its own (a snapshot after the lock).
+        if not await self.locks.try_lock(session, row.kind, row.entity_id):
+            return None
+        if await mailbox.has_pending(session, row.kind, row.entity_id):
+            return None
+        ctx = ActorContext(session=session, now=row.accepted_at)
+        started = time.perf_counter()
+        try:
+            results = await _run_handler(ctx, [row])
+        except Exception:  # refusals too: the queued path undoes a refusal's writes properly
+            return None
+        if results is None or (ctx.outbox_ids and self.outbox_sink is None):
+            return None
+        self._settle_run(ctx, [row], results, time.perf_counter() - started)
+        return ctx if await mailbox.insert_applied(session, row) else None
 
     async def _await_result(self, subscription, kind: str, command_id: str, timeout_s: float):
         try:
@@ -384,6 +461,8 @@ class Runtime:
     async def _drain_transaction(self, kind: str | None, entity_id: str | None, *, careful: bool):
         async with self.sessions() as session:
             await session.begin()
+            # The lock is its own statement, before the mailbox read: at READ COMMITTED the read
+            # then gets a snapshot taken after the previous holder committed (docs/actors.md).
             if kind is not None and not await self.locks.try_lock(session, kind, entity_id):
                 await session.rollback()
                 metrics.LOCK_BUSY.labels(kind).inc()
@@ -408,59 +487,45 @@ class Runtime:
 
     async def _apply_pending(self, session: AsyncSession, kind: str | None, entity_id: str | None, careful: bool):
         """Pending commands in acceptance order: one entity's, or (single writer) everyone's."""
-        query = select(ActorCommand).where(ActorCommand.status == "pending")
-        limit = self.batch_size
-        if kind is not None:
-            query = query.where(ActorCommand.kind == kind, ActorCommand.entity_id == entity_id)
-        else:
-            limit = self.batch_size * PUMP_BATCH_FACTOR
-        rows = list((await session.execute(query.order_by(ActorCommand.id).limit(limit))).scalars())
+        limit = self.batch_size if kind is not None else self.batch_size * PUMP_BATCH_FACTOR
+        rows = await mailbox.read_pending(session, kind, entity_id, limit)
         ctx = ActorContext(session=session, now=utcnow())
         held_back: set[tuple[str, str]] = set()
-        for row in rows:
-            key = (row.kind, row.entity_id)
-            if key in held_back:
+        for run in _runs(rows, careful):
+            if run[0].entity in held_back:
                 continue  # an earlier command of this entity is waiting for another attempt
-            applied = await (self._apply_one(ctx, row) if careful else self._apply_optimistically(ctx, row))
+            applied = await (self._apply_one(ctx, run[0]) if careful else self._apply_run(ctx, run))
             if not applied:
-                held_back.add(key)
-                ctx.retry.append(key)
+                held_back.add(run[0].entity)
+                ctx.retry.append(run[0].entity)
+        await mailbox.save(session, rows)
         return ctx, rows
 
-    async def _apply_optimistically(self, ctx: ActorContext, row: ActorCommand) -> bool:
-        handler = HANDLERS.get((row.kind, row.name))
-        if handler is None:
-            self._settle(ctx, row, "failed", {"ok": False, "reason": "unknown_command"})
-            return True
+    async def _apply_run(self, ctx: ActorContext, run: list[Pending]) -> bool:
         started = time.perf_counter()
         try:
-            result = await handler(ctx, row.entity_id, row.payload)
+            results = await _run_handler(ctx, run)
         except Exception as error:  # refusals included: they may come after a write
             raise _NeedsSavepoints from error
-        metrics.APPLY_SECONDS.labels(row.kind).observe(time.perf_counter() - started)
-        self._settle(ctx, row, "applied", result or {"ok": True})
+        self._settle_run(ctx, run, results, time.perf_counter() - started)
         return True
 
-    async def _apply_one(self, ctx: ActorContext, row: ActorCommand) -> bool:
+    async def _apply_one(self, ctx: ActorContext, row: Pending) -> bool:
         """Apply one command in a savepoint. False when it hit an unexpected error and stays
         pending for another attempt (the entity's later commands must wait behind it)."""
-        handler = HANDLERS.get((row.kind, row.name))
-        if handler is None:
-            self._settle(ctx, row, "failed", {"ok": False, "reason": "unknown_command"})
-            return True
         marks = ctx.mark()
         started = time.perf_counter()
         try:
             async with ctx.session.begin_nested():
-                result = await handler(ctx, row.entity_id, row.payload)
-            metrics.APPLY_SECONDS.labels(row.kind).observe(time.perf_counter() - started)
-            self._settle(ctx, row, "applied", result or {"ok": True})
+                results = await _run_handler(ctx, [row])
+            self._settle_run(ctx, [row], results, time.perf_counter() - started)
         except CommandRejected as rejection:
             ctx.rewind(marks)
             self._settle(ctx, row, "applied", rejection.as_result())
         except Exception:
             ctx.rewind(marks)
             row.attempts += 1
+            row.changed = True
             log.exception("command %s on %s/%s failed (attempt %d)", row.name, row.kind, row.entity_id, row.attempts)
             if row.attempts < MAX_ATTEMPTS:
                 metrics.RETRIED.labels(row.kind).inc()
@@ -468,18 +533,26 @@ class Runtime:
             self._settle(ctx, row, "failed", {"ok": False, "reason": "internal_error"})
         return True
 
+    def _settle_run(self, ctx: ActorContext, run: list[Pending], results: list | None, elapsed_s: float) -> None:
+        if results is None:
+            for row in run:
+                self._settle(ctx, row, "failed", {"ok": False, "reason": "unknown_command"})
+            return
+        apply_seconds = metrics.APPLY_SECONDS.labels(run[0].kind)
+        for row, result in zip(run, results):
+            apply_seconds.observe(elapsed_s / len(run))
+            self._settle(ctx, row, "applied", result or {"ok": True})
+
     @staticmethod
-    def _settle(ctx: ActorContext, row: ActorCommand, status: str, result: dict[str, Any]) -> None:
-        row.status, row.result, row.applied_at = status, result, ctx.now
+    def _settle(ctx: ActorContext, row: Pending, status: str, result: dict[str, Any]) -> None:
+        row.status, row.result, row.applied_at, row.changed = status, result, ctx.now, True
         ctx.settled.append(row)
 
     async def _after_commit(self, ctx: ActorContext) -> None:
         for envelope in ctx.sent:
             self.ring(envelope.kind, envelope.entity_id)
-        for row in ctx.settled:
-            await self.bus.publish(result_channel(row.kind, row.command_id), row.result)
-        for channel, event in ctx.notifications:
-            await self.bus.publish(channel, event)
+        results = [(result_channel(row.kind, row.command_id), row.result) for row in ctx.settled]
+        await self.bus.publish_many(results + ctx.notifications)
         if ctx.outbox_ids and self.outbox_sink is not None:
             try:
                 await self.flush_outbox(ctx.outbox_ids)
@@ -548,6 +621,37 @@ class Runtime:
         return len(stalled)
 
 
+async def _run_handler(ctx: ActorContext, run: list[Pending]) -> list[dict[str, Any] | None] | None:
+    """The run's results in order, through its batch handler or its one-command handler; None
+    when nobody handles the command."""
+    key = (run[0].kind, run[0].name)
+    batch_handler = BATCH_HANDLERS.get(key)
+    if batch_handler is not None:
+        results = await batch_handler(ctx, run[0].entity_id, [row.payload for row in run])
+        if len(results) != len(run):
+            raise RuntimeError(f"{key} returned {len(results)} results for {len(run)} commands")
+        return results
+    handler = HANDLERS.get(key)
+    if handler is None:
+        return None
+    return [await handler(ctx, run[0].entity_id, run[0].payload)]
+
+
+def _runs(rows: list[Pending], careful: bool):
+    """Consecutive commands of one entity and name that a batch handler takes go together;
+    every other command alone, and every command alone when applying carefully."""
+    run: list[Pending] = []
+    for row in rows:
+        if run and not careful and row.entity == run[0].entity and row.name == run[0].name and (row.kind, row.name) in BATCH_HANDLERS:
+            run.append(row)
+            continue
+        if run:
+            yield run
+        run = [row]
+    if run:
+        yield run
+
+
 class _NeedsSavepoints(Exception):
     """A command raised during an optimistic batch: redo the batch with savepoints."""
 
@@ -562,9 +666,14 @@ def _record_batch(label: str, ctx: ActorContext) -> None:
         return
     metrics.BATCH_SIZE.labels(label).observe(len(ctx.settled))
     committed_at = utcnow()
+    outcomes: dict[tuple[str, str], int] = {}
     for row in ctx.settled:
-        (metrics.FAILED if row.status == "failed" else metrics.APPLIED).labels(row.kind).inc()
-        metrics.COMMAND_LATENCY_SECONDS.labels(row.kind).observe((committed_at - row.accepted_at).total_seconds())
+        outcomes[(row.kind, row.status)] = outcomes.get((row.kind, row.status), 0) + 1
+    for (kind, status), count in outcomes.items():
+        (metrics.FAILED if status == "failed" else metrics.APPLIED).labels(kind).inc(count)
+    latency = {kind: metrics.COMMAND_LATENCY_SECONDS.labels(kind) for kind, _ in outcomes}
+    for row in ctx.settled:
+        latency[row.kind].observe((committed_at - row.accepted_at).total_seconds())
 
 
 async def pending_count(sessions: async_sessionmaker[AsyncSession]) -> int:

@@ -9,7 +9,8 @@ Phases, one run, one fresh database and Redis db:
 2. independent commands: many wallets, closed-loop load, `--workers` worker processes;
 3. pgbench: a single-row UPDATE on the same server (one commit per transaction, the best of a
    few client counts), the reference for a hot entity;
-4. hot entity: one wallet receiving debits as fast as the web process can send them;
+4. hot entity: one wallet receiving debits as fast as the web process can send them, at a few
+   in-flight levels (the best is the figure, as for both references);
 5. naive locking: the same hot-wallet debits done the usual way, `SELECT ... FOR UPDATE` inside
    the request handler, from `--naive-processes` processes at a few in-flight levels (the best
    is the reference, as for pgbench: queueing too many requests on one row lock only hurts it);
@@ -20,10 +21,12 @@ After each phase the run records what it cost per command: database commits and 
 work. On a shared, noisy machine those explain a throughput figure better than it explains
 itself: they show whether a path is bound by commits or by CPU.
 
-A debit does the same ledger work on both paths (`debit_to_revenue`): read the account, check
-it cannot overdraw, insert a ledger transfer, bump both accounts' totals. The actor path adds
-its own costs (the mailbox row, the doorbell, the result on the bus) and saves commits by
-applying a busy mailbox in batches.
+A debit does the same ledger work on both paths: check the wallet cannot overdraw, insert a
+ledger transfer, bump the wallet's totals, idempotent by transfer id. The naive path does it
+one request at a time (`ledger.transfer`); the actor path adds its own costs (the mailbox row,
+the doorbell, the result on the bus) and applies a busy mailbox's run of debits as one batch
+(`ledger.transfer_many`: decided in memory, one INSERT and one UPDATE for the run), which is
+what the single owner of an entity's state makes possible.
 
 The command sender is a real `web` process (`processes.start_backend`), so the figures follow
 whatever dispatcher and bus the runtime wires; workers are real `powerbank worker` processes
@@ -59,6 +62,7 @@ from powerbank.actors.runtime import (
     CommandRejected,
     Runtime,
     handles,
+    handles_batch,
 )
 from powerbank.actors.wallet import load_wallet
 from powerbank.simulators.bench import (
@@ -117,7 +121,7 @@ async def debit_to_revenue(
     session: AsyncSession, account: LedgerAccount, transfer_id: uuid.UUID, amount_minor: int, kind: str
 ) -> None:
     """One posted transfer from a wallet account to platform revenue, refused on overdraft
-    (inside `ledger.transfer`). The same call on the actor path and the naive path."""
+    (inside `ledger.transfer`): the naive path's unit of work."""
     revenue = await ledger.system_account(session, "platform_revenue", account.currency)
     await ledger.transfer(
         session, transfer_id=transfer_id, debit=account, credit=revenue, amount_minor=amount_minor, kind=kind
@@ -128,21 +132,23 @@ def debit_payload() -> dict[str, Any]:
     return {"transfer_id": str(uuid.uuid4()), "amount_minor": DEBIT_MINOR}
 
 
-@handles(KIND, BENCH_DEBIT)
-async def bench_debit(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Benchmark-only wallet command. No row lock: the actor runtime already guarantees that
-    nothing else applies to this wallet meanwhile; that is the point being measured. Returns
-    when it ran (wall clock, one host) so a round trip can be split around the handler."""
+@handles_batch(KIND, BENCH_DEBIT)
+async def bench_debits(ctx: ActorContext, user_id: str, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Benchmark-only wallet command, applied a run at a time. No row lock: the actor runtime
+    already guarantees that nothing else applies to this wallet meanwhile; that is the point
+    being measured. Each result says when the run ran (wall clock, one host) so a round trip can
+    be split around the handler."""
     started_at = time.time()
     wallet = await load_wallet(ctx, user_id)
     account = await ctx.session.get(LedgerAccount, wallet.account_id)
-    try:
-        await debit_to_revenue(
-            ctx.session, account, uuid.UUID(payload["transfer_id"]), payload["amount_minor"], ACTOR_TRANSFER_KIND
-        )
-    except LedgerError as error:
-        raise CommandRejected(error.reason) from None
-    return {"ok": True, "handler_started_at": started_at, "handler_finished_at": time.time()}
+    revenue = await ledger.system_account(ctx.session, "platform_revenue", account.currency)
+    requests = [
+        ledger.TransferRequest(uuid.UUID(payload["transfer_id"]), payload["amount_minor"], ACTOR_TRANSFER_KIND)
+        for payload in payloads
+    ]
+    refusals = await ledger.transfer_many(ctx.session, debit=account, credit=revenue, requests=requests)
+    done = {"ok": True, "handler_started_at": started_at, "handler_finished_at": time.time()}
+    return [done if reason is None else CommandRejected(reason).as_result() for reason in refusals]
 
 
 @handles(KIND, BENCH_NOOP)
@@ -182,7 +188,7 @@ class BenchOptions:
     warmup_s: float = 2.0
     phase_s: float = 15.0
     independent_concurrency: int = 64
-    hot_concurrency: int = 128
+    hot_concurrency: tuple[int, ...] = (128, 512)
     naive_processes: int = 2
     naive_concurrency: tuple[int, ...] = (16, 128)
     pgbench_clients: tuple[int, ...] = (1, 4, 16)
@@ -195,7 +201,7 @@ class BenchOptions:
 # One level per reference instead of a sweep, shorter windows: a smoke run, not a measurement.
 QUICK = dict(
     quick=True, entities=100, idle_samples=8, idle_gap_s=0.2, warmup_s=1.0, phase_s=3.0,
-    pgbench_clients=(4,), pgbench_s=2, naive_concurrency=(16,), total_timeout_s=240.0,
+    pgbench_clients=(4,), pgbench_s=2, naive_concurrency=(16,), hot_concurrency=(256,), total_timeout_s=240.0,
 )
 
 
@@ -220,7 +226,7 @@ def parse_options(argv: list[str]) -> BenchOptions:
     parser.add_argument("--warmup", dest="warmup_s", type=float, help="seconds of load before each measured window")
     parser.add_argument("--duration", dest="phase_s", type=float, help="seconds measured per load phase")
     parser.add_argument("--independent-concurrency", type=int, help="commands in flight, independent phase")
-    parser.add_argument("--hot-concurrency", type=int, help="commands in flight, hot-wallet phase")
+    parser.add_argument("--hot-concurrency", type=_int_list, help="commands in flight, hot-wallet phase, e.g. 128,512; the best is the figure")
     parser.add_argument("--naive-processes", type=int, help="processes doing naive locked debits")
     parser.add_argument("--naive-concurrency", type=_int_list, help="requests in flight over all naive processes, e.g. 16,128; the best is the reference")
     parser.add_argument("--pgbench-clients", type=_int_list, help="e.g. 1,4,16; the best is the reference")
@@ -271,6 +277,9 @@ class _NullBus:
     """Setup needs no listener: nobody awaits these results."""
 
     async def publish(self, channel: str, message: Any) -> None:
+        return None
+
+    async def publish_many(self, messages: list[tuple[str, Any]]) -> None:
         return None
 
     def subscribe(self, *channels: str) -> Any:
@@ -569,7 +578,8 @@ def idle_legs_p50_ms(samples: list[IdleSample]) -> dict[str, float]:
 
 
 def best_load(runs: list[LoadResult]) -> LoadResult:
-    """The naive reference at its best in-flight level, for the same reason as `best_pgbench`."""
+    """A load phase at its best in-flight level, for the same reason as `best_pgbench`; used
+    for the hot entity and its naive reference alike."""
     return max(runs, key=lambda run: run.ok_per_s)
 
 
@@ -587,7 +597,7 @@ def assemble_summary(
     idle: list[IdleSample],
     idle_noop: list[IdleSample],
     independent: LoadResult,
-    hot: LoadResult,
+    hot_runs: list[LoadResult],
     naive_runs: list[LoadResult],
     pgbench_runs: list[PgbenchResult],
     audit_report: dict[str, Any],
@@ -602,6 +612,7 @@ def assemble_summary(
     noop_ms = latency_summary_ms([sample.total_s for sample in idle_noop])
     reference = best_pgbench(pgbench_runs)
     naive = best_load(naive_runs)
+    hot = best_load(hot_runs)
     figures = {
         "idle_roundtrip_p50_ms": idle_ms["p50"],
         "idle_roundtrip_p99_ms": idle_ms["p99"],
@@ -618,14 +629,14 @@ def assemble_summary(
         **figures,
         "goals": goals_met(figures),
         "audit": audit_report,
-        "errors": independent.errors + hot.errors + sum(run.errors for run in naive_runs),
+        "errors": independent.errors + sum(run.errors for run in hot_runs + naive_runs),
         "phases": {
             "idle": {"command": BENCH_DEBIT, "samples": len(idle), "latency_ms": idle_ms, "legs_p50_ms": idle_legs_p50_ms(idle)},
             "idle_noop": {
                 "command": BENCH_NOOP, "samples": len(idle_noop), "latency_ms": noop_ms, "legs_p50_ms": idle_legs_p50_ms(idle_noop),
             },
             "independent": independent.as_dict(),
-            "hot_entity": hot.as_dict(),
+            "hot_entity": [run.as_dict() for run in hot_runs],
             "naive_locking": [run.as_dict() for run in naive_runs],
             "pgbench": [dataclasses.asdict(run) for run in pgbench_runs],
         },
@@ -633,6 +644,7 @@ def assemble_summary(
             "pgbench_clients": reference.clients,
             "pgbench_sql": PGBENCH_SQL,
             "naive_concurrency": naive.concurrency,
+            "hot_concurrency": hot.concurrency,
         },
         "params": {
             **{key: list(v) if isinstance(v, tuple) else v for key, v in dataclasses.asdict(options).items()},
@@ -686,7 +698,10 @@ class Run:
         )
         pgbench_runs = await self._pgbench()
         await self._account(runtime, "pgbench", sum(run.transactions for run in pgbench_runs), python_cpu=False)
-        hot = await self._load_phase("hot_entity", runtime, lambda n: str(hot_user), options.hot_concurrency)
+        hot_runs = [
+            await self._load_phase(f"hot_entity_{concurrency}", runtime, lambda n: str(hot_user), concurrency)
+            for concurrency in options.hot_concurrency
+        ]
         # A deployment done the usual way has no actor workers; stopping them also frees their
         # connection slots, which every user of this PostgreSQL server shares.
         self.say("stopping the workers before the naive phases")
@@ -695,7 +710,7 @@ class Run:
         audit_report = await audit(self.backend.services.sessions)
         environment = {**await server_facts(self.backend.services.sessions), **source_revision()}
         summary = assemble_summary(
-            options, idle=idle[BENCH_DEBIT], idle_noop=idle[BENCH_NOOP], independent=independent, hot=hot, naive_runs=naive_runs, pgbench_runs=pgbench_runs,
+            options, idle=idle[BENCH_DEBIT], idle_noop=idle[BENCH_NOOP], independent=independent, hot_runs=hot_runs, naive_runs=naive_runs, pgbench_runs=pgbench_runs,
             audit_report=audit_report, environment=environment, elapsed_s=time.monotonic() - started,
             workers_seen=workers_seen, db_activity=self.db_activity,
         )
@@ -895,6 +910,8 @@ def print_report(console, summary: dict[str, Any]) -> None:
     console.print(f"pgbench (reference = best): {pgbench}")
     naive = ", ".join(f"{run['concurrency']} in flight {run['ok_per_s']:.0f}/s" for run in summary["phases"]["naive_locking"])
     console.print(f"naive locking (reference = best): {naive}")
+    hot = ", ".join(f"{run['concurrency']} in flight {run['ok_per_s']:.0f}/s" for run in summary["phases"]["hot_entity"])
+    console.print(f"hot entity (figure = best): {hot}")
     for label, data in summary["db_activity"].items():
         cpu = data.get("python_cpu_ms_per_command")
         cpu_note = f", Python CPU {cpu:g} ms" if cpu is not None else ""

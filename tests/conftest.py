@@ -58,7 +58,10 @@ async def runtime(engine):
     dispatcher = LoopDispatcher()
     is_sqlite = engine.dialect.name == "sqlite"
     locks = ProcessLocks() if is_sqlite else AdvisoryLocks()
-    rt = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=locks, single_writer=is_sqlite)
+    rt = Runtime(
+        session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=locks, single_writer=is_sqlite,
+        apply_in_caller=not is_sqlite,  # as services.build_services wires it
+    )
     dispatcher.runtime = rt
     rt.test_dispatcher = dispatcher  # type: ignore[attr-defined]
     yield rt

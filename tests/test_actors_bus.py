@@ -47,3 +47,25 @@ async def test_nothing_arrives_after_leaving(bus_pair):
     await publisher.publish("user:7", {"late": True})
     with pytest.raises(asyncio.TimeoutError):
         await subscription.get(0.2)
+
+
+async def test_a_batch_of_results_and_events_reaches_each_waiter(bus_pair):
+    """`publish_many` (one message for all results on Redis) gives every waiter its own result,
+    and nobody anything meant for another command."""
+    publisher, subscriber = bus_pair
+    async with (
+        subscriber.subscribe("cmd:wallet:a") as a,
+        subscriber.subscribe("cmd:rental:b") as b,
+        subscriber.subscribe("user:9") as events,
+    ):
+        await publisher.publish_many([
+            ("cmd:wallet:a", {"ok": True, "n": 1}),
+            ("cmd:wallet:nobody-waits", {"ok": True}),
+            ("user:9", {"type": "wallet.updated"}),
+            ("cmd:rental:b", {"ok": False, "reason": "x"}),
+        ])
+        assert await a.get(5) == ("cmd:wallet:a", {"ok": True, "n": 1})
+        assert await b.get(5) == ("cmd:rental:b", {"ok": False, "reason": "x"})
+        assert await events.get(5) == ("user:9", {"type": "wallet.updated"})
+        with pytest.raises(asyncio.TimeoutError):
+            await a.get(0.2)

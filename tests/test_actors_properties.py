@@ -98,6 +98,7 @@ def _stack(url: str):
             dispatcher=dispatcher,
             locks=ProcessLocks() if is_sqlite else AdvisoryLocks(),
             single_writer=is_sqlite,
+            apply_in_caller=not is_sqlite,  # as services.build_services wires it
         )
         dispatcher.runtime = runtime
         engines.append(engine)

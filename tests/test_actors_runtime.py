@@ -6,9 +6,14 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
 from sqlalchemy import func, select
 
-from powerbank.actors.runtime import CommandRejected, handles
+from powerbank.actors import metrics
+from powerbank.actors.bus import LocalBus
+from powerbank.actors.runtime import AdvisoryLocks, CommandRejected, Runtime, handles, handles_batch
+from powerbank.storage.db import create_engine, session_factory
+from powerbank.storage.models import Base
 from powerbank.storage.models import ActorCommand, AppConfig
 
 
@@ -145,3 +150,157 @@ async def test_a_command_failing_every_time_is_given_up_on(runtime):
     assert result == {"ok": False, "reason": "internal_error"}
     assert (row.status, row.attempts) == ("failed", 5)
     assert await _items(runtime, "doomed") == []
+
+
+# --- batch handlers ---------------------------------------------------------------------------
+
+_runs_seen: list[tuple[str, int]] = []
+
+
+@handles_batch("wallet", "TestAddMany")
+async def _add_many(ctx, entity_id, payloads):
+    """Appends a run of items with one write; an item "poison" makes the whole run raise, and
+    an item "refuse" is refused without writing."""
+    _runs_seen.append((entity_id, len(payloads)))
+    if any(p["item"] == "poison" for p in payloads):
+        raise RuntimeError("a poisoned run")
+    accepted = [p["item"] for p in payloads if p["item"] != "refuse"]
+    key = f"test:{entity_id}"
+    row = await ctx.session.get(AppConfig, key)
+    items = list(row.value["items"]) if row else []
+    start = len(items)
+    items.extend(accepted)
+    if row is None:
+        ctx.session.add(AppConfig(key=key, value={"items": items}))
+    else:
+        row.value = {"items": items}
+    await ctx.session.flush()
+    results, position = [], start
+    for p in payloads:
+        if p["item"] == "refuse":
+            results.append(CommandRejected("refused_item").as_result())
+        else:
+            position += 1
+            results.append({"ok": True, "length": position})
+    return results
+
+
+async def _submit_all(runtime, entity, items, prefix, name="TestAddMany"):
+    for n, item in enumerate(items):
+        await runtime.submit("wallet", entity, name, {"item": item}, f"{prefix}-{n}")
+
+
+async def test_a_batch_handler_takes_a_backlog_as_one_run_with_results_in_order(runtime):
+    runtime.dispatcher, dispatcher = None, runtime.dispatcher  # let a backlog build up
+    await _submit_all(runtime, "b1", ["a", "refuse", "b", "c"], "run")
+    runtime.dispatcher = dispatcher
+    _runs_seen.clear()
+    await runtime.drain("wallet", "b1")
+    outcomes = [(await runtime.outcome("wallet", f"run-{n}")).result for n in range(4)]
+    assert _runs_seen == [("b1", 4)]
+    assert outcomes == [
+        {"ok": True, "length": 1},
+        {"ok": False, "reason": "refused_item"},
+        {"ok": True, "length": 2},
+        {"ok": True, "length": 3},
+    ]
+    assert await _items(runtime, "b1") == ["a", "b", "c"]
+
+
+async def test_another_command_in_between_splits_the_run(runtime):
+    runtime.dispatcher, dispatcher = None, runtime.dispatcher
+    await _submit_all(runtime, "b2", ["a", "b"], "first")
+    await runtime.submit("wallet", "b2", "TestAppend", {"item": "single"}, "between")
+    await _submit_all(runtime, "b2", ["c"], "last")
+    runtime.dispatcher = dispatcher
+    _runs_seen.clear()
+    await runtime.drain("wallet", "b2")
+    assert _runs_seen == [("b2", 2), ("b2", 1)]
+    assert await _items(runtime, "b2") == ["a", "b", "single", "c"]
+
+
+async def test_a_raising_run_is_redone_one_command_at_a_time(runtime):
+    runtime.dispatcher, dispatcher = None, runtime.dispatcher
+    await _submit_all(runtime, "b3", ["a", "poison", "b"], "mixed")
+    runtime.dispatcher = dispatcher
+    _runs_seen.clear()
+    await runtime.drain("wallet", "b3")
+    await runtime.test_dispatcher.settle()
+    outcomes = [(await runtime.outcome("wallet", f"mixed-{n}")) for n in range(3)]
+    # The whole run was tried once, then each command alone; only the poison one failed.
+    assert _runs_seen[0] == ("b3", 3)
+    assert ("b3", 1) in _runs_seen[1:]
+    assert [o.status for o in outcomes] == ["applied", "failed", "applied"]
+    assert outcomes[1].result == {"ok": False, "reason": "internal_error"}
+    assert await _items(runtime, "b3") == ["a", "b"]
+
+
+async def test_concurrent_submits_share_statements_and_keep_each_callers_answer(runtime):
+    """Group commit: many submits at once, duplicates among them, each caller told the truth."""
+    ids = [f"g-{n % 40}" for n in range(60)]  # 20 ids submitted twice
+    outcomes = await asyncio.gather(*(
+        runtime.submit("wallet", "g", "TestAppend", {"item": command_id}, command_id) for command_id in ids
+    ))
+    await runtime.test_dispatcher.settle()
+    fresh = [o for o in outcomes if not o.duplicate]
+    assert len(fresh) == 40
+    assert sorted(await _items(runtime, "g")) == sorted(set(ids))
+
+
+# --- applied in the caller (PostgreSQL: the idle fast path) ----------------------------------
+
+
+@pytest.fixture
+async def caller_runtime(postgres_url):
+    """Nobody drains: whatever is applied was applied by `call` itself."""
+    engine = create_engine(postgres_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    yield Runtime(session_factory(engine), bus=LocalBus(), dispatcher=None, locks=AdvisoryLocks(), apply_in_caller=True)
+    await engine.dispose()
+
+
+def _applied_in_caller() -> float:
+    return metrics.APPLIED_IN_CALLER.labels("wallet")._value.get()
+
+
+@pytest.mark.postgres
+async def test_an_idle_entity_is_applied_by_its_caller_once(caller_runtime):
+    before = _applied_in_caller()
+    first = await caller_runtime.call("wallet", "idle", "TestAppend", {"item": "a"}, "idle-1")
+    again = await caller_runtime.call("wallet", "idle", "TestAppend", {"item": "a"}, "idle-1")
+    assert first == again == {"ok": True, "length": 1}
+    assert _applied_in_caller() - before == 1
+    assert await _items(caller_runtime, "idle") == ["a"]
+    outcome = await caller_runtime.outcome("wallet", "idle-1")
+    assert (outcome.status, outcome.result) == ("applied", first)
+
+
+@pytest.mark.postgres
+async def test_a_caller_queues_behind_pending_mail_and_keeps_the_order(caller_runtime):
+    await caller_runtime.submit("wallet", "busy", "TestAppend", {"item": "queued"}, "busy-1")
+    waiting = asyncio.create_task(caller_runtime.call("wallet", "busy", "TestAppend", {"item": "later"}, "busy-2"))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # it did not jump the queue
+    await caller_runtime.drain("wallet", "busy")
+    assert (await asyncio.wait_for(waiting, 10))["ok"]
+    assert await _items(caller_runtime, "busy") == ["queued", "later"]
+
+
+@pytest.mark.postgres
+async def test_a_refusal_or_error_in_the_caller_leaves_nothing_and_goes_to_the_queue(caller_runtime):
+    before = _applied_in_caller()
+    refused = asyncio.create_task(caller_runtime.call("wallet", "r", "TestRefuse", {}, "refuse-in-caller"))
+    forwarded = asyncio.create_task(
+        caller_runtime.call("wallet", "src", "TestForward", {"to": "dst", "item": "x", "explode": True}, "explode-in-caller")
+    )
+    await asyncio.sleep(0.3)
+    assert _applied_in_caller() == before
+    async with caller_runtime.sessions() as session:
+        sent = await session.scalar(select(func.count()).select_from(ActorCommand).where(ActorCommand.command_id == "fwd:x"))
+    assert sent == 0  # the follow-up the exploding handler sent was rolled back with it
+    await caller_runtime.drain("wallet", "r")
+    for _ in range(5):  # no dispatcher here to re-ring a retried command: drain by hand
+        await caller_runtime.drain("wallet", "src")
+    assert await asyncio.wait_for(refused, 10) == {"ok": False, "reason": "not_today", "hint": "tomorrow"}
+    assert (await asyncio.wait_for(forwarded, 10))["reason"] == "internal_error"

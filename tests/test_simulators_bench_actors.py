@@ -135,7 +135,7 @@ def test_summary_holds_figures_ratios_goals_references_and_parameters():
         idle=[IdleSample(0.004, 0.002, 0.001, 0.001)] * 50 + [IdleSample(0.02, 0.01, 0.005, 0.005)],
         idle_noop=[IdleSample(0.003, 0.002, 0.0, 0.001)] * 10,
         independent=_load(30000),
-        hot=_load(50000),
+        hot_runs=[_load(50000, concurrency=128), _load(40000, concurrency=512)],
         naive_runs=[_load(20000, concurrency=16), _load(15000, concurrency=128)],
         pgbench_runs=pgbench_runs,
         audit_report={"ok": True},
@@ -148,7 +148,8 @@ def test_summary_holds_figures_ratios_goals_references_and_parameters():
     assert summary["idle_roundtrip_p99_ms"] == 20.0
     assert summary["phases"]["idle"]["legs_p50_ms"] == {"to_handler": 2.0, "handler": 1.0, "to_caller": 1.0}
     assert summary["idle_noop_roundtrip_p50_ms"] == 3.0
-    assert summary["hot_entity_commands_per_s"] == 5000.0
+    assert summary["hot_entity_commands_per_s"] == 5000.0  # the best in-flight level is the figure
+    assert summary["reference"]["hot_concurrency"] == 128
     assert summary["pgbench_hot_row_tps"] == 4000.0  # the best client count is the reference
     assert summary["reference"]["pgbench_clients"] == 4
     assert summary["hot_entity_vs_pgbench"] == 1.25
@@ -179,7 +180,7 @@ def test_summary_with_nothing_measured_stays_valid_json():
         idle=[],
         idle_noop=[],
         independent=_load(0),
-        hot=_load(0),
+        hot_runs=[_load(0)],
         naive_runs=[_load(0)],
         pgbench_runs=[PgbenchResult(clients=1, duration_s=2, tps=0.0, transactions=0, failed=0, latency_avg_ms=0.0)],
         audit_report={"ok": True},
