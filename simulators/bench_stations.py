@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import resource
 import secrets
 import shutil
@@ -56,6 +57,8 @@ FLEET_CHILD_CODE = (
     "import sys; from powerbank.simulators.bench_stations import fleet_child_main; sys.exit(fleet_child_main(sys.argv[1:]))"
 )
 STATUS_EVERY_S = 1.0
+LAG_LOAD_FRACTION = 0.5  # the lag is measured at this fraction of the embedded capacity
+LAG_PHASE_WINDOW = 50  # outstanding events a station may have in the open-loop phase
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ class BenchOptions:
 
 # A smoke run: every phase, small and short.
 QUICK = dict(
-    quick=True, stations=40, fleet_processes=1, connect_timeout_s=60.0, heartbeat_interval_s=2, hold_s=5.0,
-    event_stations=10, window=2, events_s=3.0, warmup_s=1.0, total_timeout_s=150.0,
+    quick=True, stations=40, fleet_processes=1, connect_timeout_s=60.0, heartbeat_interval_s=2, hold_s=3.0,
+    event_stations=10, window=2, events_s=2.0, warmup_s=0.5, total_timeout_s=150.0,
 )
 
 
@@ -234,25 +237,38 @@ class FleetChild:
                 return
             command = json.loads(line)
             if command["cmd"] == "burst":
-                published = await self.burst(command["stations"], command["window"], command["duration_s"])
+                published = await self.burst(
+                    command["stations"], command["window"], command["duration_s"], command.get("rate_per_station")
+                )
                 _say({"type": "burst", "published": published})
             elif command["cmd"] == "settle":
                 await asyncio.gather(*(s.wait_acked(command["timeout_s"]) for s in self.stations[: command["stations"]]),
                                      return_exceptions=True)
                 _say({**self.status(), "type": "settled"})
 
-    async def burst(self, count: int, window: int, duration_s: float) -> dict[str, list[int]]:
+    async def burst(
+        self, count: int, window: int, duration_s: float, rate_per_station: float | None = None
+    ) -> dict[str, list[int]]:
         """Slot events from the first `count` stations for `duration_s`: each takes the bank
         in its first occupied slot out and puts it back, keeping up to `window` events
-        waiting for an ack. Returns the seqs each station published."""
+        waiting for an ack (closed loop: as fast as the backend takes them), or, with
+        `rate_per_station`, at that pace (open loop: a set load; `window` still caps what
+        is outstanding). Returns the seqs each station published."""
         until = time.monotonic() + duration_s
         published: dict[str, list[int]] = {}
+        rng = random.Random(7)
 
         async def churn(station) -> None:
             slot = next(n for n, s in sorted(station.slots.items()) if s.bank)
             bank = station.slots[slot].bank
             seqs = published.setdefault(station.serial, [])
+            next_at = time.monotonic() + (rng.uniform(0, 1 / rate_per_station) if rate_per_station else 0)
             while time.monotonic() < until:
+                if rate_per_station:
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                    next_at += rng.expovariate(rate_per_station)
+                    if time.monotonic() >= until:
+                        break
                 await station.wait_for_room(window)
                 seqs.append(station.seq + 1)  # the number the event below takes
                 if station.slots[slot].bank:
@@ -413,8 +429,13 @@ class Run:
         options = self.options
         raise_open_files_limit()
         connected = {} if options.skip_connected else await self.connected_phase()
-        embedded = NO_EVENTS if options.skip_events else await self.events_phase("embedded")
-        mosquitto = NO_EVENTS if options.skip_events else await self.events_phase("mosquitto")
+        embedded = mosquitto = NO_EVENTS
+        if not options.skip_events:
+            capacity = await self.events_phase("embedded")
+            # The lag is read at a load both brokers can take: half the embedded capacity.
+            lag_rate_per_s = max(1.0, LAG_LOAD_FRACTION * capacity["events_per_s"])
+            mosquitto = await self.events_phase("mosquitto", lag_rate_per_s)
+            embedded = {**capacity, **await self._lag_only("embedded", lag_rate_per_s)}
         summary = assemble_summary(options, connected, embedded, mosquitto, time.monotonic() - self.started)
         self.failed = summary["events_lost"] != 0
         return summary
@@ -467,7 +488,9 @@ class Run:
         await self._stop_all()
         return result
 
-    async def events_phase(self, broker: str) -> dict[str, Any]:
+    async def events_phase(self, broker: str, lag_rate_per_s: float | None = None) -> dict[str, Any]:
+        """Capacity (closed loop) and, when `lag_rate_per_s` is given, the lag at that offered
+        load (open loop), on a fresh backend with `--event-stations` stations."""
         options = self.options
         self.say(f"events phase on {broker}: {options.event_stations} stations, window {options.window}, "
                  f"{options.warmup_s:g} s warm-up + {options.events_s:g} s")
@@ -477,26 +500,51 @@ class Run:
         booted = await self._watch(lambda t: t["booted"] >= options.event_stations, 120, "booting", backend)
         if booted is None:
             raise RuntimeError(f"{broker}: the event stations did not all boot")
+        figures = await self._burst(backend, fleets, None)
+        self.say(f"{broker}: {figures['events_per_s']:g} events/s committed (closed loop, "
+                 f"{options.window * options.event_stations} in flight), lost {figures['lost']}")
+        if lag_rate_per_s:
+            at_load = await self._burst(backend, fleets, lag_rate_per_s)
+            figures["at_load"] = at_load
+            self.say(f"{broker}: at {lag_rate_per_s:g} events/s offered, lag p50 {at_load['lag_ms']['p50']:g} ms, "
+                     f"p99 {at_load['lag_ms']['p99']:g} ms")
+        await self._stop_all()
+        return figures
+
+    async def _burst(self, backend: Backend, fleets: list[FleetProcess], rate_per_s: float | None) -> dict[str, Any]:
+        options = self.options
         cpu_before, fleet_cpu_before = cpu_s(), fleet_totals(fleets)["cpu_s"]
         window_start = time.time() + options.warmup_s
         duration_s = options.warmup_s + options.events_s
-        [reply] = await asyncio.gather(*(
-            f.ask({"cmd": "burst", "stations": options.event_stations, "window": options.window, "duration_s": duration_s},
-                  timeout_s=duration_s + 120)
-            for f in fleets
-        ))
+        command = {"cmd": "burst", "stations": options.event_stations, "duration_s": duration_s,
+                   "window": options.window if rate_per_s is None else LAG_PHASE_WINDOW,
+                   "rate_per_station": rate_per_s / options.event_stations if rate_per_s else None}
+        [reply] = await asyncio.gather(*(f.ask(command, timeout_s=duration_s + 120) for f in fleets))
         window_end = window_start + options.events_s
         backend_cpu_s = cpu_s() - cpu_before
         fleet_cpu_s = fleet_totals(fleets)["cpu_s"] - fleet_cpu_before
-        await asyncio.gather(*(f.ask({"cmd": "settle", "stations": options.event_stations, "timeout_s": 60}, 90) for f in fleets))
-        await backend.handle.services.runtime.wait_idle(timeout_s=60)
+        await asyncio.gather(*(f.ask({"cmd": "settle", "stations": options.event_stations, "timeout_s": 120}, 150) for f in fleets))
+        await backend.handle.services.runtime.wait_idle(timeout_s=120)
         figures = await event_figures(backend, reply["published"], window_start, window_end)
         figures["backend_cpu_percent"] = rounded(100 * backend_cpu_s / duration_s, 1)
         figures["fleet_cpu_percent"] = rounded(100 * fleet_cpu_s / duration_s, 1)
-        self.say(f"{broker}: {figures['events_per_s']:g} events/s committed, lag p99 {figures['lag_ms']['p99']:g} ms, "
-                 f"lost {figures['lost']}")
-        await self._stop_all()
+        if rate_per_s:
+            figures["offered_per_s"] = rounded(rate_per_s, 1)
         return figures
+
+    async def _lag_only(self, broker: str, rate_per_s: float) -> dict[str, Any]:
+        """The embedded broker's lag at the offered load chosen after its capacity run."""
+        options = self.options
+        backend = await self._start_backend(f"lag-{broker}", broker)
+        specs = await self._provision(backend, options.event_stations)
+        fleets = await self._start_fleets(backend, specs, 1)
+        if await self._watch(lambda t: t["booted"] >= options.event_stations, 120, "booting", backend) is None:
+            raise RuntimeError(f"{broker}: the event stations did not all boot")
+        at_load = await self._burst(backend, fleets, rate_per_s)
+        self.say(f"{broker}: at {rate_per_s:g} events/s offered, lag p50 {at_load['lag_ms']['p50']:g} ms, "
+                 f"p99 {at_load['lag_ms']['p99']:g} ms, lost {at_load['lost']}")
+        await self._stop_all()
+        return {"at_load": at_load}
 
     async def _start_backend(self, label: str, broker: str) -> Backend:
         self.backend = await start_backend_for(self.work_dir / label, broker, self.options)
@@ -647,10 +695,11 @@ def assemble_summary(
         "events_per_s_embedded": embedded["events_per_s"],
         "events_per_s_mosquitto": mosquitto["events_per_s"],
         "embedded_vs_mosquitto": ratio(embedded["events_per_s"], mosquitto["events_per_s"]),
-        "event_lag_p99_ms": embedded["lag_ms"]["p99"],
-        "event_lag_p99_ms_mosquitto": mosquitto["lag_ms"]["p99"],
-        "events_lost": embedded["lost"] + mosquitto["lost"],
-        "events_published": embedded["published"] + mosquitto["published"],
+        "event_lag_p99_ms": embedded.get("at_load", embedded)["lag_ms"]["p99"],
+        "event_lag_p99_ms_mosquitto": mosquitto.get("at_load", mosquitto)["lag_ms"]["p99"],
+        "event_lag_load_per_s": embedded.get("at_load", {}).get("offered_per_s", 0.0),
+        "events_lost": sum(phase["lost"] for phase in _bursts(embedded, mosquitto)),
+        "events_published": sum(phase["published"] for phase in _bursts(embedded, mosquitto)),
         "quick": options.quick,
         "options": dataclasses.asdict(options),
         "phases": {"connected": connected, "events_embedded": embedded, "events_mosquitto": mosquitto},
@@ -661,6 +710,11 @@ def assemble_summary(
         f"{key} {op} {goal:g}": _meets(summary[key], op, goal) for key, (op, goal) in GOALS.items() if key in summary
     }
     return summary
+
+
+def _bursts(*phases: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every burst's figures: each phase's closed loop and its run at a set load, if any."""
+    return [burst for phase in phases for burst in (phase, phase.get("at_load")) if burst]
 
 
 def _meets(value: float, op: str, goal: float) -> bool:
@@ -685,7 +739,8 @@ def print_report(console, summary: dict[str, Any]) -> None:
     table.add_column("goal")
     goals = {key.split(" ")[0]: (key, met) for key, met in summary["goals"].items()}
     for key in ("stations_connected", "rss_kb_per_station", "events_per_s_embedded", "events_per_s_mosquitto",
-                "embedded_vs_mosquitto", "event_lag_p99_ms", "event_lag_p99_ms_mosquitto", "events_lost"):
+                "embedded_vs_mosquitto", "event_lag_load_per_s", "event_lag_p99_ms", "event_lag_p99_ms_mosquitto",
+                "events_lost"):
         goal = ""
         if key in goals:
             text_goal, met = goals[key]
@@ -703,8 +758,12 @@ def print_report(console, summary: dict[str, Any]) -> None:
         )
     for phase in ("events_embedded", "events_mosquitto"):
         data = summary["phases"][phase]
-        console.print(f"{phase}: {data['events_in_window']} events in the window, lag (ms) {data['lag_ms']}, "
+        console.print(f"{phase}, closed loop: {data['events_in_window']} events in the window, lag (ms) {data['lag_ms']}, "
                       f"backend CPU {data['backend_cpu_percent']:g} %, fleet CPU {data['fleet_cpu_percent']:g} %")
+        at_load = data.get("at_load")
+        if at_load:
+            console.print(f"{phase}, {at_load['offered_per_s']:g}/s offered: {at_load['events_per_s']:g}/s committed, "
+                          f"lag (ms) {at_load['lag_ms']}, backend CPU {at_load['backend_cpu_percent']:g} %")
 
 
 async def run_benchmark(options: BenchOptions, console) -> dict[str, Any]:
