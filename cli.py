@@ -104,6 +104,33 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if not summary.get("errors") else 1
 
 
+def _cmd_station_credentials(args: argparse.Namespace) -> int:
+    """Issue a station a new MQTT password and print its login as JSON (shown once)."""
+    password = asyncio.run(_issue_station_credentials(load_settings(), args.serial))
+    if password is None:
+        print(f"powerbank: no station with serial {args.serial!r}", file=sys.stderr)
+        return 1
+    json.dump({"serial": args.serial, "username": args.serial, "password": password}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+async def _issue_station_credentials(settings, serial: str) -> str | None:
+    from powerbank.broker.embedded import provision_station_password_by_serial
+    from powerbank.storage.db import create_engine, session_factory
+
+    engine = create_engine(settings.database_url)
+    try:
+        async with session_factory(engine).begin() as session:
+            try:
+                _, password = await provision_station_password_by_serial(session, serial)
+            except LookupError:
+                return None
+        return password
+    finally:
+        await engine.dispose()
+
+
 BENCH_SUITES = {"actors": "powerbank.simulators.bench_actors", "stations": "powerbank.simulators.bench_stations"}
 
 
@@ -152,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Print the HTTP API's OpenAPI 3 document as JSON on standard output.")
     openapi.add_argument("--pretty", action="store_true", help="indent the JSON")
     openapi.set_defaults(handler=_cmd_openapi)
+
+    credentials = sub.add_parser(
+        "station-credentials", help="Issue a station a new MQTT password (printed once as JSON).",
+        description="Replace the MQTT password of the station with this serial in DATABASE_URL and print "
+        "its login as JSON. Only a salted hash is stored; a broker in another process may accept the previous "
+        "password for up to 30 s.",
+    )
+    credentials.add_argument("serial", help="the station's serial (its MQTT username and client id)")
+    credentials.set_defaults(handler=_cmd_station_credentials)
 
     simulate = sub.add_parser("simulate", help="Drive a running deployment with a simulated fleet and riders.",
                               description="Provision stations in DATABASE_URL, connect them to the deployment's MQTT broker "

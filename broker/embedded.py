@@ -116,6 +116,14 @@ def _salted_digest(salt: bytes, password: str) -> bytes:
     return hashlib.sha256(salt + password.encode()).digest()
 
 
+async def provision_station_password_by_serial(session: AsyncSession, serial: str) -> tuple[uuid.UUID, str]:
+    """`provision_station_password` for the station with this serial: (station id, password)."""
+    station_id = (await session.execute(select(Station.id).where(Station.serial == serial))).scalar_one_or_none()
+    if station_id is None:
+        raise LookupError(f"no station {serial}")
+    return station_id, await provision_station_password(session, station_id)
+
+
 async def provision_station_password(session: AsyncSession, station_id: uuid.UUID | str) -> str:
     """Give a station new MQTT credentials; returns the plain password (shown once, never stored).
 
@@ -128,6 +136,7 @@ async def provision_station_password(session: AsyncSession, station_id: uuid.UUI
     password = secrets.token_urlsafe(STATION_PASSWORD_BYTES)
     station.mqtt_password_hash = hash_password(password)
     await session.flush()
+    log.info("station %s: new MQTT password issued", station.serial)
     return password
 
 

@@ -15,8 +15,10 @@ from powerbank.http.auth import BEARER_SECURITY, AuthUser, require_admin
 from powerbank.http.deps import services_of
 from powerbank.http.errors import ApiError, error_responses
 from powerbank.http.routes_wallet import read_wallet
-from powerbank.http.schemas import CreditRequest, CreditResult
-from powerbank.storage.models import User
+from powerbank.broker.embedded import HASH_CACHE_TTL_S, provision_station_password
+from powerbank.broker.protocol import Topics
+from powerbank.http.schemas import CreditRequest, CreditResult, StationCredentials
+from powerbank.storage.models import Station, User
 
 log = logging.getLogger(__name__)
 
@@ -96,4 +98,28 @@ class AdminController(Controller):
             amount_minor=int(result.get("amount_minor", data.amount_minor)),
             currency=data.currency,
             wallet=wallet,
+        )
+
+    @post(
+        "/stations/{station_id:uuid}/mqtt-credentials",
+        status_code=200,
+        responses=error_responses(400, 401, 403, 404),
+    )
+    async def issue_station_credentials(self, state: State, request: Request, station_id: FromPath[uuid.UUID]) -> StationCredentials:
+        """Issue a station a new MQTT password (provisioning a kiosk, or replacing a leaked or
+        lost password). The answer is the only place the password ever appears; the database
+        keeps a salted hash. Not a Station-actor command: credentials are an operator's
+        business, not the station's state."""
+        services = services_of(state)
+        admin: AuthUser = request.user
+        async with services.sessions.begin() as session:
+            station = await session.get(Station, station_id)
+            if station is None:
+                raise ApiError(404, "station_not_found", f"no station {station_id}")
+            password = await provision_station_password(session, station_id)
+            serial = station.serial
+        log.info("admin %s issued MQTT credentials to station %s", admin.id, serial)
+        return StationCredentials(
+            station_id=station_id, serial=serial, username=serial, password=password,
+            topic_prefix=f"{Topics.from_env().base}/{serial}/", previous_valid_up_to_s=int(HASH_CACHE_TTL_S),
         )

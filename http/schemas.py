@@ -180,6 +180,19 @@ class CreditResult(Response):
     wallet: WalletView
 
 
+class StationCredentials(Response):
+    """A station's MQTT login, issued once: only its hash is kept, so a lost password is
+    replaced, never read back. A broker running elsewhere may accept the previous one for
+    up to `previous_valid_up_to_s` (its credential cache)."""
+
+    station_id: uuid.UUID
+    serial: str
+    username: str
+    password: str
+    topic_prefix: str
+    previous_valid_up_to_s: int
+
+
 # --- rentals ------------------------------------------------------------------------------
 
 

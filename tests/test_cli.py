@@ -32,3 +32,40 @@ def test_migrate_upgrades_and_seeds_an_empty_database(tmp_path):
         version = db.execute("select version_num from alembic_version").fetchone()
     assert packages == [("hour-1",), ("day-1",)]
     assert version == ("0001",)
+
+
+def test_station_credentials_replaces_a_password_and_prints_it_once(tmp_path):
+    import asyncio
+
+    from powerbank.broker.embedded import verify_password
+    from powerbank.simulators.stations import provision_fleet
+    from powerbank.storage.db import create_engine, session_factory
+
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}", "POWERBANK_DATA_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "powerbank.cli", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True)
+
+    async def provision_and_read(password: str | None = None):
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'cli.sqlite3'}")
+        try:
+            sessions = session_factory(engine)
+            if password is None:
+                return (await provision_fleet(sessions, 1, 2, 1, serial_prefix="CLI"))[0].password
+            from sqlalchemy import select
+
+            from powerbank.storage.models import Station
+
+            async with sessions() as session:
+                return (await session.execute(select(Station.mqtt_password_hash))).scalar_one()
+        finally:
+            await engine.dispose()
+
+    old_password = asyncio.run(provision_and_read())
+    out = subprocess.run([sys.executable, "-m", "powerbank.cli", "station-credentials", "CLI-0001"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True)
+    login = json.loads(out.stdout)
+    stored = asyncio.run(provision_and_read("read"))
+    assert login["username"] == login["serial"] == "CLI-0001"
+    assert verify_password(stored, login["password"]) and not verify_password(stored, old_password)
+    unknown = subprocess.run([sys.executable, "-m", "powerbank.cli", "station-credentials", "NOPE"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    assert unknown.returncode == 1 and "NOPE" in unknown.stderr and unknown.stdout == ""

@@ -303,3 +303,27 @@ def test_stdlib_http_is_not_shadowed_from_the_repository_root():
         [sys.executable, "-c", "import powerbank.http.app"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- station credentials ----------------------------------------------------------------------
+
+
+async def test_an_admin_issues_station_credentials_that_only_ever_exist_as_a_hash(client, services):
+    from powerbank.broker.embedded import verify_password
+
+    station_id = await add_station(services, "ST-CRED-1", slots=[None])
+    url = f"/api/admin/stations/{station_id}/mqtt-credentials"
+    rider = await sign_up(client, "+9779812000077")
+    assert (await client.post(url, headers=bearer(rider["access_token"]))).status_code == 403
+    admin_token = await ensure_admin_token(services, "+9779800000001")
+    first = await client.post(url, headers=bearer(admin_token))
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert (body["serial"], body["username"], body["topic_prefix"]) == ("ST-CRED-1", "ST-CRED-1", "pb/v1/stations/ST-CRED-1/")
+    second = (await client.post(url, headers=bearer(admin_token))).json()
+    async with services.sessions() as session:
+        stored = (await session.get(Station, uuid.UUID(str(station_id)))).mqtt_password_hash
+    assert body["password"] not in stored and verify_password(stored, second["password"])
+    assert not verify_password(stored, body["password"])  # replaced, not added
+    missing = await client.post(f"/api/admin/stations/{uuid.uuid4()}/mqtt-credentials", headers=bearer(admin_token))
+    assert missing.status_code == 404 and missing.json()["error"] == "station_not_found"
