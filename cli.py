@@ -74,6 +74,30 @@ def _cmd_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fault_options(args: argparse.Namespace):
+    from powerbank.demo import FaultOptions
+
+    return FaultOptions(
+        drop_rate=args.drop, duplicate_rate=args.duplicate, reorder_rate=args.reorder,
+        eject_failure_rate=args.eject_failure, jam_rate=args.jam, clock_skew_spread_ms=args.clock_skew_ms,
+        storm_every_s=args.storm_every, storm_fraction=args.storm_fraction, power_cut_every_s=args.power_cut_every,
+    )
+
+
+def _add_fault_options(parser: argparse.ArgumentParser) -> None:
+    faults = parser.add_argument_group("faults of the simulated stations (all off by default)")
+    faults.add_argument("--drop", type=float, default=0.0, help="fraction of events lost on the way (re-sent later)")
+    faults.add_argument("--duplicate", type=float, default=0.0, help="fraction of events published twice")
+    faults.add_argument("--reorder", type=float, default=0.0, help="fraction of events held back so later ones overtake them")
+    faults.add_argument("--eject-failure", type=float, default=0.0, help="fraction of ejects that fail once")
+    faults.add_argument("--jam", type=float, default=0.0, help="fraction of ejects that jam their slot for good")
+    faults.add_argument("--clock-skew-ms", type=int, default=0, help="station clocks off by up to this much, either way")
+    faults.add_argument("--storm-every", type=float, default=0.0, help="a reconnect storm about every SECONDS")
+    faults.add_argument("--storm-fraction", type=float, default=0.2, help="share of stations a storm cuts off")
+    faults.add_argument("--power-cut-every", type=float, default=0.0,
+                        help="a station loses power (buffering its events) about every SECONDS")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from powerbank.demo import DemoOptions, run_demo
 
@@ -84,6 +108,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         http_port=args.port,
         progress=not args.no_progress,
+        faults=_fault_options(args),
     )
     summary = asyncio.run(run_demo(options))
     return 0 if summary["invariant_violations"] == 0 else 1
@@ -99,6 +124,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         riders=args.riders,
         duration_s=args.duration,
         admin_phone=args.admin_phone,
+        faults=_fault_options(args),
     )
     summary = asyncio.run(run_simulation(options))
     return 0 if not summary.get("errors") else 1
@@ -158,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None, help="stop after SECONDS (default: until Ctrl-C)")
     demo.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     demo.add_argument("--no-progress", action="store_true", help="no live progress display")
+    _add_fault_options(demo)
     demo.set_defaults(handler=_cmd_demo)
 
     serve = sub.add_parser("serve", help="Run web, worker, MQTT broker and scheduler in one process.",
@@ -198,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--riders", type=int, default=50)
     simulate.add_argument("--duration", type=float, default=60.0)
     simulate.add_argument("--admin-phone", default="+9779800000000", help="the admin account used to credit riders")
+    _add_fault_options(simulate)
     simulate.set_defaults(handler=_cmd_simulate)
 
     bench = sub.add_parser("bench", help="Run a benchmark; prints its figures and ends with one JSON line.",

@@ -32,6 +32,38 @@ SETTLE_TIMEOUT_S = 60.0
 
 
 @dataclass
+class FaultOptions:
+    """Faults for the simulated fleet (all off by default); see simulators.stations.FaultKnobs
+    and ChaosPlan."""
+
+    drop_rate: float = 0.0
+    duplicate_rate: float = 0.0
+    reorder_rate: float = 0.0
+    eject_failure_rate: float = 0.0
+    jam_rate: float = 0.0
+    clock_skew_spread_ms: int = 0
+    storm_every_s: float = 0.0
+    storm_fraction: float = 0.2
+    power_cut_every_s: float = 0.0
+
+    def knobs(self):
+        from powerbank.simulators.stations import FaultKnobs
+
+        return FaultKnobs(
+            drop_rate=self.drop_rate, duplicate_rate=self.duplicate_rate, reorder_rate=self.reorder_rate,
+            eject_failure_rate=self.eject_failure_rate, jam_rate=self.jam_rate,
+        )
+
+    def chaos(self):
+        from powerbank.simulators.stations import ChaosPlan
+
+        if self.storm_every_s <= 0 and self.power_cut_every_s <= 0:
+            return None
+        return ChaosPlan(storm_every_s=self.storm_every_s, storm_fraction=self.storm_fraction,
+                         power_cut_every_s=self.power_cut_every_s)
+
+
+@dataclass
 class DemoOptions:
     stations: int = 20
     slots: int = 8
@@ -40,6 +72,7 @@ class DemoOptions:
     http_port: int = 0
     progress: bool = True
     banks_per_station: int | None = None
+    faults: FaultOptions = dataclasses.field(default_factory=FaultOptions)
     # A fresh installation each run, under the data dir (POWERBANK_DATA_DIR, default var/).
     data_dir: Path = dataclasses.field(default_factory=lambda: Path(os.environ.get("POWERBANK_DATA_DIR") or "var") / "demo")
 
@@ -52,6 +85,7 @@ class SimulateOptions:
     riders: int
     duration_s: float
     admin_phone: str
+    faults: FaultOptions = dataclasses.field(default_factory=FaultOptions)
 
 
 def say(message: str) -> None:
@@ -115,20 +149,30 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
 
 
 class World:
-    """The simulated fleet and riders around one backend."""
+    """The simulated fleet and riders around one backend, and the fleet's scheduled faults."""
 
-    def __init__(self, fleet, crowd, started_at: float) -> None:
+    def __init__(self, fleet, crowd, started_at: float, chaos=None) -> None:
         self.fleet = fleet
         self.crowd = crowd
         self.started_at = started_at
+        self.chaos_task = asyncio.get_running_loop().create_task(fleet.run_chaos(chaos)) if chaos else None
 
     async def finish(self) -> None:
-        """No new rentals; riders return what they hold; wait until nothing is in flight."""
+        """No new rentals, no new faults; riders return what they hold; wait until nothing is
+        in flight."""
+        await self._stop_chaos()
         await self.crowd.finish(timeout_s=SETTLE_TIMEOUT_S)
 
     async def stop(self) -> None:
+        await self._stop_chaos()
         await self.crowd.stop()
         await self.fleet.stop()
+
+    async def _stop_chaos(self) -> None:
+        if self.chaos_task is not None:
+            self.chaos_task.cancel()
+            await asyncio.gather(self.chaos_task, return_exceptions=True)
+            self.chaos_task = None
 
 
 async def _start_world(backend, options: DemoOptions) -> World:
@@ -139,13 +183,14 @@ async def _start_world(backend, options: DemoOptions) -> World:
     banks = options.banks_per_station or max(1, options.slots * 3 // 4)
     say(f"provisioning and booting {options.stations} stations × {options.slots} slots ({banks} banks each)")
     specs = await provision_fleet(backend.services.sessions, options.stations, options.slots, banks, settings=settings)
-    fleet = Fleet(specs, f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}", heartbeat_interval_s=settings.heartbeat_interval_s)
+    fleet = Fleet(specs, f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}", heartbeat_interval_s=settings.heartbeat_interval_s,
+                  knobs=options.faults.knobs(), skew_spread_ms=options.faults.clock_skew_spread_ms)
     await fleet.start()
     admin_token = await _admin_token(backend)
     say(f"signing in {options.riders} riders and topping up their wallets")
     crowd = RiderCrowd(backend.base_url, options.riders, return_bank=_returner(fleet), admin_token=admin_token)
     await crowd.start()
-    return World(fleet, crowd, time.monotonic())
+    return World(fleet, crowd, time.monotonic(), options.faults.chaos())
 
 
 def _returner(fleet):
@@ -205,6 +250,7 @@ class _progress:
             console.line()
 
     def _render(self):
+        from rich.console import Group
         from rich.table import Table
 
         stats = self.world.crowd.stats
@@ -222,7 +268,17 @@ class _progress:
             f"{percentile(latencies, 0.5):.0f}",
             f"{percentile(latencies, 0.99):.0f}",
         )
-        return table
+        fleet = self.world.fleet.stats()
+        stations = Table(title="stations")
+        for column in ("connected", "powered off", "events", "published", "waiting for ack", "reconnects",
+                       "storms", "power cuts", "errors"):
+            stations.add_column(column, justify="right")
+        stations.add_row(
+            f"{fleet.connected}/{fleet.stations}", str(fleet.powered_off), str(fleet.events), str(fleet.published),
+            str(fleet.unacked), str(fleet.reconnects), str(self.world.fleet.storms), str(self.world.fleet.power_cuts),
+            str(fleet.errors),
+        )
+        return Group(table, stations)
 
 
 async def _summarise(backend, world: World) -> dict[str, Any]:
@@ -264,11 +320,12 @@ async def run_simulation(options: SimulateOptions) -> dict[str, Any]:
         banks = max(1, options.slots * 3 // 4)
         specs = await provision_fleet(services.sessions, options.stations, options.slots, banks, settings=settings)
         broker_url = settings.mqtt_url or f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}"
-        fleet = Fleet(specs, broker_url, heartbeat_interval_s=settings.heartbeat_interval_s)
+        fleet = Fleet(specs, broker_url, heartbeat_interval_s=settings.heartbeat_interval_s,
+                      knobs=options.faults.knobs(), skew_spread_ms=options.faults.clock_skew_spread_ms)
         await fleet.start()
         admin_token = await ensure_admin_token(services, phone=options.admin_phone)
         crowd = RiderCrowd(options.base_url, options.riders, return_bank=_returner(fleet), admin_token=admin_token)
-        world = World(fleet, crowd, time.monotonic())
+        world = World(fleet, crowd, time.monotonic(), options.faults.chaos())
         try:
             await crowd.start()
             async with _progress(world, True):
@@ -278,6 +335,10 @@ async def run_simulation(options: SimulateOptions) -> dict[str, Any]:
             await world.stop()
     finally:
         await services.close()
-    summary = {**crowd.stats.summary(), "station_events_sent": events_emitted(fleet)}
+    fleet_stats = fleet.stats()
+    summary = {
+        **crowd.stats.summary(), "station_events_sent": events_emitted(fleet), "station_publishes": fleet_stats.published,
+        "station_reconnects": fleet_stats.reconnects, "storms": fleet.storms, "power_cuts": fleet.power_cuts,
+    }
     print(json.dumps(summary), flush=True)
     return summary

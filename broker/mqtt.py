@@ -45,8 +45,12 @@ async def connect(
 ) -> MQTTClient:
     """A connected client (clean session), or an exception with nothing left open."""
     client = MQTTClient(client_id=client_id, config=client_config(keep_alive_s=keep_alive_s, will=will))
+    attempt = asyncio.ensure_future(client.connect(url, cleansession=True))
+    # Cancelled, amqtt's connect raises ConnectError rather than CancelledError, which
+    # wait_for never reads: "Task exception was never retrieved". Read it here.
+    attempt.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
-        await asyncio.wait_for(client.connect(url, cleansession=True), timeout_s)
+        await asyncio.wait_for(attempt, timeout_s)
     except BaseException:
         await _close_transport(client)
         raise
