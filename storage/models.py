@@ -238,7 +238,8 @@ class Station(Base):
     slot_count: Mapped[int] = mapped_column(Integer)
     firmware_version: Mapped[str | None] = mapped_column(String(32))
     hardware_version: Mapped[str | None] = mapped_column(String(32))
-    # MQTT credentials: the station logs in with its serial and this password (argon2 hash).
+    # MQTT credentials: the station logs in with its serial and this password (a salted hash,
+    # broker/embedded.py; older rows may hold argon2).
     mqtt_password_hash: Mapped[str | None] = mapped_column(String(200))
     heartbeat_interval_s: Mapped[int] = mapped_column(Integer, default=30)
     last_heartbeat_at: Mapped[datetime | None]
