@@ -57,6 +57,8 @@ FLEET_CHILD_CODE = (
     "import sys; from powerbank.simulators.bench_stations import fleet_child_main; sys.exit(fleet_child_main(sys.argv[1:]))"
 )
 STATUS_EVERY_S = 1.0
+TRACE_EVERY_S = 10.0
+BACKEND_STOP_TIMEOUT_S = 90.0
 LAG_LOAD_FRACTION = 0.5  # the lag is measured at this fraction of the embedded capacity
 LAG_PHASE_WINDOW = 50  # outstanding events a station may have in the open-loop phase
 
@@ -77,6 +79,7 @@ class BenchOptions:
     mosquitto_url: str = MOSQUITTO_URL
     skip_connected: bool = False
     skip_events: bool = False
+    database: str = "sqlite"  # or "postgres": a throwaway database on the local server
     total_timeout_s: float = 1500.0
 
 
@@ -108,6 +111,8 @@ def parse_options(argv: list[str]) -> BenchOptions:
     parser.add_argument("--mosquitto-url", help=f"the external broker (default {MOSQUITTO_URL})")
     parser.add_argument("--skip-connected", action="store_true", help="only the event phases")
     parser.add_argument("--skip-events", action="store_true", help="only the connected phase")
+    parser.add_argument("--database", choices=("sqlite", "postgres"),
+                        help="sqlite (the embedded default) or a throwaway database on the local PostgreSQL")
     parser.add_argument("--timeout", dest="total_timeout_s", type=float, help="give up after this many seconds")
     args = vars(parser.parse_args(argv))
     values = dict(QUICK) if args.pop("quick") else {}
@@ -356,7 +361,7 @@ class Backend:
     topic_root: str
 
 
-async def start_backend_for(work_dir: Path, broker: str, options: BenchOptions) -> Backend:
+async def start_backend_for(work_dir: Path, broker: str, options: BenchOptions, database_url: str | None = None) -> Backend:
     from powerbank.config import Settings
     from powerbank.demo import free_port
     from powerbank.processes import ALL_ROLES, start_backend
@@ -366,7 +371,7 @@ async def start_backend_for(work_dir: Path, broker: str, options: BenchOptions) 
     os.environ["MQTT_TOPIC_ROOT"] = topic_root  # the bridge and the Station actor read it
     mqtt_port = free_port()
     settings = Settings(
-        database_url=f"sqlite+aiosqlite:///{work_dir / 'powerbank.sqlite3'}",
+        database_url=database_url or f"sqlite+aiosqlite:///{work_dir / 'powerbank.sqlite3'}",
         redis_url=None,
         mqtt_url=None if broker == "embedded" else options.mosquitto_url,
         jwt_secret=secrets.token_urlsafe(32),
@@ -420,7 +425,9 @@ class Run:
         self.backend: Backend | None = None
         self.fleets: list[FleetProcess] = []
         self.failed = True
-        self.live_line = ""
+        self.databases: list[str] = []  # PostgreSQL databases to drop at the end
+        # [phase, s since start, connected, booted, online in the backend, unacked, backend MiB]
+        self.trace: list[list] = []
 
     def say(self, message: str) -> None:
         self.console.print(f"[dim]bench {time.monotonic() - self.started:6.1f}s:[/dim] {message}")
@@ -481,6 +488,8 @@ class Run:
             "hold_backend_cpu_percent": rounded(100 * (cpu_s() - hold_cpu_before) / options.hold_s, 1),
             "hold_fleet_cpu_percent": rounded(100 * (totals["cpu_s"] - hold_fleet_cpu_before) / options.hold_s, 1),
             **heartbeats,
+            "trace_columns": ["phase", "s", "connected", "booted", "online", "unacked", "backend_mib"],
+            "trace": [row for row in self.trace if row[0] in ("connecting", "booting", "holding")],
         }
         self.say(f"connected: {result['stations_connected']} of {options.stations} "
                  f"(simulators {result['simulators_connected']}, backend online {online}), "
@@ -547,7 +556,13 @@ class Run:
         return {"at_load": at_load}
 
     async def _start_backend(self, label: str, broker: str) -> Backend:
-        self.backend = await start_backend_for(self.work_dir / label, broker, self.options)
+        database_url = None
+        if self.options.database == "postgres":
+            from powerbank.storage.testing import create_postgres_database
+
+            name, database_url = await create_postgres_database("pb_bench_stations")
+            self.databases.append(name)
+        self.backend = await start_backend_for(self.work_dir / label, broker, self.options, database_url)
         return self.backend
 
     async def _provision(self, backend: Backend, count: int):
@@ -567,10 +582,12 @@ class Run:
         return backend.settings.data_dir
 
     async def _watch(self, done, timeout_s: float, label: str, backend: Backend) -> float | None:
-        """Show live figures until `done(totals)` or the timeout; seconds taken, or None."""
+        """Show live figures until `done(totals)` or the timeout; seconds taken, or None. Every
+        TRACE_EVERY_S a line also goes to the run's trace (kept in the summary), so a long run
+        leaves a record of how it got where it did."""
         from rich.live import Live
 
-        began = time.monotonic()
+        began = last_trace = time.monotonic()
         with Live(self._render(label, began, backend, 0), console=self.console, refresh_per_second=2, transient=True) as live:
             while True:
                 dead = [f for f in self.fleets if f.process.returncode is not None]
@@ -582,7 +599,12 @@ class Run:
                 if time.monotonic() - began > timeout_s:
                     return None
                 await asyncio.sleep(0.5)
-                live.update(self._render(label, began, backend, await online_stations(backend)))
+                online = await online_stations(backend)
+                live.update(self._render(label, began, backend, online))
+                if time.monotonic() - last_trace >= TRACE_EVERY_S:
+                    last_trace = time.monotonic()
+                    self.trace.append([label, round(last_trace - self.started), int(totals["connected"]),
+                                       int(totals["booted"]), online, int(totals["unacked"]), rss_kb() // 1024])
 
     def _render(self, label: str, began: float, backend: Backend, online: int):
         from rich.table import Table
@@ -602,13 +624,25 @@ class Run:
         await asyncio.gather(*(f.stop() for f in self.fleets), return_exceptions=True)
         self.fleets = []
         if self.backend is not None:
-            await self.backend.handle.stop()
-            self.backend = None
+            backend, self.backend = self.backend, None
+            try:
+                await asyncio.wait_for(backend.handle.stop(), BACKEND_STOP_TIMEOUT_S)
+            except TimeoutError:
+                # A backlog of commands can keep it busy; the run's figures are taken already.
+                self.say(f"[yellow]the backend did not stop within {BACKEND_STOP_TIMEOUT_S:g} s; going on[/yellow]")
 
     async def close(self) -> None:
         try:
             await self._stop_all()
         finally:
+            if self.databases:
+                from powerbank.storage.testing import drop_postgres_database
+
+                for name in self.databases:
+                    try:
+                        await drop_postgres_database(name)
+                    except Exception as error:  # noqa: BLE001 - reported, cleanup goes on
+                        self.say(f"[yellow]could not drop database {name}: {error!r}[/yellow]")
             os.environ.pop("MQTT_TOPIC_ROOT", None)
             if self.failed:
                 self.say(f"[yellow]logs kept in {self.work_dir}[/yellow]")
