@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from powerbank.actors.runtime import Runtime
 from powerbank.broker import mqtt
+from powerbank.broker.batching import BatchedLookup
 from powerbank.broker.protocol import (
     UNKNOWN_STATION,
     UNKNOWN_TOPIC,
@@ -172,6 +173,7 @@ class StationBridge:
         self._outbox_pump: asyncio.Task | None = None
         self._lanes: dict[str, _Lane] = {}
         self._station_ids: dict[str, str] = {}
+        self._id_lookup: BatchedLookup[str, str] = BatchedLookup(self._station_ids_of)
         self._unknown_until: dict[str, float] = {}
         self._stopping = False
 
@@ -335,13 +337,18 @@ class StationBridge:
             return cached
         if self._unknown_until.get(serial, 0.0) > time.monotonic():
             return None
-        async with self.readonly() as db:
-            found = (await db.execute(select(Station.id).where(Station.serial == serial))).scalar_one_or_none()
+        found = await self._id_lookup.get(serial)
         if found is None:
             self._unknown_until[serial] = time.monotonic() + UNKNOWN_STATION_RECHECK_S
             return None
-        self._station_ids[serial] = str(found)
-        return str(found)
+        self._station_ids[serial] = found
+        return found
+
+    async def _station_ids_of(self, serials: list[str]) -> dict[str, str]:
+        """Many stations' ids in one query: the first messages of a boot storm ask together."""
+        async with self.readonly() as db:
+            rows = await db.execute(select(Station.serial, Station.id).where(Station.serial.in_(serials)))
+            return {serial: str(station_id) for serial, station_id in rows.all()}
 
     # --- outbound -----------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from powerbank.broker.batching import BatchedLookup
 from powerbank.broker.mqtt import no_delay
 from powerbank.broker.protocol import (
     STATION_PUBLISHES,
@@ -160,6 +161,10 @@ class BrokerAuthority:
     _digest_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     # Every refused login, by reason (also powerbank_mqtt_logins_refused_total).
     refusals: collections.Counter[str] = field(default_factory=collections.Counter)
+    _hash_lookup: BatchedLookup[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        self._hash_lookup = BatchedLookup(self._hashes_of)
 
     @property
     def refused_logins(self) -> int:
@@ -238,12 +243,15 @@ class BrokerAuthority:
         now = time.monotonic()
         if cached is not None and cached[1] > now:
             return cached[0]
-        async with self.sessions() as db:
-            stored = (
-                await db.execute(select(Station.mqtt_password_hash).where(Station.serial == serial))
-            ).scalar_one_or_none()
-        self._hashes[serial] = (stored, now + HASH_CACHE_TTL_S)
+        stored = await self._hash_lookup.get(serial)
+        self._hashes[serial] = (stored, time.monotonic() + HASH_CACHE_TTL_S)
         return stored
+
+    async def _hashes_of(self, serials: list[str]) -> dict[str, str]:
+        """The stored hashes of many stations in one query (see broker/batching.py)."""
+        async with self.sessions() as db:
+            rows = await db.execute(select(Station.serial, Station.mqtt_password_hash).where(Station.serial.in_(serials)))
+            return {serial: stored for serial, stored in rows.all() if stored is not None}
 
     def forget(self, serial: str) -> None:
         """Drop cached credentials of one station (after re-provisioning in this process)."""

@@ -407,8 +407,23 @@ async def online_stations(backend: Backend) -> int:
 
     from powerbank.storage.models import Station
 
-    async with backend.handle.services.readonly() as db:
-        return int(await db.scalar(select(func.count()).select_from(Station).where(Station.status == "online")) or 0)
+    async def count() -> int:
+        async with backend.handle.services.readonly() as db:
+            return int(await db.scalar(select(func.count()).select_from(Station).where(Station.status == "online")) or 0)
+
+    return await patiently(count)
+
+
+async def patiently(read, attempts: int = 5, pause_s: float = 2.0):
+    """The benchmark's own reads, retried: under the load it creates the backend's reader pool
+    can run dry for a while, and a figure is worth waiting for."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await read()
+        except Exception:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(pause_s)
 
 
 # --- phases ------------------------------------------------------------------------------------
@@ -660,11 +675,15 @@ async def heartbeat_figures(backend: Backend, since_wall: float) -> dict[str, An
     from powerbank.storage.models import ActorCommand
 
     since = _utc(since_wall)
-    async with backend.handle.services.readonly() as db:
-        rows = (await db.execute(
-            select(ActorCommand.payload, ActorCommand.applied_at)
-            .where(ActorCommand.name == "Heartbeat", ActorCommand.applied_at >= since)
-        )).all()
+
+    async def read():
+        async with backend.handle.services.readonly() as db:
+            return (await db.execute(
+                select(ActorCommand.payload, ActorCommand.applied_at)
+                .where(ActorCommand.name == "Heartbeat", ActorCommand.applied_at >= since)
+            )).all()
+
+    rows = await patiently(read)
     lags_s = [applied.timestamp() - payload["ts"] / 1000 for payload, applied in rows]
     span_s = max(1e-9, time.time() - since_wall)
     return {
@@ -680,15 +699,19 @@ async def event_figures(backend: Backend, published: dict[str, list[int]], windo
 
     from powerbank.storage.models import ActorCommand, Station, StationEvent
 
-    async with backend.handle.services.readonly() as db:
-        rows = (await db.execute(
-            select(ActorCommand.payload, ActorCommand.applied_at, ActorCommand.status)
-            .where(ActorCommand.name.in_(("BankInserted", "BankRemoved")))
-        )).all()
-        recorded = set((await db.execute(
-            select(Station.serial, StationEvent.seq).join(Station, Station.id == StationEvent.station_id)
-            .where(StationEvent.kind.in_(("bank_inserted", "bank_removed")))
-        )).all())
+    async def read():
+        async with backend.handle.services.readonly() as db:
+            commands = (await db.execute(
+                select(ActorCommand.payload, ActorCommand.applied_at, ActorCommand.status)
+                .where(ActorCommand.name.in_(("BankInserted", "BankRemoved")))
+            )).all()
+            events = set((await db.execute(
+                select(Station.serial, StationEvent.seq).join(Station, Station.id == StationEvent.station_id)
+                .where(StationEvent.kind.in_(("bank_inserted", "bank_removed")))
+            )).all())
+        return commands, events
+
+    rows, recorded = await patiently(read)
     in_window = [
         applied.timestamp() - payload["ts"] / 1000
         for payload, applied, status in rows
