@@ -43,7 +43,7 @@ from powerbank.broker.protocol import (
     from_epoch_ms,
     to_payload,
 )
-from powerbank.storage.models import PowerBank, Rental, Station, StationEvent, StationSlot
+from powerbank.storage.models import PowerBank, Rental, Station, StationEvent, StationSlot, StationStatusChange
 from powerbank.storage.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -376,16 +376,26 @@ async def _record_event(
             )
         )
         station.last_event_seq = max(station.last_event_seq or 0, seq)
-    _mark_seen(station, received_at)
+    _mark_seen(ctx, station, kind, received_at)
     return Event(seq, station_time, received_at, fresh=not seen)
 
 
-def _mark_seen(station: Station, received_at: datetime) -> None:
+def _mark_seen(ctx: ActorContext, station: Station, kind: str, received_at: datetime) -> None:
     """Any message proves the station is alive: online again unless an operator parked it."""
     if station.last_seen_at is None or received_at > station.last_seen_at:
         station.last_seen_at = received_at
     if station.status == "offline":
-        station.status = "online"
+        _set_status(ctx, station, "online", kind, received_at)
+
+
+def _set_status(ctx: ActorContext, station: Station, status: str, reason: str, at: datetime) -> None:
+    """Change the status and keep the change in the station's history, in the same transaction."""
+    ctx.session.add(
+        StationStatusChange(
+            station_id=station.id, from_status=station.status, to_status=status, reason=reason, changed_at=at,
+        )
+    )
+    station.status = status
 
 
 def _duplicate(event: Event) -> dict[str, Any]:
@@ -841,7 +851,7 @@ async def mark_offline(ctx: ActorContext, station_id: str, payload: dict[str, An
         return {"ok": True, "ignored": "seen_since"}
     if station.status != "online":
         return {"ok": True, "ignored": station.status}
-    station.status = "offline"
+    _set_status(ctx, station, "offline", str(payload.get("reason") or "unknown")[:32], _received_at(ctx, payload))
     _notify(ctx, loaded)
     return {"ok": True, "status": "offline", "reason": payload.get("reason")}
 

@@ -6,19 +6,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from datetime import datetime
 
-from litestar import Controller, Request, post
+from litestar import Controller, Request, get, post
 from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from powerbank.http.auth import BEARER_SECURITY, AuthUser, require_admin
-from powerbank.http.deps import services_of
+from powerbank.http.deps import Paging, provide_paging, services_of
 from powerbank.http.errors import ApiError, error_responses
 from powerbank.http.routes_wallet import read_wallet
 from powerbank.broker.embedded import HASH_CACHE_TTL_S, provision_station_password
 from powerbank.broker.protocol import Topics
-from powerbank.http.schemas import CreditRequest, CreditResult, StationCredentials
-from powerbank.storage.models import Station, User
+from powerbank.http.schemas import (
+    CreditRequest,
+    CreditResult,
+    StationCredentials,
+    StationStatusHistory,
+    StatusChangeView,
+)
+from powerbank.storage.models import Station, StationStatusChange, User
+from powerbank.storage.types import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +56,45 @@ def _json_scalar(value) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
 
 
+def change_views(changes: list[StationStatusChange], ended_at: datetime) -> list[StatusChangeView]:
+    """Newest-first changes, each with how long its status lasted: until the change after it
+    (the one before it in the list), the newest until `ended_at`."""
+    views = []
+    for change in changes:
+        views.append(
+            StatusChangeView(
+                from_status=change.from_status, to_status=change.to_status, reason=change.reason,
+                changed_at=change.changed_at,
+                lasted_s=round(max(0.0, (ended_at - change.changed_at).total_seconds()), 3),
+            )
+        )
+        ended_at = change.changed_at
+    return views
+
+
+async def status_history(session: AsyncSession, station: Station, paging: Paging) -> StationStatusHistory:
+    by_station = select(StationStatusChange).where(StationStatusChange.station_id == station.id)
+    total = await session.scalar(select(func.count()).select_from(by_station.subquery()))
+    newest_first = by_station.order_by(StationStatusChange.changed_at.desc(), StationStatusChange.id.desc())
+    # One row more than the page: the change just after the page's first one ends its period.
+    start = max(paging.offset - 1, 0)
+    rows = list((await session.execute(newest_first.offset(start).limit(paging.page_size + 1))).scalars())
+    ended_at = utcnow()
+    if paging.offset > 0 and rows:
+        ended_at, rows = rows[0].changed_at, rows[1:]
+    items = change_views(rows[: paging.page_size], ended_at)
+    return StationStatusHistory(
+        station_id=station.id, serial=station.serial, status=station.status, items=items,
+        page=paging.page, page_size=paging.page_size, total=total or 0,
+    )
+
+
 class AdminController(Controller):
     path = "/api/admin"
     tags = ["admin"]
     security = BEARER_SECURITY
     guards = [require_admin]
+    dependencies = {"paging": Provide(provide_paging)}
 
     @post(
         "/wallets/{user_id:uuid}/credit",
@@ -123,3 +168,15 @@ class AdminController(Controller):
             station_id=station_id, serial=serial, username=serial, password=password,
             topic_prefix=f"{Topics.from_env().base}/{serial}/", previous_valid_up_to_s=int(HASH_CACHE_TTL_S),
         )
+
+    @get("/stations/{station_id:uuid}/status-history", responses=error_responses(400, 401, 403, 404))
+    async def station_status_history(
+        self, state: State, station_id: FromPath[uuid.UUID], paging: NamedDependency[Paging]
+    ) -> StationStatusHistory:
+        """When and why a station went offline and came back, newest first, with how long each
+        status lasted: the Station actor writes a row in the same transaction as every change."""
+        async with services_of(state).readonly() as session:
+            station = await session.get(Station, station_id)
+            if station is None:
+                raise ApiError(404, "station_not_found", f"no station {station_id}")
+            return await status_history(session, station, paging)

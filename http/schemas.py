@@ -193,6 +193,29 @@ class StationCredentials(Response):
     previous_valid_up_to_s: int
 
 
+class StatusChangeView(Response):
+    from_status: str
+    to_status: str
+    # boot, heartbeat or another message kind (it came back), last_will, silent (3 missed
+    # heartbeats), or an operator action.
+    reason: str
+    changed_at: datetime
+    # How long the station stayed in `to_status`: until the next change, or until now.
+    lasted_s: float
+
+
+class StationStatusHistory(Response):
+    """A station's status changes, newest first, for the operator chasing a flaky kiosk."""
+
+    station_id: uuid.UUID
+    serial: str
+    status: str
+    items: list[StatusChangeView]
+    page: int
+    page_size: int
+    total: int
+
+
 # --- rentals ------------------------------------------------------------------------------
 
 

@@ -5,9 +5,10 @@ minor units with a currency, CHECK constraints on every enumerated or bounded co
 ON DELETE on every foreign key, and an index on every foreign key, status and time column that a
 query filters by.
 
-Who writes what: the Station actor owns `stations`, `station_slots`, `station_events` and the
-location columns of `power_banks`; the Rental actor owns `rentals`; the Wallet actor owns `wallets`,
-`ledger_accounts` and `ledger_transfers`. Other code reads them, never writes them.
+Who writes what: the Station actor owns `stations`, `station_slots`, `station_events`,
+`station_status_changes` and the location columns of `power_banks`; the Rental actor owns
+`rentals`; the Wallet actor owns `wallets`, `ledger_accounts` and `ledger_transfers`. Other code
+reads them, never writes them.
 """
 
 from __future__ import annotations
@@ -332,6 +333,28 @@ class StationEvent(Base):
     payload: Mapped[dict[str, Any]]
     station_time: Mapped[datetime]
     received_at: Mapped[datetime] = created_at_column()
+
+
+class StationStatusChange(Base):
+    """One row per change of a station's status, so an operator can see when and why a station
+    went dark and for how long (the `stations` row only holds the present)."""
+
+    __tablename__ = "station_status_changes"
+    __table_args__ = (
+        one_of("from_status", STATION_STATUSES),
+        one_of("to_status", STATION_STATUSES),
+        Index(None, "station_id", "changed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigSerial, primary_key=True, autoincrement=True)
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
+    from_status: Mapped[str] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    # What moved it: the message kind that proved it alive (boot, heartbeat, ...), last_will,
+    # silent (missed heartbeats) or an operator action.
+    reason: Mapped[str] = mapped_column(String(32))
+    # Server time: when the message arrived or the decision was taken.
+    changed_at: Mapped[datetime]
 
 
 # --- rentals ----------------------------------------------------------------------------------

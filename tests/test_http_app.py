@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ from powerbank.storage.models import (
     RentalPackage,
     Station,
     StationSlot,
+    StationStatusChange,
     User,
     Wallet,
 )
@@ -327,3 +329,34 @@ async def test_an_admin_issues_station_credentials_that_only_ever_exist_as_a_has
     assert not verify_password(stored, body["password"])  # replaced, not added
     missing = await client.post(f"/api/admin/stations/{uuid.uuid4()}/mqtt-credentials", headers=bearer(admin_token))
     assert missing.status_code == 404 and missing.json()["error"] == "station_not_found"
+
+
+# --- station status history -------------------------------------------------------------------
+
+
+async def test_station_status_history_pages_newest_first_with_how_long_each_status_lasted(client, services):
+    station_id = await add_station(services, "ST-HIST-1", status="offline")
+    t0 = datetime(2026, 11, 1, 8, 0, tzinfo=timezone.utc)
+    moves = [("offline", "online", "boot", 0), ("online", "offline", "last_will", 600),
+             ("offline", "online", "heartbeat", 660), ("online", "offline", "silent", 4260)]
+    async with services.sessions.begin() as session:
+        for from_status, to_status, reason, at_s in moves:
+            session.add(StationStatusChange(
+                station_id=station_id, from_status=from_status, to_status=to_status, reason=reason,
+                changed_at=t0 + timedelta(seconds=at_s),
+            ))
+    url = f"/api/admin/stations/{station_id}/status-history"
+    rider = await sign_up(client, "+9779812000078")
+    assert (await client.get(url, headers=bearer(rider["access_token"]))).status_code == 403
+    admin = bearer(await ensure_admin_token(services, "+9779800000001"))
+    first = (await client.get(url, params={"page_size": 2}, headers=admin)).json()
+    assert (first["serial"], first["status"], first["total"]) == ("ST-HIST-1", "offline", 4)
+    assert [(i["to_status"], i["reason"]) for i in first["items"]] == [("offline", "silent"), ("online", "heartbeat")]
+    assert first["items"][0]["lasted_s"] > 0  # still offline: lasts until now
+    assert first["items"][1]["lasted_s"] == 3600
+    second = (await client.get(url, params={"page_size": 2, "page": 2}, headers=admin)).json()
+    assert [(i["reason"], i["lasted_s"]) for i in second["items"]] == [("last_will", 60), ("boot", 600)]
+    missing = await client.get(f"/api/admin/stations/{uuid.uuid4()}/status-history", headers=admin)
+    assert missing.status_code == 404 and missing.json()["error"] == "station_not_found"
+    bad = await client.get(url, params={"page_size": 0}, headers=admin)
+    assert bad.status_code == 400

@@ -35,6 +35,7 @@ from powerbank.storage.models import (
     Station,
     StationEvent,
     StationSlot,
+    StationStatusChange,
     User,
 )
 from powerbank.storage.types import utcnow
@@ -237,6 +238,39 @@ async def test_silent_stations_go_offline_and_a_station_heard_since_stays_online
         statuses = {s.serial: s.status for s in (await db.execute(select(Station))).scalars()}
     assert statuses == {"ST-SILENT": "offline", "ST-CHATTY": "online"}
     assert await mark_silent_stations_offline(rt, now=later) == 0
+
+
+async def status_changes(rt, station_id):
+    async with rt.sessions() as db:
+        rows = await db.execute(
+            select(StationStatusChange)
+            .where(StationStatusChange.station_id == uuid.UUID(station_id))
+            .order_by(StationStatusChange.id)
+        )
+        return [(c.from_status, c.to_status, c.reason) for c in rows.scalars()]
+
+
+async def test_every_status_change_is_kept_with_its_reason_and_nothing_else_is(rt):
+    station_id = await make_station(rt, "ST-HIST", status="offline")
+    await apply(rt, station_id, "Heartbeat", event(1))
+    await apply(rt, station_id, "Heartbeat", event(2))  # already online: no change, no row
+    await apply(rt, station_id, "Heartbeat", event(1))  # a re-send: changes nothing
+    await apply(rt, station_id, "MarkOffline", {"reason": "last_will"})
+    await apply(rt, station_id, "MarkOffline", {"reason": "last_will"})  # already offline: ignored
+    await apply(rt, station_id, "BankInserted", event(3, slot=1, bank="PB-HIST", charge=50))
+    assert await status_changes(rt, station_id) == [
+        ("offline", "online", "heartbeat"),
+        ("online", "offline", "last_will"),
+        ("offline", "online", "bank_inserted"),
+    ]
+
+
+async def test_a_silent_station_going_offline_is_recorded_at_the_decision_time(rt):
+    station_id = await make_station(rt, "ST-SILHIST")
+    later = utcnow() + timedelta(seconds=91)
+    assert await mark_silent_stations_offline(rt, now=later) == 1
+    await rt.drain("station", station_id)
+    assert await status_changes(rt, station_id) == [("online", "offline", "silent")]
 
 
 # --- ejecting ---------------------------------------------------------------------------------
