@@ -584,8 +584,11 @@ class Run:
         from powerbank.simulators.stations import provision_fleet
 
         began = time.monotonic()
+        # New serials per phase: on an external broker a station of the previous phase whose
+        # close is not yet processed would share the client id, and lose or steal it.
+        prefix = f"BENCH{secrets.token_hex(2).upper()}"
         specs = await provision_fleet(backend.handle.services.sessions, count, SLOTS_PER_STATION, BANKS_PER_STATION,
-                                      serial_prefix="BENCH", settings=backend.settings)
+                                      serial_prefix=prefix, settings=backend.settings)
         self.say(f"provisioned {count} stations in {time.monotonic() - began:.1f} s")
         return specs
 

@@ -511,16 +511,22 @@ class DayDriver:
         await eventually(lambda: _settled_rental(self.stack, rental_id), timeout_s=30)
 
 
-async def day_outcome(stack, riders: list[str]) -> dict:
+def day_names(prefix: str):
+    """Serials with this run's prefix read as DAY_PREFIX, so runs compare by name."""
+    return lambda serial: serial if serial is None else DAY_PREFIX + serial.removeprefix(prefix)
+
+
+async def day_outcome(stack, riders: list[str], prefix: str) -> dict:
     """Everything the day decided, keyed by names that are the same in every run: riders by
-    index, stations and banks by serial. Rentals refused because the station was offline
-    are left out (the driver retried them; they moved nothing)."""
+    index, stations and banks by serial (without the run's prefix). Rentals refused because
+    the station was offline are left out (the driver retried them; they moved nothing)."""
     from powerbank.storage import ledger
 
     rider_index = {uuid.UUID(r): n for n, r in enumerate(riders)}
+    name = day_names(prefix)
     async with stack.sessions() as db:
-        serial_of_station = dict((await db.execute(select(Station.id, Station.serial))).all())
-        serial_of_bank = dict((await db.execute(select(PowerBank.id, PowerBank.serial))).all())
+        serial_of_station = {i: name(s) for i, s in (await db.execute(select(Station.id, Station.serial))).all()}
+        serial_of_bank = {i: name(s) for i, s in (await db.execute(select(PowerBank.id, PowerBank.serial))).all()}
         rentals = [
             (rider_index[r.user_id], serial_of_station[r.station_id], serial_of_bank.get(r.power_bank_id),
              serial_of_station.get(r.return_station_id), r.status, r.cancel_reason, r.fee_minor, r.charged_minor, r.due_minor)
@@ -532,7 +538,7 @@ async def day_outcome(stack, riders: list[str]) -> dict:
             for s in (await db.execute(select(StationSlot))).scalars()
         }
         banks = {
-            b.serial: (b.status, serial_of_station.get(b.station_id), b.charge_percent)
+            name(b.serial): (b.status, serial_of_station.get(b.station_id), b.charge_percent)
             for b in (await db.execute(select(PowerBank))).scalars()
         }
         wallets = {}
@@ -547,7 +553,11 @@ async def play_day(tmp_path, broker: str, knobs: FaultKnobs, chaos: ChaosPlan | 
     async with full_stack(tmp_path, broker, heartbeat_interval_s=1) as stack:
         package = await hourly_package(stack)
         riders = [await funded_rider(stack) for _ in range(DAY_RIDERS)]
-        specs = await provision_fleet(stack.sessions, DAY_STATIONS, DAY_SLOTS, DAY_BANKS, serial_prefix=DAY_PREFIX,
+        # Serials new in every run: a station of an earlier run still connected to an external
+        # broker (its close not yet processed) would otherwise share a client id with this one,
+        # and the broker hands the id to whichever connected last.
+        prefix = unique_prefix(DAY_PREFIX)
+        specs = await provision_fleet(stack.sessions, DAY_STATIONS, DAY_SLOTS, DAY_BANKS, serial_prefix=prefix,
                                       settings=stack.settings)
         knobs = replace(knobs, resend_after_s=0.5, charge_percent_per_minute=0, eject_delay_ms=(20, 60))
         async with fleet_of(stack, specs, knobs) as fleet:
@@ -563,11 +573,12 @@ async def play_day(tmp_path, broker: str, knobs: FaultKnobs, chaos: ChaosPlan | 
             await fleet.wait_acked(timeout_s=30)
             await stack.dispatcher.settle()
             await stack.runtime.wait_idle(timeout_s=30)
-            physical = {(s.serial, n): slot.bank for s in fleet for n, slot in s.slots.items()}
+            name = day_names(prefix)
+            physical = {(name(s.serial), n): name(slot.bank) for s in fleet for n, slot in s.slots.items()}
             faults = {"storms": fleet.storms, "reconnects": fleet.stats().reconnects,
                       "offline_refusals": driver.offline_refusals, "published": fleet.stats().published,
                       "events": fleet.stats().events}
-        outcome = await day_outcome(stack, riders)
+        outcome = await day_outcome(stack, riders, prefix)
         assert {key: bank for key, (_, bank) in outcome["slots"].items()} == physical
         assert await audit(stack.sessions) == {}
     return outcome, faults
