@@ -54,6 +54,21 @@ async def load_wallet(ctx: ActorContext, user_id: str) -> Wallet:
     return wallet
 
 
+async def load_wallet_and_account(ctx: ActorContext, user_id: str) -> tuple[Wallet, ledger.LedgerAccount]:
+    """The wallet and its money account in one read: the two rows every money command needs
+    (the account then stays in the session, so `wallet_account` costs nothing more)."""
+    row = (
+        await ctx.session.execute(
+            select(Wallet, ledger.LedgerAccount)
+            .join(ledger.LedgerAccount, ledger.LedgerAccount.id == Wallet.account_id)
+            .where(Wallet.user_id == uuid.UUID(user_id))
+        )
+    ).first()
+    if row is None:
+        raise CommandRejected("wallet_not_found")
+    return row[0], row[1]
+
+
 async def wallet_account(ctx: ActorContext, wallet: Wallet):
     return await ctx.session.get(ledger.LedgerAccount, wallet.account_id)
 
@@ -101,10 +116,9 @@ async def open_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any]) 
 @handles("wallet", "CreditWallet")
 async def credit_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
     """An operator's manual credit (until top-ups through the payment provider land)."""
-    wallet = await load_wallet(ctx, user_id)
+    wallet, account = await load_wallet_and_account(ctx, user_id)
     if payload.get("currency") != wallet.currency:
         raise CommandRejected("currency_mismatch")
-    account = await wallet_account(ctx, wallet)
     source = await ledger.system_account(ctx.session, "admin_adjustments", wallet.currency)
     try:
         await ledger.transfer(
@@ -128,8 +142,7 @@ async def place_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -
     if reason is not None:
         await ctx.send("rental", rental_id, "HoldRefused", {"reason": reason}, f"hold-refused:{rental_id}")
         return {"ok": False, "reason": reason}
-    wallet = await load_wallet(ctx, user_id)
-    account = await wallet_account(ctx, wallet)
+    wallet, account = await load_wallet_and_account(ctx, user_id)
     revenue = await ledger.system_account(ctx.session, "platform_revenue", wallet.currency)
     hold = await ledger.transfer(
         ctx.session,

@@ -64,7 +64,7 @@ from powerbank.actors.runtime import (
     handles,
     handles_batch,
 )
-from powerbank.actors.wallet import load_wallet
+from powerbank.actors.wallet import load_wallet_and_account
 from powerbank.simulators.bench import (
     LoadResult,
     PgbenchResult,
@@ -139,8 +139,7 @@ async def bench_debits(ctx: ActorContext, user_id: str, payloads: list[dict[str,
     being measured. Each result says when the run ran (wall clock, one host) so a round trip can
     be split around the handler."""
     started_at = time.time()
-    wallet = await load_wallet(ctx, user_id)
-    account = await ctx.session.get(LedgerAccount, wallet.account_id)
+    _, account = await load_wallet_and_account(ctx, user_id)
     revenue = await ledger.system_account(ctx.session, "platform_revenue", account.currency)
     requests = [
         ledger.TransferRequest(uuid.UUID(payload["transfer_id"]), payload["amount_minor"], ACTOR_TRANSFER_KIND)

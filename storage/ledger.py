@@ -16,10 +16,13 @@ two shared accounts in different orders. Their balances are sums over the transf
 from __future__ import annotations
 
 import uuid
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from powerbank.storage.db import insert_unless_exists
 from powerbank.storage.models import LedgerAccount, LedgerTransfer
@@ -64,16 +67,36 @@ async def get_or_create_account(
     return account
 
 
+# Shared accounts never change once created (they keep no totals), so each engine remembers
+# them: a read saved in every transaction that moves money to or from one.
+_SHARED_ACCOUNTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
+_SHARED_COLUMNS = ("id", "code", "kind", "currency", "no_overdraft", "user_id", "created_at")
+
+
 async def system_account(session: AsyncSession, kind: str, currency: str) -> LedgerAccount:
     """A shared account (revenue, adjustments) per currency. Many wallets may create it at the
-    same moment, so creation is an insert that yields to whoever committed first."""
+    same moment, so creation is an insert that yields to whoever committed first. A remembered
+    one comes back as a fresh object outside the session (nothing ever writes a shared row)."""
     code = f"{kind}:{currency}"
+    remembered = _shared_accounts_of(session)
+    if code in remembered:
+        return LedgerAccount(**remembered[code])
     account = (await session.execute(select(LedgerAccount).where(LedgerAccount.code == code))).scalar_one_or_none()
+    created_here = session.info.setdefault("shared_accounts_created", set())
+    if account is not None and code not in created_here:
+        # Found, and not this transaction's own uncommitted insert: it is committed for good.
+        remembered[code] = {column: getattr(account, column) for column in _SHARED_COLUMNS}
     if account is not None:
         return account
     values = dict(id=uuid.uuid4(), code=code, kind=kind, currency=currency, no_overdraft=False, created_at=utcnow())
     await session.execute(insert_unless_exists(session.bind.dialect.name, LedgerAccount, values, ["code"]))
+    created_here.add(code)
     return (await session.execute(select(LedgerAccount).where(LedgerAccount.code == code))).scalar_one()
+
+
+def _shared_accounts_of(session: AsyncSession) -> dict[str, dict[str, Any]]:
+    engine = getattr(session.bind, "sync_engine", None)
+    return {} if engine is None else _SHARED_ACCOUNTS.setdefault(engine, {})
 
 
 async def transfer(
@@ -128,8 +151,11 @@ async def transfer_many(
     idempotence: per request None when it is posted (now or before), or why it was refused.
 
     Decided in memory against a running balance, then written with one multi-row INSERT and one
-    UPDATE per account that keeps totals: what a busy wallet's batch of N costs, instead of
-    N times four statements. A refused request writes nothing."""
+    UPDATE per account that keeps totals (on PostgreSQL one statement for both): what a busy
+    wallet's batch of N costs, instead of N times four statements. A refused request writes
+    nothing."""
+    if len(requests) == 1 and session.bind.dialect.name == "postgresql":
+        return [await _transfer_one_posted(session, debit, credit, requests[0])]
     existing = await _existing_transfers(session, [request.transfer_id for request in requests])
     available = credit_balance(debit).available_minor
     outcomes: list[str | None] = []
@@ -146,33 +172,84 @@ async def transfer_many(
             existing[request.transfer_id] = row
             available -= request.amount_minor
     if rows:
-        await _insert_transfers(session, rows)
-        total = sum(row["amount_minor"] for row in rows)
-        await _bump(session, debit, "debits_posted", total)
-        await _bump(session, credit, "credits_posted", total)
+        if await _write_posted(session, debit, credit, rows) != len(rows):
+            # Only a concurrent writer of the same ids gets here (an actor owns `debit`).
+            raise RuntimeError("ledger transfer ids were taken while the batch was being written")
     return outcomes
 
 
-_INSERT_POSTED_POSTGRES = text("""
-    INSERT INTO ledger_transfers
-        (id, debit_account_id, credit_account_id, amount_minor, currency, kind, state, rental_id, description, created_at)
-    SELECT id, :debit_account_id, :credit_account_id, amount_minor, :currency, kind, 'posted', rental_id, description, :created_at
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:amounts AS bigint[]), CAST(:kinds AS text[]),
-                CAST(:rental_ids AS uuid[]), CAST(:descriptions AS text[]))
-         AS given(id, amount_minor, kind, rental_id, description)
+async def _transfer_one_posted(
+    session: AsyncSession, debit: LedgerAccount, credit: LedgerAccount, request: TransferRequest
+) -> str | None:
+    """The idle case, optimistic: ids are new almost always, so write first and look for an
+    earlier transfer with this id only when the write found one, or before a refusal (a repeat
+    of a transfer that went through is not refused). One statement when it goes through."""
+    try:
+        row = _new_posted_row(request, debit, credit, {}, credit_balance(debit).available_minor)
+    except LedgerError as error:
+        if error.reason != "insufficient_funds":
+            return error.reason
+        return await _repeat_outcome(session, debit, credit, request, otherwise=error.reason)
+    if await _write_posted(session, debit, credit, [row]):
+        return None
+    return await _repeat_outcome(session, debit, credit, request, otherwise="transfer_id_reused")
+
+
+async def _repeat_outcome(session, debit, credit, request: TransferRequest, *, otherwise: str) -> str | None:
+    existing = await _existing_transfers(session, [request.transfer_id])
+    if not existing:
+        return otherwise
+    try:
+        _new_posted_row(request, debit, credit, existing, 0)
+    except LedgerError as error:
+        return error.reason
+    return None
+
+
+# Rows in as arrays (one fixed statement for any batch size, where a multi-row VALUES list would
+# be a new one per size), and the totals of the accounts that keep them bumped by what actually
+# went in, in the same statement: one round trip for a whole run of debits.
+_WRITE_POSTED_POSTGRES = text("""
+    WITH inserted AS (
+        INSERT INTO ledger_transfers
+            (id, debit_account_id, credit_account_id, amount_minor, currency, kind, state, rental_id, description, created_at)
+        SELECT id, :debit_account_id, :credit_account_id, amount_minor, :currency, kind, 'posted', rental_id, description, :created_at
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:amounts AS bigint[]), CAST(:kinds AS text[]),
+                    CAST(:rental_ids AS uuid[]), CAST(:descriptions AS text[]))
+             AS given(id, amount_minor, kind, rental_id, description)
+        ON CONFLICT (id) DO NOTHING
+        RETURNING amount_minor
+    ), total AS (
+        SELECT count(*) AS rows, CAST(coalesce(sum(amount_minor), 0) AS bigint) AS amount_minor FROM inserted
+    ), bumped AS (
+        UPDATE ledger_accounts AS account
+        SET debits_posted = account.debits_posted
+                + CASE WHEN account.id = :debit_account_id THEN total.amount_minor ELSE 0 END,
+            credits_posted = account.credits_posted
+                + CASE WHEN account.id = :credit_account_id THEN total.amount_minor ELSE 0 END
+        FROM total
+        WHERE account.id = ANY(CAST(:bumped_ids AS uuid[]))
+        RETURNING account.id
+    )
+    SELECT rows, amount_minor, (SELECT count(*) FROM bumped) AS bumped FROM total
 """)
 
 
-async def _insert_transfers(session: AsyncSession, rows: list[dict]) -> None:
-    """Posted rows between one pair of accounts. On PostgreSQL as arrays: one fixed statement
-    for any number of rows (a multi-row VALUES list would be a new one per batch size)."""
+async def _write_posted(session: AsyncSession, debit: LedgerAccount, credit: LedgerAccount, rows: list[dict]) -> int:
+    """Insert posted rows between `debit` and `credit` (an id that exists is skipped) and bump
+    the totals by what went in; returns how many went in."""
     if session.bind.dialect.name != "postgresql":
         await session.execute(LedgerTransfer.__table__.insert(), rows)
-        return
+        total = sum(row["amount_minor"] for row in rows)
+        await _bump(session, debit, "debits_posted", total)
+        await _bump(session, credit, "credits_posted", total)
+        return len(rows)
+    await session.flush()  # text statements do not autoflush; earlier ORM writes go first
+    bumped = [account for account in (debit, credit) if keeps_totals(account)]
     first = rows[0]
-    await session.execute(_INSERT_POSTED_POSTGRES, dict(
-        debit_account_id=first["debit_account_id"],
-        credit_account_id=first["credit_account_id"],
+    written = (await session.execute(_WRITE_POSTED_POSTGRES, dict(
+        debit_account_id=debit.id,
+        credit_account_id=credit.id,
         currency=first["currency"],
         created_at=first["created_at"],
         ids=[row["id"] for row in rows],
@@ -180,7 +257,19 @@ async def _insert_transfers(session: AsyncSession, rows: list[dict]) -> None:
         kinds=[row["kind"] for row in rows],
         rental_ids=[row["rental_id"] for row in rows],
         descriptions=[row["description"] for row in rows],
-    ))
+        bumped_ids=[account.id for account in bumped],
+    ))).one()
+    if written.amount_minor:
+        _add_committed(debit, "debits_posted", written.amount_minor)
+        _add_committed(credit, "credits_posted", written.amount_minor)
+    return written.rows
+
+
+def _add_committed(account: LedgerAccount, column: str, delta: int) -> None:
+    """Keep the loaded object equal to the row the statement just updated, without marking
+    it changed (the ORM must not write it again)."""
+    if keeps_totals(account):
+        set_committed_value(account, column, getattr(account, column) + delta)
 
 
 _EXISTING_POSTGRES = text(
