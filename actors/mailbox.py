@@ -173,9 +173,29 @@ _INSERT_APPLIED = {
 }
 
 
+_INSERT_APPLIED_ASYNCPG = """
+    INSERT INTO actor_commands
+        (kind, entity_id, command_id, name, payload, status, result, attempts, accepted_at, applied_at)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, 0, $8, $9)
+    ON CONFLICT (kind, command_id) DO NOTHING
+    RETURNING id
+"""
+
+
 async def insert_applied(session: AsyncSession, row: Pending) -> bool:
     """Record a command accepted and applied in one transaction; False when its (kind,
-    command_id) exists already (the caller must then roll back what it applied)."""
+    command_id) exists already (the caller must then roll back what it applied).
+
+    On PostgreSQL straight through asyncpg, inside the session's transaction: this is on every
+    idle round trip, where SQLAlchemy's execution layer cost more than the statement."""
+    if session.bind.dialect.name == "postgresql":
+        connection = await session.connection()
+        driver = (await connection.get_raw_connection()).driver_connection
+        return await driver.fetchval(
+            _INSERT_APPLIED_ASYNCPG, row.kind, row.entity_id, row.command_id, row.name,
+            _json.encode(row.payload).decode(), row.status,
+            None if row.result is None else _json.encode(row.result).decode(), row.accepted_at, row.applied_at,
+        ) is not None
     values = dict(
         kind=row.kind, entity_id=row.entity_id, command_id=row.command_id, name=row.name, payload=row.payload,
         status=row.status, result=row.result, attempts=0, accepted_at=row.accepted_at, applied_at=row.applied_at,
