@@ -414,14 +414,16 @@ class StripeState:
         method = self.resolve_payment_method(method_id) if method_id is not None else None
         if method is not None:
             self._check_attachable(method, customer, param="payment_method")
-        self._apply_customer_fields(customer, params)  # validates before anything is stored
+        customer = self._with_customer_fields(customer, params)
         self._store(customer)
         self.emit("customer.created", customer)
         if method is not None:
             self._attach(method["id"], customer, param="payment_method")
         return customer
 
-    def _apply_customer_fields(self, customer: dict[str, Any], params: dict[str, Any]) -> None:
+    def _with_customer_fields(self, customer: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """The customer as `params` would change it; a copy, so a refused update writes nothing."""
+        customer = copy.deepcopy(customer)
         for name in self.CUSTOMER_FIELDS:
             value = text(params, name)
             if value is not None:
@@ -438,6 +440,7 @@ class StripeState:
                     raise invalid(f"The PaymentMethod {default} is not attached to customer {customer['id']}.",
                                   param="invoice_settings[default_payment_method]", code="payment_method_unexpected_state")
             customer["invoice_settings"]["default_payment_method"] = default or None
+        return customer
 
     def retrieve_customer(self, params: dict[str, Any], customer_id: str) -> dict[str, Any]:
         only(params, set())
@@ -446,7 +449,7 @@ class StripeState:
     def update_customer(self, params: dict[str, Any], customer_id: str) -> dict[str, Any]:
         only(params, {*self.CUSTOMER_FIELDS, "metadata", "invoice_settings"})
         customer = self.get("customer", customer_id)
-        self._apply_customer_fields(customer, params)
+        customer.update(self._with_customer_fields(customer, params))
         self.emit("customer.updated", customer)
         return customer
 
@@ -593,6 +596,8 @@ class StripeState:
         }
         error_on_requires_action = boolean(params, "error_on_requires_action")
         self._set_payment_method(intent, params)
+        if confirm:
+            self._check_confirmable(intent)
         self._store(intent)
         self.emit("payment_intent.created", intent)
         if confirm:
@@ -669,6 +674,7 @@ class StripeState:
             updated["setup_future_usage"] = text(params, "setup_future_usage", choices=FUTURE_USAGES)
         updated["capture_method"] = text(params, "capture_method", choices=CAPTURE_METHODS) or intent["capture_method"]
         self._set_payment_method(updated, params)
+        self._check_confirmable(updated)
         intent.update(updated)
         self._confirm(intent, off_session=off_session, error_on_requires_action=error_on_requires_action)
         return intent
@@ -676,13 +682,8 @@ class StripeState:
     def _confirm(self, intent: dict[str, Any], *, off_session: bool, error_on_requires_action: bool | None) -> None:
         """The heart of a payment: needs a usable payment method, then authenticates,
         declines, or authorizes, exactly as the test card says."""
-        if intent["payment_method"] is None:
-            raise invalid("You cannot confirm this PaymentIntent because it's missing a payment method. Update the "
-                          "PaymentIntent with a payment_method and then confirm it again.",
-                          param="payment_method", code="payment_intent_unexpected_state",
-                          payment_intent=copy.deepcopy(intent))
+        self._check_confirmable(intent)
         method = self.objects[intent["payment_method"]]
-        self._check_ownership(intent, method)  # the method may have been detached since
         card = self._cards[method["id"]]
         intent.update(last_payment_error=None, next_action=None)
         decline = card.decline or card.charge_decline
@@ -698,6 +699,14 @@ class StripeState:
             return None
         self._authorize(intent, method)
         return None
+
+    def _check_confirmable(self, intent: dict[str, Any]) -> None:
+        """Checked before anything changes, so a refused confirmation writes nothing."""
+        if intent["payment_method"] is None:
+            raise invalid("You cannot confirm this PaymentIntent because it's missing a payment method. Update the "
+                          "PaymentIntent with a payment_method and then confirm it again.",
+                          param="payment_method", code="payment_intent_unexpected_state")
+        self._check_ownership(intent, self.objects[intent["payment_method"]])  # it may have been detached since
 
     def _check_ownership(self, intent: dict[str, Any], method: dict[str, Any]) -> None:
         if method["customer"] is not None and method["customer"] != intent["customer"]:
@@ -806,10 +815,10 @@ class StripeState:
             raise invalid(f"The amount_to_capture ({amount}) cannot be greater than the PaymentIntent's "
                           f"amount_capturable ({intent['amount_capturable']}).", param="amount_to_capture",
                           code="amount_too_large")
+        metadata = metadata_update(intent["metadata"], params)
         charge = self.objects[intent["latest_charge"]]
         charge.update(captured=True, amount_captured=amount)
-        intent.update(status="succeeded", amount_received=amount, amount_capturable=0,
-                      metadata=metadata_update(intent["metadata"], params))
+        intent.update(status="succeeded", amount_received=amount, amount_capturable=0, metadata=metadata)
         self.emit("charge.captured", charge)
         self.emit("payment_intent.succeeded", intent)
         return intent
