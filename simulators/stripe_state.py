@@ -271,6 +271,18 @@ def created_filter(params: dict[str, Any], name: str = "created") -> Callable[[i
     return lambda created: all(checks[op](created, bound) for op, bound in bounds.items())
 
 
+EXPANDABLE = frozenset({"customer", "payment_method", "latest_charge", "charge", "payment_intent",
+                        "invoice_settings.default_payment_method"})
+
+
+def expandable(paths: list[str]) -> list[str]:
+    """The `expand[]` paths the emulator can follow (`customer`, `data.latest_charge`, ...)."""
+    for path in paths:
+        if not isinstance(path, str) or path.removeprefix("data.") not in EXPANDABLE:
+            raise invalid(f"This property cannot be expanded ({path}).", param="expand")
+    return paths
+
+
 def params_fingerprint(params: dict[str, Any]) -> str:
     """Equal for the same parameters in any order: what an idempotency key is bound to."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
@@ -350,8 +362,9 @@ class StripeState:
             for route_method, pattern, operation in ROUTES:
                 match = pattern.fullmatch(path)
                 if match and route_method == method:
+                    expand = expandable(array(params, "expand"))  # refused before anything changes
                     body = operation(self, params, *match.groups())
-                    return 200, self.expand(copy.deepcopy(body), array(params, "expand"))
+                    return 200, self.expand(copy.deepcopy(body), expand)
             raise StripeError(404, f"Unrecognized request URL ({method}: {path}). The emulator serves only the "
                                    "Stripe API subset listed in docs/payments.md.")
         except StripeError as error:
@@ -368,12 +381,9 @@ class StripeState:
                 targets = [item for t in targets for item in (t.get(part) if part == "data" and isinstance(t.get(part), list)
                                                               else [t.get(part)]) if isinstance(item, dict)]
             for target in targets:
-                value = target.get(leaf) if isinstance(target, dict) else None
-                if value is None:
-                    continue
-                if not isinstance(value, str) or value not in self.objects:
-                    raise invalid(f"This property cannot be expanded ({path}).", param="expand")
-                target[leaf] = copy.deepcopy(self.objects[value])
+                value = target.get(leaf)
+                if isinstance(value, str) and value in self.objects:
+                    target[leaf] = copy.deepcopy(self.objects[value])
         return body
 
     def list_of(self, kind: str, params: dict[str, Any], url: str, keep: Callable[[dict[str, Any]], bool] = lambda _o: True,

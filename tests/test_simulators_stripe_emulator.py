@@ -237,6 +237,8 @@ def test_saved_cards_charge_off_session_and_follow_stripes_rules(client, emulato
     customer = client.v1.customers.update(customer.id, params={"invoice_settings": {"default_payment_method": card.id},
                                                               "metadata": {"user_id": "", "tier": "gold"}})
     assert customer.invoice_settings.default_payment_method == card.id
+    expanded = client.v1.customers.retrieve(customer.id, params={"expand": ["invoice_settings.default_payment_method"]})
+    assert expanded.invoice_settings.default_payment_method.card.last4 == "4242"
     assert customer.metadata.to_dict() == {"tier": "gold"}
 
     refill = client.v1.payment_intents.create(params={"amount": 2000, "currency": "usd", "customer": customer.id,
@@ -313,6 +315,7 @@ def test_customers_list_filter_and_delete(client):
     ({"amount": 1000, "currency": "usd", "capture_method": "later"}, "capture_method", "parameter_invalid_string"),
     ({"amount": 1000, "currency": "usd", "off_session": True}, "off_session", None),
     ({"amount": 1000, "currency": "usd", "confirm": True}, "payment_method", "payment_intent_unexpected_state"),
+    ({"amount": 1000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True, "expand": ["amount"]}, "expand", None),
     ({"amount": 1000, "currency": "usd", "amout": 5}, "amout", "parameter_unknown"),
 ])
 def test_bad_intents_are_refused_like_stripe_and_write_nothing(client, emulator, params, param, code):
