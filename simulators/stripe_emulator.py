@@ -364,6 +364,7 @@ class StripeEmulator:
         config = uvicorn.Config(build_app(self), log_level="warning", access_log=False, lifespan="off", ws="none",
                                 timeout_graceful_shutdown=1)
         server = _ThreadServer(config)
+        self._senders = {id(e): _Sender(self, e) for e in self.endpoints}  # before the first request can come
         serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         try:
             while not server.started:
@@ -371,11 +372,10 @@ class StripeEmulator:
                     serving.result()
                     raise RuntimeError("uvicorn stopped while starting")
                 await asyncio.sleep(0.005)
-            self._senders = {id(e): _Sender(self, e) for e in self.endpoints}
         except BaseException as exc:
             self._startup_error = exc
             self._ready.set()
-            await self.http.aclose()
+            await self._close_senders()
             return
         self._ready.set()
         try:
@@ -384,11 +384,15 @@ class StripeEmulator:
             server.should_exit = True
             server.exit_requested.set()
             await serving
-            for sender in self._senders.values():
-                for task in (sender.task, *sender.in_flight):
-                    task.cancel()
-                await asyncio.gather(sender.task, *sender.in_flight, return_exceptions=True)
-            await self.http.aclose()
+            await self._close_senders()
+
+    async def _close_senders(self) -> None:
+        """Deliveries still queued at stop are dropped, like a Stripe account that is deleted."""
+        for sender in self._senders.values():
+            for task in (sender.task, *sender.in_flight):
+                task.cancel()
+            await asyncio.gather(sender.task, *sender.in_flight, return_exceptions=True)
+        await self.http.aclose()
 
     def _call_on_loop(self, callback, *args) -> None:
         """Run `callback` on the emulator's loop: directly from its own thread, else queued."""
@@ -398,6 +402,9 @@ class StripeEmulator:
             self._loop.call_soon_threadsafe(callback, *args)
 
     def _run_on_loop(self, coroutine):
+        if self._loop is None:
+            coroutine.close()
+            raise RuntimeError("the Stripe emulator is not running (use start() or `with`)")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     # the API --------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ backend will too; where the emulator departs from Stripe, docs/payments.md says 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
