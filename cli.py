@@ -157,6 +157,17 @@ async def _issue_station_credentials(settings, serial: str) -> str | None:
         await engine.dispose()
 
 
+def _cmd_stripe_emulator(args: argparse.Namespace) -> int:
+    from powerbank.simulators.stripe_emulator import StripeEmulator, WebhookOptions, parse_delay_ms, serve_forever
+
+    options = WebhookOptions(retries=args.retries, duplicates=args.duplicates, duplicate_rate=args.duplicate_rate,
+                             delay_ms=parse_delay_ms(args.delay_ms), shuffle=args.shuffle)
+    return serve_forever(StripeEmulator(
+        api_key=args.api_key, host=args.host, port=args.port, webhook_url=args.webhook_url, webhook_secret=args.webhook_secret,
+        webhook_options=options, seed=args.seed, processing_delay_ms=args.processing_delay_ms,
+    ))
+
+
 BENCH_SUITES = {"actors": "powerbank.simulators.bench_actors", "stations": "powerbank.simulators.bench_stations"}
 
 
@@ -227,6 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--admin-phone", default="+9779800000000", help="the admin account used to credit riders")
     _add_fault_options(simulate)
     simulate.set_defaults(handler=_cmd_simulate)
+
+    emulator = sub.add_parser("stripe-emulator", help="Serve a local emulator of the Stripe API subset used (docs/payments.md).",
+                              description="Customers, payment methods (Stripe's test cards), payment intents, refunds and events, "
+                              "in memory, for the real stripe SDK pointed at it; signed webhooks with optional faults. Prints one "
+                              "JSON line (api_base, api_key, webhook endpoints), then serves until Ctrl-C or SIGTERM.")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=12111, help="0 picks a free port (default 12111)")
+    emulator.add_argument("--api-key", default="sk_test_emulator", help="the secret key clients must send")
+    emulator.add_argument("--webhook-url", default=None, help="deliver every event here (e.g. .../api/payment/webhook/stripe)")
+    emulator.add_argument("--webhook-secret", default=None, help="whsec_... to sign with (default: a fresh one, printed)")
+    emulator.add_argument("--retries", type=int, default=3, help="re-deliveries after a failed attempt, with backoff")
+    emulator.add_argument("--duplicates", type=int, default=0, help="extra copies of every event")
+    emulator.add_argument("--duplicate-rate", type=float, default=0.0, help="chance of one more extra copy")
+    emulator.add_argument("--delay-ms", default="0", help="delay of each delivery: MS or LOW:HIGH (random)")
+    emulator.add_argument("--shuffle", action="store_true", help="deliver ready events in random order")
+    emulator.add_argument("--seed", type=int, default=None, help="make ids and faults reproducible")
+    emulator.add_argument("--processing-delay-ms", type=int, default=None,
+                          help="confirmed intents stay `processing` this long (default: settle at once)")
+    emulator.set_defaults(handler=_cmd_stripe_emulator)
 
     bench = sub.add_parser("bench", help="Run a benchmark; prints its figures and ends with one JSON line.",
                            description="Benchmarks compare against a reference measured in the same run (a ratio), "

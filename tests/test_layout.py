@@ -40,7 +40,7 @@ def test_subpackages_import_under_powerbank():
 
 def test_every_cli_command_explains_itself():
     commands = ["demo", "serve", "web", "worker", "mqtt", "scheduler", "migrate", "openapi", "simulate", "bench",
-                "station-credentials"]
+                "station-credentials", "stripe-emulator"]
     for command in commands:
         out = subprocess.run([sys.executable, "-m", "powerbank.cli", command, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, (command, out.stderr)
