@@ -445,7 +445,11 @@ class Runtime:
             self._drain_again.discard(key)
             batch = await self._drain_batch(kind, entity_id)
             if batch is None:
-                return applied
+                # Another drainer held the entity. Our re-ring may already have come back while
+                # this drain was still closing; it only said "drain again", so look once more.
+                if key not in self._drain_again:
+                    return applied
+                continue
             applied += batch
             # A short batch emptied the mailbox as of its read; anything accepted since has
             # rung its own doorbell (here it set "drain again"; elsewhere it retries the lock).
