@@ -18,6 +18,7 @@ import stripe
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+import powerbank.actors.wallet_payments  # noqa: F401  (registers the commands these flows send)
 from powerbank.actors import payments
 from powerbank.payment_gateway import (
     GatewayError,
