@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -59,9 +60,9 @@ NOT_FOUND_REASONS = frozenset({"intent_not_found", "transaction_not_found", "ref
 class PaymentProblem(Exception):
     """A refusal with an HTTP status and a machine code; the routes turn it into ApiError."""
 
-    def __init__(self, status: int, code: str, detail: str = "", **extra: Any) -> None:
+    def __init__(self, http_status: int, code: str, detail: str = "", **extra: Any) -> None:
         super().__init__(detail or code)
-        self.status, self.code, self.detail, self.extra = status, code, detail or code, extra
+        self.status, self.code, self.detail, self.extra = http_status, code, detail or code, extra
 
 
 def build_gateway(settings: "Settings") -> PaymentGateway | None:
@@ -233,7 +234,7 @@ async def verify_topup(services: "Services", gateway: PaymentGateway, user_id: u
     real app), then read the provider's state and apply it."""
     intent = await owned_intent(services, user_id, intent_id)
     if intent.provider_intent_id is None:
-        raise PaymentProblem(409, "intent_not_ready", "the provider intent was never created", status=intent.status)
+        raise PaymentProblem(409, "intent_not_ready", "the provider intent was never created", intent_status=intent.status)
     if payment_method and intent.status == "waiting":
         await _confirm(services, gateway, intent, payment_method)
     provider = await _provider_call(gateway.retrieve(intent.provider_intent_id))
@@ -273,7 +274,7 @@ async def cancel_topup(services: "Services", gateway: PaymentGateway, user_id: u
     through ends with the payment applied and a 409."""
     intent = await owned_intent(services, user_id, intent_id)
     if intent.status not in ("waiting", "error"):
-        raise PaymentProblem(409, "intent_not_cancellable", f"the intent is {intent.status}", status=intent.status)
+        raise PaymentProblem(409, "intent_not_cancellable", f"the intent is {intent.status}", intent_status=intent.status)
     if intent.provider_intent_id is None:
         await _mark_error(services, intent.id, "canceled_before_provider")
         return await owned_intent(services, user_id, intent_id)
@@ -284,7 +285,7 @@ async def cancel_topup(services: "Services", gateway: PaymentGateway, user_id: u
     await _applied(services, user_id, intent.id, provider)
     intent = await owned_intent(services, user_id, intent_id)
     if intent.status != "rejected":
-        raise PaymentProblem(409, "intent_not_cancellable", f"the intent is {intent.status}", status=intent.status)
+        raise PaymentProblem(409, "intent_not_cancellable", f"the intent is {intent.status}", intent_status=intent.status)
     return intent
 
 
@@ -345,9 +346,17 @@ def verified_event(body: bytes, signature: str | None, secret: str) -> dict[str,
     otherwise. Nothing is written before this passes."""
     try:
         stripe.Webhook.construct_event(body.decode("utf-8"), signature or "", secret, tolerance=WEBHOOK_TOLERANCE_S)
+        if not signed_recently(signature or "", time.time()):
+            raise ValueError("timestamp in the future")
         return json.loads(body)
     except (ValueError, UnicodeDecodeError, stripe.SignatureVerificationError):
         raise PaymentProblem(400, "invalid_signature", "the webhook signature or timestamp did not verify") from None
+
+
+def signed_recently(signature: str, now_s: float) -> bool:
+    """The SDK refuses timestamps too old, not too far ahead; a replay window works both ways."""
+    stamps = [part[2:] for part in signature.split(",") if part.startswith("t=")]
+    return bool(stamps) and stamps[0].isdigit() and abs(now_s - int(stamps[0])) <= WEBHOOK_TOLERANCE_S
 
 
 async def ingest_webhook(services: "Services", provider: str, body: bytes, signature: str | None) -> bool:

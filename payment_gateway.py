@@ -93,7 +93,14 @@ class PaymentGateway(Protocol):
     async def close(self) -> None: ...
 
 
+def plain(obj: Any) -> Any:
+    """A StripeObject (which refuses dict methods) as plain dicts and lists."""
+    return obj.to_dict() if hasattr(obj, "to_dict") else obj
+
+
 def intent_from_stripe(obj: Any) -> ProviderIntent:
+    """Our snapshot of a Stripe PaymentIntent (an SDK object or the JSON of a webhook)."""
+    obj = plain(obj)
     error = obj.get("last_payment_error") or {}
     method = obj.get("payment_method")
     return ProviderIntent(
@@ -132,7 +139,7 @@ class StripeGateway:
         customer = await self._call(self.client.v1.customers.create_async(
             params={"metadata": {"user_id": user_id}}, options={"idempotency_key": f"customer:{user_id}"},
         ))
-        return customer["id"]
+        return plain(customer)["id"]
 
     async def create_intent(self, *, amount_minor, currency, customer, idempotency_key, metadata,
                             save_card=False, payment_method=None, off_session=False) -> ProviderIntent:
@@ -170,7 +177,7 @@ class StripeGateway:
             params={"payment_intent": provider_intent_id, "amount": amount_minor},
             options={"idempotency_key": idempotency_key},
         ))
-        return refund["id"]
+        return plain(refund)["id"]
 
     async def recent_intents(self, since: datetime) -> list[ProviderIntent]:
         page = await self._call(self.client.v1.payment_intents.list_async(
