@@ -134,13 +134,13 @@ class PaymentFlowController(Controller):
                                      data.payment_method)
         return await status_view(state, request.user.id, data.intent_id)
 
-    @get("/status/{intent_id:uuid}", responses=error_responses(401, 404))
+    @get("/status/{intent_id:uuid}", responses=error_responses(400, 401, 404))
     async def status(self, state: State, request: Request, intent_id: FromPath[uuid.UUID]) -> PaymentStatusView:
         """Our view of one intent: status (waiting, preauth, confirmed, rejected, refunded, error),
         its wallet transaction once credited, and how many provider events were logged for it."""
         return await status_view(state, request.user.id, intent_id)
 
-    @post("/cancel/{intent_id:uuid}", status_code=200, responses=error_responses(401, 404, 409, 502, 503))
+    @post("/cancel/{intent_id:uuid}", status_code=200, responses=error_responses(400, 401, 404, 409, 502, 503))
     async def cancel(self, state: State, request: Request, intent_id: FromPath[uuid.UUID]) -> PaymentStatusView:
         """Cancel a top-up that has not been paid; 409 `intent_not_cancellable` once it has."""
         with as_api_errors():
