@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import stripe
+from prometheus_client import Counter
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -54,6 +55,8 @@ WALLET_WAIT_S = 10.0
 WEBHOOK_TOLERANCE_S = 300
 RECONCILE_WINDOW = timedelta(days=3)
 REFUND_RETRY_AFTER = timedelta(minutes=1)
+# The one trace a refused webhook leaves (nothing is written for it).
+WEBHOOKS = Counter("powerbank_payment_webhooks_total", "Provider webhooks by outcome", ["provider", "outcome"])
 NOT_FOUND_REASONS = frozenset({"intent_not_found", "transaction_not_found", "refund_not_found", "wallet_not_found"})
 
 
@@ -367,16 +370,22 @@ async def ingest_webhook(services: "Services", provider: str, body: bytes, signa
     secret = services.settings.stripe_webhook_secret
     if not secret:
         raise PaymentProblem(503, "webhooks_not_configured", "STRIPE_WEBHOOK_SECRET is not set")
-    event = verified_event(body, signature, secret)
+    try:
+        event = verified_event(body, signature, secret)
+    except PaymentProblem:
+        WEBHOOKS.labels(provider, "invalid_signature").inc()
+        raise
     obj = (event.get("data") or {}).get("object") or {}
     intent_obj = obj if obj.get("object") == "payment_intent" else None
     row_id = await log_event(services, provider, event["id"], event["type"], obj.get("id") if intent_obj else obj.get("payment_intent"),
                              event, "webhook")
     if row_id is None:
+        WEBHOOKS.labels(provider, "duplicate").inc()
         return True
     if intent_obj is not None:
         await apply_snapshot(services, intent_from_stripe(intent_obj))
     await mark_processed(services, row_id)
+    WEBHOOKS.labels(provider, "processed").inc()
     return False
 
 
