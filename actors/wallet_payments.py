@@ -125,6 +125,10 @@ async def reserve_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any
         kind="refund", description=f"refund of {txn.id}",
     )
     txn.refunded_minor += amount
+    ctx.session.add(Transaction(
+        user_id=txn.user_id, payment_intent_id=txn.payment_intent_id, type="refund", amount_minor=amount,
+        currency=txn.currency, status="pending", ledger_transfer_id=transfer_id, description=f"refund of {txn.id}",
+    ))
     ctx.session.add(Refund(
         id=refund_id, transaction_id=txn.id, user_id=txn.user_id, amount_minor=amount, currency=txn.currency,
         status="pending", reason=payload.get("reason"), ledger_transfer_id=transfer_id,
@@ -145,6 +149,8 @@ async def settle_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any]
     if refund.status != "pending":
         return {"ok": True, "status": refund.status}
     txn = await ctx.session.get(Transaction, refund.transaction_id)
+    shown = (await ctx.session.execute(
+        select(Transaction).where(Transaction.ledger_transfer_id == refund.ledger_transfer_id))).scalar_one_or_none()
     if payload["succeeded"]:
         refund.status = "succeeded"
         refund.provider_refund_id = payload.get("provider_refund_id")
@@ -153,6 +159,8 @@ async def settle_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any]
         await _reverse_refund(ctx, user_id, refund, txn)
         refund.status = "failed"
         refund.failure_code = payload.get("failure_code")
+    if shown is not None:
+        shown.status = "succeeded" if refund.status == "succeeded" else "reversed"
     return {"ok": True, "status": refund.status}
 
 

@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ from powerbank.actors.wallet import load_wallet_and_account
 from powerbank.http.app import create_app
 from powerbank.http.auth import AuthPolicy
 from powerbank.http.testing import running_services, serve, settings_for_tests
-from powerbank.payment_gateway import StripeGateway
+from powerbank.payment_gateway import GatewayError, StripeGateway
 from powerbank.simulators.stripe_emulator import StripeEmulator, WebhookOptions, stripe_signature_header
 from powerbank.storage import ledger
 from powerbank.storage.ledger import ledger_discrepancies
@@ -318,6 +319,11 @@ async def test_refunds_up_to_what_was_paid_and_never_more(env):
     assert none_left.status_code == 409 and none_left.json()["error"] == "exceeds_refundable"
     refunds = (await env.client.get("/api/payment/refunds", headers=auth)).json()
     assert refunds["total"] == 2 and {r["status"] for r in refunds["items"]} == {"succeeded"}
+    history = (await env.client.get("/api/user/transactions", headers=auth)).json()["items"]
+    assert sorted((t["type"], t["amount_minor"], t["status"]) for t in history) == [
+        ("refund", 2000, "succeeded"), ("refund", 3000, "succeeded"), ("topup", 5000, "succeeded")]
+    not_again = await env.client.post(f"/api/payment/refund/{history[0]['transaction_id']}", headers=auth, json={})
+    assert not_again.status_code == 409
     provider_refunds = env.emu.state.refunds if hasattr(env.emu.state, "refunds") else None
     if provider_refunds is not None:
         assert sum(r["amount"] for r in provider_refunds.values()) == 5000
@@ -381,3 +387,57 @@ async def test_auto_refill_charges_the_saved_card_once_below_the_threshold(env):
     assert await balance(env, auth) == 8000
     kinds = [t["type"] for t in (await env.client.get("/api/user/transactions", headers=auth)).json()["items"]]
     assert sorted(kinds) == ["auto_refill", "topup"]
+
+
+class FlakyRefunds:
+    """The gateway, with the provider's answer to the first refund lost (a timeout)."""
+
+    def __init__(self, gateway: StripeGateway) -> None:
+        self.inner, self.code, self.lost = gateway, gateway.code, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def refund(self, provider_intent_id, amount_minor, idempotency_key):
+        if self.lost == 0:
+            self.lost += 1
+            await self.inner.refund(provider_intent_id, amount_minor, idempotency_key)  # it did happen at Stripe
+            raise GatewayError("timeout", "no answer", None)
+        return await self.inner.refund(provider_intent_id, amount_minor, idempotency_key)
+
+
+async def test_a_refund_whose_answer_was_lost_is_settled_by_reconciliation_without_a_second_refund(env, monkeypatch):
+    auth = await sign_up(env.client)
+    status = await topped_up(env, auth, 5000)
+    async with env.services.readonly() as session:
+        user_id = (await session.get(Transaction, uuid.UUID(status["transaction_id"]))).user_id
+    flaky = FlakyRefunds(env.gateway)
+    refund = await flows.refund_transaction(env.services, flaky, user_id, uuid.UUID(status["transaction_id"]), 1500, None, "k1")
+    assert refund.status == "pending" and await balance(env, auth) == 3500
+    monkeypatch.setattr(flows, "REFUND_RETRY_AFTER", timedelta(0))
+    report = await flows.reconcile(env.services, flaky)
+    assert report["refunds_retried"] == 1
+    async with env.services.readonly() as session:
+        assert (await session.get(Refund, refund.id)).status == "succeeded"
+    provider_refunds = await env.gateway.client.v1.refunds.list_async(params={"payment_intent": status["intent"]["provider_intent_id"]})
+    assert [r.amount for r in provider_refunds.data] == [1500]  # the same idempotency key: one refund at Stripe
+    assert await balance(env, auth) == 3500
+
+
+async def test_an_auto_refill_declined_by_the_saved_card_charges_nothing_and_is_not_retried(env):
+    auth = await sign_up(env.client)
+    await topped_up(env, auth, 5000, save_card=True)
+    # The saved card has since started failing (Stripe's test token for a declined card).
+    async with env.services.sessions.begin() as session:
+        customer = (await session.execute(select(PaymentCustomer))).scalar_one()
+        customer.saved_payment_method_id = "pm_card_chargeDeclined"
+        customer.auto_refill, customer.auto_refill_threshold_minor, customer.auto_refill_amount_minor = True, 6000, 3000
+        user_id = customer.user_id
+    intent_id = await flows.auto_refill(env.services, env.gateway, user_id)
+    assert intent_id is not None
+    assert await flows.auto_refill(env.services, env.gateway, user_id) == intent_id  # the same intent: no second charge
+    assert await flows.auto_refill_sweep(env.services, env.gateway) == 1  # finds it again, charges nothing new
+    async with env.services.readonly() as session:
+        intent = await session.get(PaymentIntent, intent_id)
+        assert await session.scalar(select(func.count()).select_from(PaymentIntent).where(PaymentIntent.purpose == "auto_refill")) == 1
+    assert intent.status in ("waiting", "error") and await balance(env, auth) == 5000
