@@ -86,6 +86,9 @@ async def ensure_payment_methods(services: "Services") -> None:
     currency (an operator edits or disables the row; a row that exists is never touched)."""
     if not services.settings.stripe_secret_key:
         return
+    async with services.readonly() as session:
+        if (await session.execute(select(PaymentMethod.id).limit(1))).first() is not None:
+            return  # the common case, without taking SQLite's write lock
     async with services.sessions.begin() as session:
         if (await session.execute(select(PaymentMethod.id).limit(1))).first() is None:
             await session.execute(insert_unless_exists(
@@ -317,7 +320,9 @@ async def refund_transaction(services: "Services", gateway: PaymentGateway, user
         reason_code = str(reserved.get("reason"))
         status = 404 if reason_code in NOT_FOUND_REASONS else 409
         raise PaymentProblem(status, reason_code, "the refund was refused", refundable_minor=reserved.get("refundable_minor"))
-    await settle_refund_at_provider(services, gateway, user_id, refund_id, intent.provider_intent_id, amount)
+    # A repeat with the same key asks the provider for the amount first reserved, never another.
+    await settle_refund_at_provider(services, gateway, user_id, refund_id, intent.provider_intent_id,
+                                    int(reserved["amount_minor"]))
     async with services.readonly() as session:
         refund = await session.get(Refund, refund_id)
     if refund.status == "failed":
@@ -416,7 +421,9 @@ async def apply_snapshot(services: "Services", provider: ProviderIntent) -> bool
     if intent is None:
         log.info("provider intent %s is not one of ours; logged only", provider.id)
         return False
-    await apply_observation(services, intent.user_id, intent.id, provider)
+    result = await apply_observation(services, intent.user_id, intent.id, provider)
+    if not result.get("ok", False):
+        log.error("the wallet refused provider intent %s (%s): %s", provider.id, provider.status, result)
     return True
 
 

@@ -104,7 +104,7 @@ async def reserve_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any
     refund_id = uuid.UUID(payload["refund_id"])
     existing = await ctx.session.get(Refund, refund_id)
     if existing is not None:
-        return {"ok": True, "refund_id": str(existing.id), "status": existing.status}
+        return {"ok": True, "refund_id": str(existing.id), "status": existing.status, "amount_minor": existing.amount_minor}
     txn = await ctx.session.get(Transaction, uuid.UUID(payload["transaction_id"]))
     if txn is None or str(txn.user_id) != user_id:
         raise CommandRejected("transaction_not_found")
@@ -135,7 +135,7 @@ async def reserve_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any
     ))
     await ctx.session.flush()
     await _notify_wallet(ctx, user_id, wallet)
-    return {"ok": True, "refund_id": str(refund_id), "status": "pending"}
+    return {"ok": True, "refund_id": str(refund_id), "status": "pending", "amount_minor": amount}
 
 
 @handles("wallet", "SettleRefund")

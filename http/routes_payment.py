@@ -48,7 +48,7 @@ def as_api_errors():
     except flows.PaymentProblem as problem:
         extra = {k: v for k, v in problem.extra.items() if v is not None}
         raise ApiError(problem.status, problem.code, problem.detail, **extra) from None
-    except (TimeoutError, ValueError) as exc:
+    except TimeoutError as exc:
         raise ApiError(503, "wallet_timeout", "accepted but not applied yet; ask again") from exc
 
 

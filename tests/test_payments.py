@@ -309,6 +309,8 @@ async def test_refunds_up_to_what_was_paid_and_never_more(env):
     assert first.status_code == 201 and first.json()["status"] == "succeeded", first.text
     repeat = await env.client.post(f"/api/payment/refund/{txn}", headers=auth, json={"amount_minor": 2000, "idempotency_key": "r1"})
     assert repeat.json()["refund_id"] == first.json()["refund_id"]
+    changed = await env.client.post(f"/api/payment/refund/{txn}", headers=auth, json={"amount_minor": 1000, "idempotency_key": "r1"})
+    assert changed.json()["refund_id"] == first.json()["refund_id"] and changed.json()["amount_minor"] == 2000
     assert await balance(env, auth) == 3000
     over = await env.client.post(f"/api/payment/refund/{txn}", headers=auth, json={"amount_minor": 3001})
     assert over.status_code == 409 and over.json()["error"] == "exceeds_refundable" and over.json()["refundable_minor"] == 3000
