@@ -477,6 +477,60 @@ async def _retry_pending_refunds(services: "Services", gateway: PaymentGateway) 
     return len(rows)
 
 
+# --- card holds for rentals ---------------------------------------------------------------------
+
+
+async def place_card_hold(services: "Services", gateway: PaymentGateway, user_id: uuid.UUID, amount_minor: int,
+                          hold_key: str) -> PaymentIntent:
+    """Authorize `amount_minor` on the saved card (manual capture): the intent becomes `preauth`
+    and no money moves in our ledger until it is captured. `hold_key` (e.g. the rental id) makes
+    a repeat name the same hold. The Rental actor does not call this yet (see docs/payments.md)."""
+    async with services.readonly() as session:
+        customer = (await session.execute(select(PaymentCustomer).where(
+            PaymentCustomer.user_id == user_id, PaymentCustomer.provider == gateway.code))).scalar_one_or_none()
+        currency = await wallet_currency(session, user_id, services.settings.currency)
+    if customer is None or not customer.saved_payment_method_id:
+        raise PaymentProblem(409, "no_saved_card", "a card hold needs a saved card")
+    key = f"card-hold:{user_id}:{hold_key}"
+    async with services.sessions.begin() as session:
+        values = dict(id=uuid.uuid4(), user_id=user_id, amount_minor=amount_minor, amount_received_minor=0, currency=currency,
+                      purpose="rental_hold", provider=gateway.code, status="waiting", idempotency_key=key,
+                      created_at=utcnow(), updated_at=utcnow())
+        await session.execute(insert_unless_exists(session.bind.dialect.name, PaymentIntent, values, ["idempotency_key"]))
+        intent = (await session.execute(select(PaymentIntent).where(PaymentIntent.idempotency_key == key))).scalar_one()
+    try:
+        provider = await gateway.authorize(
+            amount_minor=intent.amount_minor, currency=currency, customer=customer.provider_customer_id,
+            payment_method=customer.saved_payment_method_id, idempotency_key=f"pi:{intent.id}",
+            metadata={"intent_id": str(intent.id), "user_id": str(user_id), "purpose": "rental_hold"},
+        )
+    except PaymentDeclined as declined:
+        if declined.intent is not None:
+            await _applied(services, user_id, intent.id, declined.intent)
+        raise PaymentProblem(402, "payment_declined", "the card was declined", decline_code=declined.code) from None
+    except GatewayError as error:
+        await _mark_error(services, intent.id, error.code)
+        raise PaymentProblem(502, "payment_provider_error", str(error), provider_code=error.code) from None
+    await _applied(services, user_id, intent.id, provider)
+    return await owned_intent(services, user_id, intent.id)
+
+
+async def capture_card_hold(services: "Services", gateway: PaymentGateway, user_id: uuid.UUID, intent_id: uuid.UUID,
+                            amount_minor: int) -> PaymentIntent:
+    """Capture up to the held amount (the rest is released by the provider); 0 voids the hold."""
+    intent = await owned_intent(services, user_id, intent_id)
+    if intent.purpose != "rental_hold" or intent.status != "preauth":
+        raise PaymentProblem(409, "hold_not_capturable", f"the intent is {intent.status}", intent_status=intent.status)
+    if not 0 <= amount_minor <= intent.amount_minor:
+        raise PaymentProblem(400, "amount_out_of_range", "capture at most the held amount", max_amount_minor=intent.amount_minor)
+    if amount_minor == 0:
+        provider = await _provider_call(gateway.cancel(intent.provider_intent_id, f"void:{intent.id}"))
+    else:
+        provider = await _provider_call(gateway.capture(intent.provider_intent_id, amount_minor, f"capture:{intent.id}"))
+    await _applied(services, user_id, intent.id, provider)
+    return await owned_intent(services, user_id, intent_id)
+
+
 # --- auto-refill ------------------------------------------------------------------------------
 
 

@@ -86,6 +86,9 @@ class PaymentGateway(Protocol):
                             idempotency_key: str, metadata: dict[str, str], save_card: bool = False,
                             payment_method: str | None = None, off_session: bool = False) -> ProviderIntent: ...
     async def confirm(self, provider_intent_id: str, payment_method: str, idempotency_key: str) -> ProviderIntent: ...
+    async def authorize(self, *, amount_minor: int, currency: str, customer: str, payment_method: str,
+                        idempotency_key: str, metadata: dict[str, str]) -> ProviderIntent: ...
+    async def capture(self, provider_intent_id: str, amount_minor: int, idempotency_key: str) -> ProviderIntent: ...
     async def retrieve(self, provider_intent_id: str) -> ProviderIntent: ...
     async def cancel(self, provider_intent_id: str, idempotency_key: str) -> ProviderIntent: ...
     async def refund(self, provider_intent_id: str, amount_minor: int, idempotency_key: str) -> str: ...
@@ -162,6 +165,20 @@ class StripeGateway:
     async def confirm(self, provider_intent_id, payment_method, idempotency_key) -> ProviderIntent:
         return await self._intent_call(self.client.v1.payment_intents.confirm_async(
             provider_intent_id, params={"payment_method": payment_method}, options={"idempotency_key": idempotency_key},
+        ))
+
+    async def authorize(self, *, amount_minor, currency, customer, payment_method, idempotency_key, metadata) -> ProviderIntent:
+        """A manual-capture hold on a saved card, off-session (a rental paid by card)."""
+        return await self._intent_call(self.client.v1.payment_intents.create_async(
+            params={"amount": amount_minor, "currency": currency.lower(), "customer": customer,
+                    "payment_method": payment_method, "payment_method_types": ["card"], "capture_method": "manual",
+                    "confirm": True, "off_session": True, "metadata": metadata},
+            options={"idempotency_key": idempotency_key},
+        ))
+
+    async def capture(self, provider_intent_id, amount_minor, idempotency_key) -> ProviderIntent:
+        return await self._intent_call(self.client.v1.payment_intents.capture_async(
+            provider_intent_id, params={"amount_to_capture": amount_minor}, options={"idempotency_key": idempotency_key},
         ))
 
     async def retrieve(self, provider_intent_id) -> ProviderIntent:

@@ -39,10 +39,37 @@ async def apply_intent_status(ctx: ActorContext, user_id: str, payload: dict[str
     if payload.get("failure_code") and new == "waiting":
         intent.failure_code = payload["failure_code"]
     credited = None
-    if payments.credits_now(current, new):
+    if payments.credits_now(current, new) and intent.purpose == "rental_hold":
+        credited = await _record_card_charge(ctx, intent, payload)
+    elif payments.credits_now(current, new):
         credited = await _credit_topup(ctx, user_id, intent, payload)
         await _remember_saved_card(ctx, intent, payload)
     return {"ok": True, "status": intent.status, "credited_minor": credited}
+
+
+async def _record_card_charge(ctx: ActorContext, intent: PaymentIntent, payload: dict[str, Any]) -> int:
+    """A captured card hold paid a rental straight from the card: the money goes from provider
+    clearing to platform revenue, never through the wallet (the person did not top up)."""
+    amount = int(payload["amount_received_minor"])
+    if str(payload["currency"]).upper() != intent.currency:
+        raise CommandRejected("currency_mismatch")
+    clearing = await ledger.system_account(ctx.session, "provider_clearing", intent.currency)
+    revenue = await ledger.system_account(ctx.session, "platform_revenue", intent.currency)
+    transfer_id = payments.topup_transfer_id(intent.provider, intent.provider_intent_id)
+    try:
+        await ledger.transfer(
+            ctx.session, transfer_id=transfer_id, debit=clearing, credit=revenue, amount_minor=amount,
+            kind="rental_card_charge", description=f"{intent.provider} {intent.provider_intent_id}",
+        )
+    except LedgerError as error:
+        raise CommandRejected(error.reason) from None
+    intent.amount_received_minor = amount
+    ctx.session.add(Transaction(
+        user_id=intent.user_id, payment_intent_id=intent.id, type="rental", amount_minor=amount,
+        currency=intent.currency, status="succeeded", ledger_transfer_id=transfer_id,
+    ))
+    await ctx.session.flush()
+    return amount
 
 
 async def _credit_topup(ctx: ActorContext, user_id: str, intent: PaymentIntent, payload: dict[str, Any]) -> int:

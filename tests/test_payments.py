@@ -443,3 +443,29 @@ async def test_an_auto_refill_declined_by_the_saved_card_charges_nothing_and_is_
         intent = await session.get(PaymentIntent, intent_id)
         assert await session.scalar(select(func.count()).select_from(PaymentIntent).where(PaymentIntent.purpose == "auto_refill")) == 1
     assert intent.status in ("waiting", "error") and await balance(env, auth) == 5000
+
+
+async def test_a_card_hold_is_preauthorised_then_captured_in_part_without_touching_the_wallet(env):
+    auth = await sign_up(env.client)
+    await topped_up(env, auth, 5000, save_card=True)
+    async with env.services.readonly() as session:
+        user_id = (await session.execute(select(PaymentCustomer))).scalar_one().user_id
+    rental_key = str(uuid.uuid4())
+    hold = await flows.place_card_hold(env.services, env.gateway, user_id, 8000, rental_key)
+    assert hold.status == "preauth" and hold.purpose == "rental_hold"
+    assert (await flows.place_card_hold(env.services, env.gateway, user_id, 8000, rental_key)).id == hold.id
+    with pytest.raises(flows.PaymentProblem) as too_much:
+        await flows.capture_card_hold(env.services, env.gateway, user_id, hold.id, 8001)
+    assert too_much.value.code == "amount_out_of_range"
+    captured = await flows.capture_card_hold(env.services, env.gateway, user_id, hold.id, 3000)
+    assert captured.status == "confirmed" and captured.amount_received_minor == 3000
+    assert await balance(env, auth) == 5000  # paid from the card, not the wallet
+    history = (await env.client.get("/api/user/transactions", headers=auth)).json()["items"]
+    assert sorted((t["type"], t["amount_minor"]) for t in history) == [("rental", 3000), ("topup", 5000)]
+    refused = await env.client.post(f"/api/payment/refund/{[t for t in history if t['type'] == 'rental'][0]['transaction_id']}",
+                                    headers=auth, json={})
+    assert refused.status_code == 409 and refused.json()["error"] == "not_refundable"
+    voided = await flows.place_card_hold(env.services, env.gateway, user_id, 2000, str(uuid.uuid4()))
+    assert (await flows.capture_card_hold(env.services, env.gateway, user_id, voided.id, 0)).status == "rejected"
+    async with env.services.readonly() as session:
+        assert await ledger_discrepancies(session) == []
