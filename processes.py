@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -201,17 +202,19 @@ async def run_payment_jobs(services: Services) -> None:
 
     gateway = payment_flows.build_gateway(services.settings)
     refill_every_s = services.settings.auto_refill_interval_s
-    elapsed_s = 0
+    next_reconcile_s = next_refill_s = time.monotonic()
     try:
         while True:
-            with _log_errors("payment reconciliation"):
-                if elapsed_s % RECONCILE_INTERVAL_S == 0:
+            now_s = time.monotonic()
+            if now_s >= next_reconcile_s:
+                next_reconcile_s = now_s + RECONCILE_INTERVAL_S
+                with _log_errors("payment reconciliation"):
                     await payment_flows.reconcile(services, gateway)
-            with _log_errors("auto-refill"):
-                if refill_every_s and elapsed_s % refill_every_s == 0:
+            if refill_every_s and now_s >= next_refill_s:
+                next_refill_s = now_s + refill_every_s
+                with _log_errors("auto-refill"):
                     await payment_flows.auto_refill_sweep(services, gateway)
             await asyncio.sleep(1)
-            elapsed_s += 1
     finally:
         await gateway.close()
 

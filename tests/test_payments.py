@@ -4,6 +4,7 @@ the app served by uvicorn), on SQLite and (marked) PostgreSQL. Issue 5, acceptan
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -469,3 +470,21 @@ async def test_a_card_hold_is_preauthorised_then_captured_in_part_without_touchi
     assert (await flows.capture_card_hold(env.services, env.gateway, user_id, voided.id, 0)).status == "rejected"
     async with env.services.readonly() as session:
         assert await ledger_discrepancies(session) == []
+
+
+async def test_the_scheduler_job_reconciles_at_once_on_start(env):
+    from powerbank.processes import run_payment_jobs
+
+    auth = await sign_up(env.client)
+    created = await start_topup(env, auth, 4200)
+    await env.gateway.confirm(created["intent"]["provider_intent_id"], "pm_card_visa", "client-confirm")
+    job = asyncio.create_task(run_payment_jobs(env.services))
+    try:
+        for _ in range(200):
+            if await balance(env, auth) == 4200:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+    assert await balance(env, auth) == 4200
