@@ -488,3 +488,28 @@ async def test_the_scheduler_job_reconciles_at_once_on_start(env):
         job.cancel()
         await asyncio.gather(job, return_exceptions=True)
     assert await balance(env, auth) == 4200
+
+
+def signed_event(event_id: str, intent: dict) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps({"id": event_id, "object": "event", "type": f"payment_intent.{intent['status']}",
+                       "data": {"object": {"object": "payment_intent", **intent}}}).encode()
+    return body, {"Stripe-Signature": stripe_signature_header(body, SECRET, int(time.time())),
+                  "Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize("order", [("succeeded", "canceled", "processing"), ("canceled", "processing", "succeeded")])
+async def test_snapshots_in_any_order_end_confirmed_with_one_credit(env, order):
+    """A stale `processing` or a `canceled` racing the payment, before or after `succeeded`:
+    the status is the highest one seen and the wallet is credited once."""
+    auth = await sign_up(env.client)
+    created = await start_topup(env, auth, 3300)
+    base = {"id": created["intent"]["provider_intent_id"], "amount": 3300, "currency": "npr",
+            "metadata": {"intent_id": created["intent"]["intent_id"]}}
+    for n, status in enumerate(order):
+        received = 3300 if status == "succeeded" else 0
+        body, headers = signed_event(f"evt_order_{n}", {**base, "status": status, "amount_received": received})
+        response = await env.client.post("/api/payment/webhook/stripe", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+    status = (await env.client.get(f"/api/payment/status/{created['intent']['intent_id']}", headers=auth)).json()
+    assert status["intent"]["status"] == "confirmed" and status["webhook_events"] == 3
+    assert await balance(env, auth) == 3300 and await env.count(Transaction) == 1
