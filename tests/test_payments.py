@@ -26,7 +26,7 @@ from powerbank.http.testing import running_services, serve, settings_for_tests
 from powerbank.payment_gateway import GatewayError, StripeGateway
 from powerbank.simulators.stripe_emulator import StripeEmulator, WebhookOptions, stripe_signature_header
 from powerbank.storage import ledger
-from powerbank.storage.ledger import ledger_discrepancies
+from powerbank.storage.audit import audit
 from powerbank.storage.models import (
     LedgerTransfer,
     PaymentCustomer,
@@ -166,8 +166,7 @@ async def test_topup_happy_path_credits_once_and_lists_the_transaction(env):
     assert again.status_code == 200 and await balance(env, auth) == 5000
     page = (await env.client.get("/api/user/transactions", headers=auth)).json()
     assert page["total"] == 1 and page["items"][0]["type"] == "topup" and page["items"][0]["amount_minor"] == 5000
-    async with env.services.readonly() as session:
-        assert await ledger_discrepancies(session) == []
+    assert await audit(env.services.sessions) == {}
 
 
 async def test_each_webhook_three_times_shuffled_and_delayed_credits_exactly_once(env):
@@ -189,6 +188,7 @@ async def test_each_webhook_three_times_shuffled_and_delayed_credits_exactly_onc
     # The verify call after the webhooks changes nothing either.
     await env.client.post("/api/payment/verify-topup", headers=auth, json={"intent_id": created["intent"]["intent_id"]})
     assert await balance(env, auth) == 7000 and await env.count(Transaction) == 1
+    assert await audit(env.services.sessions) == {}
 
 
 async def test_bad_signature_or_stale_timestamp_is_400_and_writes_nothing(env):
@@ -332,8 +332,7 @@ async def test_refunds_up_to_what_was_paid_and_never_more(env):
         assert sum(r["amount"] for r in provider_refunds.values()) == 5000
     status = (await env.client.get(f"/api/payment/status/{status['intent']['intent_id']}", headers=auth)).json()
     assert status["intent"]["status"] == "refunded"
-    async with env.services.readonly() as session:
-        assert await ledger_discrepancies(session) == []
+    assert await audit(env.services.sessions) == {}
 
 
 @handles("wallet", "TestSpend")
@@ -468,8 +467,7 @@ async def test_a_card_hold_is_preauthorised_then_captured_in_part_without_touchi
     assert refused.status_code == 409 and refused.json()["error"] == "not_refundable"
     voided = await flows.place_card_hold(env.services, env.gateway, user_id, 2000, str(uuid.uuid4()))
     assert (await flows.capture_card_hold(env.services, env.gateway, user_id, voided.id, 0)).status == "rejected"
-    async with env.services.readonly() as session:
-        assert await ledger_discrepancies(session) == []
+    assert await audit(env.services.sessions) == {}
 
 
 async def test_the_scheduler_job_reconciles_at_once_on_start(env):
