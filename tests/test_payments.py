@@ -170,7 +170,7 @@ async def test_topup_happy_path_credits_once_and_lists_the_transaction(env):
 
 
 async def test_each_webhook_three_times_shuffled_and_delayed_credits_exactly_once(env):
-    env.webhook(WebhookOptions(duplicates=2, shuffle=True, delay_ms=(0, 150)))
+    env.webhook(WebhookOptions(duplicates=2, shuffle=True, delay_ms=(0, 150), concurrency=3))  # copies race each other
     auth = await sign_up(env.client)
     created = await start_topup(env, auth, 7000)
     # The app confirms with Stripe itself (client_secret); we never call verify: webhooks alone.
