@@ -39,6 +39,7 @@ def import_actors() -> None:
     import powerbank.actors.rental  # noqa: F401
     import powerbank.actors.station  # noqa: F401
     import powerbank.actors.wallet  # noqa: F401
+    import powerbank.actors.wallet_rewards  # noqa: F401
 
 
 class _EmbeddedServer(uvicorn.Server):

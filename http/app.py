@@ -26,6 +26,7 @@ from powerbank.http.errors import EXCEPTION_HANDLERS
 from powerbank.http.routes_admin import AdminController
 from powerbank.http.routes_app import AppController, PaymentController
 from powerbank.http.routes_auth import AuthController
+from powerbank.http.routes_promotions import AdminCouponController, PromotionController, ReferralController
 from powerbank.http.routes_rentals import RentalController, RentalStarter, start_rental_via_actor
 from powerbank.http.routes_wallet import UserWalletController
 from powerbank.http.websocket import live_events
@@ -64,6 +65,7 @@ def openapi_config() -> OpenAPIConfig:
             Tag(name="payment", description="packages"),
             Tag(name="wallet", description="the caller's money and points"),
             Tag(name="rentals", description="rent, follow, history"),
+            Tag(name="promotions", description="referral codes and coupons"),
             Tag(name="admin", description="admin and superadmin only"),
         ],
         use_handler_docstrings=True,
@@ -101,6 +103,9 @@ def create_app(
             UserWalletController,
             RentalController,
             AdminController,
+            ReferralController,
+            PromotionController,
+            AdminCouponController,
             live_events,
             metrics,
         ],
