@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -12,12 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 import powerbank.actors.wallet  # noqa: F401  (OpenWallet)
 import powerbank.actors.wallet_rewards  # noqa: F401  (AwardPoints)
 from powerbank.actors import promotions
 from powerbank.actors.promotions import CouponFacts, ReferralFacts, coupon_refusal, referral_refusal
-from powerbank.actors.wallet_rewards import award_envelope
+from powerbank.actors.wallet_rewards import award_envelope, award_refusal
 from powerbank.http.app import create_app
 from powerbank.http.auth import AuthPolicy, create_access_token, ensure_admin_token
 from powerbank.http.testing import running_services, settings_for_tests
@@ -400,8 +402,14 @@ async def any_services(request, tmp_path):
         await drop_postgres_database(name)
 
 
-async def test_coupon_with_n_uses_applied_by_5n_people_at_once(any_services):
+@pytest.mark.parametrize("early_check", [True, False], ids=["early-check", "database-only"])
+async def test_coupon_with_n_uses_applied_by_5n_people_at_once(any_services, monkeypatch, early_check):
+    """`database-only` switches off the early exhaustion check, so only the conditional UPDATE
+    stands between 5N appliers and the limit."""
     services = any_services
+    if not early_check:
+        decide = promotions.coupon_refusal
+        monkeypatch.setattr(promotions, "coupon_refusal", lambda facts, now, uses: decide(replace(facts, max_uses=None), now, uses))
     app = create_app(services, auth_policy=POLICY)
     people = await _people_with_wallets(services, 5 * LIMIT_N)
     async with services.sessions.begin() as session:
@@ -442,3 +450,37 @@ def test_award_envelope_names_its_command_after_the_transfer():
     transfer = uuid.uuid4()
     envelope = award_envelope(uuid.uuid4(), 5, transfer, "coupon_points", "x")
     assert envelope.command_id == f"award:{transfer}" and envelope.name == "AwardPoints"
+
+
+async def test_the_use_limit_is_a_check_constraint_too(any_services):
+    services = any_services
+    async with services.sessions.begin() as session:
+        session.add(Coupon(code="CAPPED", kind="points", value=1, max_uses=2, uses=2, per_user_limit=1, active=True))
+    with pytest.raises(IntegrityError):
+        async with services.sessions.begin() as session:
+            await session.execute(update(Coupon).where(Coupon.code == "CAPPED").values(uses=Coupon.uses + 1))
+
+
+def test_award_refusal_of_malformed_payloads():
+    good = {"points": 5, "kind": "coupon_points", "transfer_id": str(uuid.uuid4())}
+    assert award_refusal(good) is None
+    assert award_refusal({**good, "points": 0}) == "invalid_points"
+    assert award_refusal({**good, "points": True}) == "invalid_points"
+    assert award_refusal({**good, "points": 1.5}) == "invalid_points"
+    assert award_refusal({**good, "kind": "gift"}) == "invalid_reward_kind"
+    assert award_refusal({**good, "transfer_id": "nope"}) == "invalid_transfer_id"
+
+
+async def test_a_claim_committed_but_never_awaited_still_credits_once(client, services):
+    """The request died after its transaction committed (no ring, no wait): the awards are in
+    the mailboxes; the person's retry is refused and the points arrive once."""
+    referrer_headers, a = await sign_up(client, "+9779812000041")
+    headers, b = await sign_up(client, "+9779812000042")
+    async with services.sessions.begin() as session:
+        await promotions.claim_referral(session, referee_id=uuid.UUID(b["id"]), code=a["referral_code"], now=datetime.now(timezone.utc))
+    retry = await client.post("/api/referral/claim", json={"code": a["referral_code"]}, headers=headers)
+    assert retry.status_code == 409 and retry.json()["error"] == "referral_already_claimed"
+    for user in (a, b):
+        services.runtime.ring("wallet", user["id"])  # what the scheduler's stalled-mailbox sweep does
+    await _settle(services)
+    assert (await points_of(client, headers), await points_of(client, referrer_headers)) == (50, 100)
