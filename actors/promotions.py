@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from powerbank.actors.mailbox import Envelope
 from powerbank.actors.runtime import insert_command
 from powerbank.actors.wallet_rewards import award_envelope
-from powerbank.storage.models import AppConfig, Coupon, CouponUsage, Referral, User
+from powerbank.storage.models import ActorCommand, AppConfig, Coupon, CouponUsage, Referral, User, Wallet
 
 REFERRAL_CONFIG_KEY = "referral_rewards"
 # Used when app_config has no `referral_rewards` row (or a malformed one).
@@ -180,6 +180,19 @@ def referral_awards(referral: Referral) -> list[Envelope]:
 # --- coupons: the transaction -----------------------------------------------------------------
 
 
+async def has_wallet(session: AsyncSession, user_id: uuid.UUID) -> bool:
+    """The person's wallet exists, or its OpenWallet command (`open:{user}`, accepted with the
+    account at sign-up or login) is waiting in the mailbox ahead of any award: either way an
+    award applies. Accounts made by operators' tools have neither until they sign in, and an
+    award to them would be refused after the coupon use or the referral was already taken."""
+    if await session.scalar(select(Wallet.id).where(Wallet.user_id == user_id)) is not None:
+        return True
+    opening = await session.scalar(
+        select(ActorCommand.status).where(ActorCommand.kind == "wallet", ActorCommand.command_id == f"open:{user_id}")
+    )
+    return opening == "pending"
+
+
 @dataclass(frozen=True)
 class Redemption:
     usage: CouponUsage
@@ -208,6 +221,8 @@ async def apply_coupon(
     if reason is not None:
         raise PromotionRefused(reason)
     points = coupon_points(coupon.kind, coupon.value)
+    if points and not await has_wallet(session, user_id):
+        raise PromotionRefused("wallet_not_found")
     usage = CouponUsage(
         id=usage_id, coupon_id=coupon.id, user_id=user_id, use_number=uses_by_user + 1, points=points,
         points_transfer_id=usage_points_transfer_id(usage_id) if points else None, created_at=now,
@@ -292,6 +307,10 @@ async def claim_referral(session: AsyncSession, *, referee_id: uuid.UUID, code: 
     reason = referral_refusal(await referral_facts(session, referrer, referee), now, rewards.claim_window_days)
     if reason is not None:
         raise PromotionRefused(reason)
+    if not await has_wallet(session, referee.id):
+        raise PromotionRefused("wallet_not_found")
+    if not await has_wallet(session, referrer.id):
+        raise PromotionRefused("referral_code_not_found")  # an operator's account: not a code to share
     referral = Referral(
         id=uuid.uuid4(), referrer_id=referrer.id, referee_id=referee.id, code=referrer.referral_code,
         status="claimed", referrer_points=rewards.referrer_points, referee_points=rewards.referee_points, created_at=now,

@@ -234,7 +234,9 @@ class ReferralController(Controller):
             else:
                 facts = await promotions.referral_facts(session, referrer, referee)
                 reason = promotions.referral_refusal(facts, utcnow(), rewards.claim_window_days)
-        exists = referrer is not None and referrer.status == "active"
+                if reason is None and not await promotions.has_wallet(session, referrer.id):
+                    reason = "referral_code_not_found"
+        exists = referrer is not None and referrer.status == "active" and reason != "referral_code_not_found"
         return ReferralValidation(
             code=promotions.normalize_code(code), exists=exists, claimable=reason is None, reason=reason,
             referee_points=rewards.referee_points,

@@ -372,12 +372,17 @@ async def test_concurrent_double_claim_credits_once(client, services):
     assert await points_of(client, headers) == 50
 
 
-async def _settle(services) -> None:
-    """Wait until every accepted command is applied (the loop dispatcher drains in the background)."""
-    for _ in range(500):
+async def _settle(services, timeout_s: float = 20.0) -> None:
+    """Wait until every accepted command is applied. The loop dispatcher drains in the
+    background; like the scheduler in production, re-ring mailboxes whose commands wait (the
+    runtime can drop a doorbell that arrives while a contended drain is finishing)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
         if not await count(services, ActorCommand, ActorCommand.status == "pending"):
             return
-        await asyncio.sleep(0.01)
+        await services.runtime.ring_stalled(older_than_s=0.5)
+        await asyncio.sleep(0.1)
     raise AssertionError("commands still pending")
 
 
@@ -484,3 +489,30 @@ async def test_a_claim_committed_but_never_awaited_still_credits_once(client, se
         services.runtime.ring("wallet", user["id"])  # what the scheduler's stalled-mailbox sweep does
     await _settle(services)
     assert (await points_of(client, headers), await points_of(client, referrer_headers)) == (50, 100)
+
+
+async def test_discount_coupon_is_recorded_without_points(client, admin, services):
+    headers, _ = await sign_up(client, "+9779811000007")
+    await create_coupon(client, admin, code="TENOFF", kind="discount_minor", value=1000, currency="NPR")
+    applied = await client.post("/api/promotions/apply-coupon", json={"code": "tenoff"}, headers=headers)
+    assert applied.status_code == 200, applied.text
+    assert (applied.json()["points"], applied.json()["points_credited"], applied.json()["currency"]) == (0, False, "NPR")
+    listed = (await client.get("/api/promotions/my-coupons", headers=headers)).json()["items"]
+    assert [(item["code"], item["kind"], item["value"]) for item in listed] == [("TENOFF", "discount_minor", 1000)]
+    assert await count(services, ActorCommand, ActorCommand.name == "AwardPoints") == 0
+
+
+async def test_accounts_without_a_wallet_get_no_points_promotion(client, admin, services):
+    """An operator's account (no wallet, none opening) cannot take a points coupon or a referral
+    whose award would be refused after the use was taken."""
+    await create_coupon(client, admin, code="PTS")
+    response = await client.post("/api/promotions/apply-coupon", json={"code": "PTS"}, headers=admin)
+    assert response.status_code == 409 and response.json()["error"] == "wallet_not_found"
+    headers, _ = await sign_up(client, "+9779811000008")
+    async with services.readonly() as session:
+        admin_code = await session.scalar(select(User.referral_code).where(User.phone == "+9779800000009"))
+    check = (await client.get("/api/referral/validate", params={"code": admin_code}, headers=headers)).json()
+    assert (check["exists"], check["claimable"], check["reason"]) == (False, False, "referral_code_not_found")
+    claim = await client.post("/api/referral/claim", json={"code": admin_code}, headers=headers)
+    assert claim.status_code == 404 and claim.json()["error"] == "referral_code_not_found"
+    assert await count(services, CouponUsage) == 0 and await count(services, Referral) == 0
