@@ -562,6 +562,7 @@ class Coupon(Base):
             "valid_until IS NULL OR valid_from IS NULL OR valid_until > valid_from", name="valid_window"
         ),
         Index(None, "active", "valid_until"),
+        Index(None, "created_by"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)

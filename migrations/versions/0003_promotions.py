@@ -52,6 +52,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('coupons', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_coupons_active_valid_until'), ['active', 'valid_until'], unique=False)
+        batch_op.create_index(batch_op.f('ix_coupons_created_by'), ['created_by'], unique=False)
 
     op.create_table('referrals',
     sa.Column('id', sa.Uuid(), nullable=False),
@@ -107,6 +108,7 @@ def downgrade() -> None:
 
     op.drop_table('referrals')
     with op.batch_alter_table('coupons', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_coupons_created_by'))
         batch_op.drop_index(batch_op.f('ix_coupons_active_valid_until'))
 
     op.drop_table('coupons')
