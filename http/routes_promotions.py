@@ -46,6 +46,22 @@ REFUSAL_STATUS = {
     "self_referral": 422,
 }
 
+REFUSAL_DETAIL = {
+    "coupon_not_found": "no coupon with this code",
+    "coupon_inactive": "this coupon is switched off",
+    "coupon_not_yet_valid": "this coupon is not valid yet",
+    "coupon_expired": "this coupon has expired",
+    "coupon_already_used": "this account has used this coupon as often as it may",
+    "coupon_exhausted": "every use of this coupon is taken",
+    "idempotency_key_reused": "this idempotency_key was used for another coupon",
+    "wallet_not_found": "this account has no wallet to credit yet; sign in first",
+    "referral_code_not_found": "no referral code like this",
+    "self_referral": "one's own referral code cannot be claimed",
+    "referral_already_claimed": "this account has already claimed a referral code",
+    "referral_window_closed": "referral codes can only be claimed soon after signing up",
+    "referral_cycle": "this person joined on your code; you cannot claim theirs",
+}
+
 CouponCode = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$", description="case-insensitive")]
 NewCouponCode = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[A-Za-z0-9_-]+$", description="stored upper-case")]
 ReferralCodeParam = Annotated[
@@ -161,7 +177,8 @@ class CouponView(msgspec.Struct):
 
 def refusal_error(refused: PromotionRefused) -> ApiError:
     status = REFUSAL_STATUS.get(refused.reason, 409)
-    return ApiError(status, refused.reason, refused.reason.replace("_", " "), **refused.details)
+    detail = REFUSAL_DETAIL.get(refused.reason, refused.reason.replace("_", " "))
+    return ApiError(status, refused.reason, detail, **refused.details)
 
 
 def usage_id_for(user_id: uuid.UUID, idempotency_key: str | None) -> uuid.UUID:
@@ -255,7 +272,7 @@ class ReferralController(Controller):
         except PromotionRefused as refused:
             raise refusal_error(refused) from None
         except IntegrityError as exc:  # a concurrent claim by the same person won
-            raise ApiError(409, "referral_already_claimed", "this account has already claimed a referral code") from exc
+            raise ApiError(409, "referral_already_claimed", REFUSAL_DETAIL["referral_already_claimed"]) from exc
         own = next((award for award in awards if award.entity_id == str(request.user.id)), None)
         for award in awards:
             if award is not own:
@@ -290,7 +307,7 @@ class PromotionController(Controller):
         except PromotionRefused as refused:
             raise refusal_error(refused) from None
         except IntegrityError as exc:  # the same person's concurrent application took this use number
-            raise ApiError(409, "coupon_already_used", "this coupon is already used up for this account") from exc
+            raise ApiError(409, "coupon_already_used", REFUSAL_DETAIL["coupon_already_used"]) from exc
         credited = await await_award(services, redemption.award)
         usage, coupon = redemption.usage, redemption.coupon
         return CouponApplied(
