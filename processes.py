@@ -41,6 +41,7 @@ def import_actors() -> None:
     import powerbank.actors.station  # noqa: F401
     import powerbank.actors.wallet  # noqa: F401
     import powerbank.actors.wallet_payments  # noqa: F401
+    import powerbank.actors.wallet_rewards  # noqa: F401
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -27,6 +27,7 @@ from powerbank.http.routes_admin import AdminController
 from powerbank.http.routes_app import AppController, PaymentController
 from powerbank.http.routes_auth import AuthController
 from powerbank.http.routes_payment import PaymentFlowController, UserTransactionsController
+from powerbank.http.routes_promotions import AdminCouponController, PromotionController, ReferralController
 from powerbank.http.routes_rentals import RentalController, RentalStarter, start_rental_via_actor
 from powerbank.http.routes_wallet import UserWalletController
 from powerbank.http.websocket import live_events
@@ -67,6 +68,7 @@ def openapi_config() -> OpenAPIConfig:
             Tag(name="payment", description="packages, gateways, card top-ups, refunds, provider webhooks"),
             Tag(name="wallet", description="the caller's money and points"),
             Tag(name="rentals", description="rent, follow, history"),
+            Tag(name="promotions", description="referral codes and coupons"),
             Tag(name="admin", description="admin and superadmin only"),
         ],
         use_handler_docstrings=True,
@@ -112,6 +114,9 @@ def create_app(
             UserTransactionsController,
             RentalController,
             AdminController,
+            ReferralController,
+            PromotionController,
+            AdminCouponController,
             live_events,
             metrics,
         ],

@@ -9,6 +9,8 @@ Who writes what: the Station actor owns `stations`, `station_slots`, `station_ev
 `station_status_changes` and the location columns of `power_banks`; the Rental actor owns
 `rentals`; the Wallet actor owns `wallets`, `ledger_accounts` and `ledger_transfers`. Other code
 reads them, never writes them.
+The promotions tables (`coupons`, `coupon_usages`, `referrals`) are written by the HTTP
+requests that apply a coupon or claim a referral, each in one transaction (actors/promotions.py).
 """
 
 from __future__ import annotations
@@ -525,6 +527,104 @@ class Wallet(Base):
     points_account_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("ledger_accounts.id", ondelete="RESTRICT"), unique=True
     )
+    created_at: Mapped[datetime] = created_at_column()
+
+
+# --- promotions: coupons and referrals --------------------------------------------------------
+#
+# A coupon's `uses` counter is the one row every applier of that coupon writes, so its limit is a
+# database fact: a conditional `UPDATE ... SET uses = uses + 1 WHERE uses < max_uses` in the same
+# transaction as the usage row, backed by a CHECK. Points a coupon or a referral earns move later,
+# as Wallet-actor commands accepted in that same transaction (actors/promotions.py).
+
+COUPON_KINDS = ("points", "discount_percent", "discount_minor")
+REFERRAL_STATUSES = ("claimed", "revoked")
+
+
+class Coupon(Base):
+    """A promotional code. `value` is points (kind points), a percentage 1-100 (discount_percent)
+    or an amount in minor units of `currency` (discount_minor)."""
+
+    __tablename__ = "coupons"
+    __table_args__ = (
+        one_of("kind", COUPON_KINDS),
+        CheckConstraint("value > 0", name="value_positive"),
+        CheckConstraint("kind <> 'discount_percent' OR value <= 100", name="percent_at_most_100"),
+        CheckConstraint(
+            "(kind = 'discount_minor') = (currency IS NOT NULL)", name="currency_iff_money"
+        ),
+        CheckConstraint("currency IS NULL OR length(currency) = 3", name="currency_iso"),
+        CheckConstraint("max_uses IS NULL OR max_uses > 0", name="max_uses_positive"),
+        CheckConstraint("uses >= 0", name="uses_non_negative"),
+        CheckConstraint("max_uses IS NULL OR uses <= max_uses", name="uses_within_max"),
+        CheckConstraint("per_user_limit > 0", name="per_user_limit_positive"),
+        CheckConstraint(
+            "valid_until IS NULL OR valid_from IS NULL OR valid_until > valid_from", name="valid_window"
+        ),
+        Index(None, "active", "valid_until"),
+        Index(None, "created_by"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    # Stored upper-case: people type codes in any case.
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    kind: Mapped[str] = mapped_column(String(24))
+    value: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    # Null: no overall limit.
+    max_uses: Mapped[int | None] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    per_user_limit: Mapped[int] = mapped_column(Integer, default=1)
+    valid_from: Mapped[datetime | None]
+    valid_until: Mapped[datetime | None]
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    description: Mapped[str | None] = mapped_column(String(200))
+    created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class CouponUsage(Base):
+    """One application of a coupon by one person. `use_number` counts that person's uses of
+    the coupon from 1; unique with (coupon, user) it makes the per-person limit hold under
+    concurrency: two simultaneous applications draw the same number and one insert fails."""
+
+    __tablename__ = "coupon_usages"
+    __table_args__ = (
+        UniqueConstraint("coupon_id", "user_id", "use_number"),
+        CheckConstraint("use_number >= 1", name="use_number_positive"),
+        CheckConstraint("points >= 0", name="points_non_negative"),
+        Index(None, "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    coupon_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("coupons.id", ondelete="RESTRICT"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    use_number: Mapped[int] = mapped_column(Integer, default=1)
+    # Points credited for it (0 for discount coupons) and the ledger transfer that carries them.
+    points: Mapped[int] = mapped_column(BigInteger, default=0)
+    points_transfer_id: Mapped[uuid.UUID | None] = mapped_column(unique=True)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class Referral(Base):
+    """A new person (referee) signed up with someone's (referrer's) code. One per referee, ever;
+    both get points, carried by two ledger transfers named after this row."""
+
+    __tablename__ = "referrals"
+    __table_args__ = (
+        one_of("status", REFERRAL_STATUSES),
+        CheckConstraint("referrer_id <> referee_id", name="not_self"),
+        CheckConstraint("referrer_points >= 0 AND referee_points >= 0", name="points_non_negative"),
+        Index(None, "referrer_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    referrer_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    referee_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), unique=True)
+    code: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="claimed")
+    referrer_points: Mapped[int] = mapped_column(BigInteger, default=0)
+    referee_points: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = created_at_column()
 
 
