@@ -864,6 +864,7 @@ class Refund(Base):
         Index(None, "transaction_id"),
         Index(None, "user_id", "created_at"),
         Index(None, "status"),
+        Index(None, "ledger_transfer_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)

@@ -162,6 +162,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('refunds', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_refunds_status'), ['status'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refunds_ledger_transfer_id'), ['ledger_transfer_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_refunds_transaction_id'), ['transaction_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_refunds_user_id_created_at'), ['user_id', 'created_at'], unique=False)
 
@@ -175,6 +176,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_refunds_user_id_created_at'))
         batch_op.drop_index(batch_op.f('ix_refunds_transaction_id'))
         batch_op.drop_index(batch_op.f('ix_refunds_status'))
+        batch_op.drop_index(batch_op.f('ix_refunds_ledger_transfer_id'))
 
     op.drop_table('refunds')
     with op.batch_alter_table('transactions', schema=None) as batch_op:
