@@ -268,6 +268,7 @@ class Runtime:
         self._calls_in_flight: dict[tuple[str, str], int] = {}
         self._pumping = False
         self._pump_dirty = False
+        self._pump_read_limit = self.batch_size * PUMP_BATCH_FACTOR
         self._draining: set[tuple[str, str]] = set()
         self._drain_again: set[tuple[str, str]] = set()
         self._acceptor = mailbox.Acceptor(self._insert_many)
@@ -517,7 +518,7 @@ class Runtime:
 
     async def _apply_pending(self, session: AsyncSession, kind: str | None, entity_id: str | None, careful: bool):
         """Pending commands in acceptance order: one entity's, or (single writer) everyone's."""
-        limit = self.batch_size if kind is not None else self.batch_size * PUMP_BATCH_FACTOR
+        limit = self.batch_size if kind is not None else self._pump_read_limit
         rows = await mailbox.read_pending(session, kind, entity_id, limit)
         ctx = ActorContext(session=session, now=utcnow())
         held_back: set[tuple[str, str]] = set()
@@ -532,8 +533,17 @@ class Runtime:
             if not applied:
                 held_back.add(run[0].entity)
                 ctx.retry.append(run[0].entity)
+        if kind is None:
+            self._size_next_pump_read(len(rows) >= limit, len(ctx.settled))
         await mailbox.save(session, rows)
         return ctx, rows
+
+    def _size_next_pump_read(self, read_was_full: bool, applied: int) -> None:
+        """Read about what one transaction gets through: rows read and not applied are decoded
+        again by the next read. After a full read more may be waiting."""
+        if read_was_full:
+            self._pump_dirty = True
+        self._pump_read_limit = max(self.batch_size // 4, min(2 * applied, self.batch_size * PUMP_BATCH_FACTOR))
 
     async def _apply_run(self, ctx: ActorContext, run: list[Pending]) -> bool:
         started = time.perf_counter()
