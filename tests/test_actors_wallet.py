@@ -80,7 +80,7 @@ async def test_hold_then_partial_capture_releases_the_rest(runtime):
     assert hold["ok"]
     assert await _balance(runtime, user_id) == (10_000, 5000)
     capture = await runtime.call("wallet", user_id, "CaptureHold", {"rental_id": rental_id, "amount_minor": 3000}, "c1")
-    assert capture == {"ok": True, "charged_minor": 3000, "due_minor": 0}
+    assert capture == {"ok": True, "charged_minor": 3000, "due_minor": 0, "points_spent": 0, "points_awarded": 0}
     assert await _balance(runtime, user_id) == (7000, 0)
     await _books_balanced(runtime)
 
@@ -91,7 +91,7 @@ async def test_fee_above_hold_charges_the_wallet_then_records_a_due(runtime):
     rental_id = await _rental(runtime, user_id)
     await runtime.call("wallet", user_id, "PlaceHold", {"rental_id": rental_id, "amount_minor": 5000, "currency": "NPR"}, "h2")
     capture = await runtime.call("wallet", user_id, "CaptureHold", {"rental_id": rental_id, "amount_minor": 9000}, "c2")
-    assert capture == {"ok": True, "charged_minor": 6000, "due_minor": 3000}
+    assert capture == {"ok": True, "charged_minor": 6000, "due_minor": 3000, "points_spent": 0, "points_awarded": 0}
     assert await _balance(runtime, user_id) == (0, 0)
     await _books_balanced(runtime)
 
