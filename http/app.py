@@ -27,7 +27,7 @@ from powerbank.http.routes_admin import AdminController
 from powerbank.http.routes_app import AppController, PaymentController
 from powerbank.http.routes_auth import AuthController
 from powerbank.http.routes_rentals import RentalController, RentalStarter, start_rental_via_actor
-from powerbank.http.routes_wallet import UserWalletController
+from powerbank.http.routes_wallet import PayDueController, PaymentOptionsController, PointsController, UserWalletController
 from powerbank.http.websocket import live_events
 
 if TYPE_CHECKING:
@@ -99,6 +99,9 @@ def create_app(
             AppController,
             PaymentController,
             UserWalletController,
+            PointsController,
+            PaymentOptionsController,
+            PayDueController,
             RentalController,
             AdminController,
             live_events,
