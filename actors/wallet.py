@@ -27,7 +27,7 @@ POINTS_ISSUER_KIND = "admin_adjustments"
 REVENUE_KIND = "platform_revenue"
 # The ledger rows a person may ask to have reversed, and what the reversal is called.
 REFUNDABLE_KINDS = frozenset({
-    "rental_hold:post", "rental_overage", "rental_points", "due_wallet", "due_points", "points_spend",
+    "rental_hold:post", "rental_overage", "rental_points", "due_wallet", "due_points", "points_spend", "wallet_spend",
 })
 
 
@@ -347,6 +347,25 @@ async def spend_points(ctx: ActorContext, user_id: str, payload: dict[str, Any])
         await ledger.transfer(
             ctx.session, transfer_id=uuid.UUID(payload["transfer_id"]), debit=points_account, credit=issuer,
             amount_minor=payload.get("points"), kind="points_spend", description=payload.get("reason"),
+        )
+    except LedgerError as error:
+        raise CommandRejected(error.reason) from None
+    return {"ok": True, "wallet": await _notify_wallet(ctx, user_id, wallet)}
+
+
+@handles("wallet", "SpendWallet")
+async def spend_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Pay the platform from the wallet for something that is not a rental's own charge (an
+    extension, a purchase). Refused, writing nothing, beyond what is available; idempotent by
+    `transfer_id`; refundable with RefundTransfer."""
+    wallet, account = await load_wallet_and_account(ctx, user_id)
+    if payload.get("currency") != wallet.currency:
+        raise CommandRejected("currency_mismatch")
+    revenue = await ledger.system_account(ctx.session, REVENUE_KIND, wallet.currency)
+    try:
+        await ledger.transfer(
+            ctx.session, transfer_id=uuid.UUID(payload["transfer_id"]), debit=account, credit=revenue,
+            amount_minor=payload.get("amount_minor"), kind="wallet_spend", description=payload.get("reason"),
         )
     except LedgerError as error:
         raise CommandRejected(error.reason) from None
