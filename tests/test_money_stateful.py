@@ -126,13 +126,26 @@ def machine_for(world: World):
             result = world.run(world.call("CreditWallet", self.user_id, payload))
             assert result == {"ok": False, "reason": "transfer_id_reused"}
 
+        @rule(target=charges, amount=amounts)
+        def spend(self, amount):
+            transfer_id = str(uuid.uuid4())
+            payload = {"amount_minor": amount, "currency": "NPR", "transfer_id": transfer_id, "reason": "purchase"}
+            result = world.run(world.call("SpendWallet", self.user_id, payload))
+            if amount <= self.balance_minor - self.held_minor:
+                assert result["ok"], result
+                self.balance_minor -= amount
+                self.refundable[transfer_id] = amount
+                return (transfer_id, "wallet")
+            assert result == {"ok": False, "reason": "insufficient_funds"}
+            return multiple()
+
         @rule(points=st.integers(1, 500))
         def award_points(self, points):
             payload = {"points": points, "transfer_id": str(uuid.uuid4()), "reason": "achievement"}
             assert world.run(world.call("AwardPoints", self.user_id, payload))["ok"]
             self.points += points
 
-        @rule(points=st.integers(1, 800))
+        @rule(target=charges, points=st.integers(1, 800))
         def spend_points(self, points):
             transfer_id = str(uuid.uuid4())
             result = world.run(world.call("SpendPoints", self.user_id, {"points": points, "transfer_id": transfer_id}))
@@ -140,8 +153,9 @@ def machine_for(world: World):
                 assert result["ok"], result
                 self.points -= points
                 self.refundable[transfer_id] = points
-            else:
-                assert result == {"ok": False, "reason": "insufficient_funds"}
+                return (transfer_id, "points")
+            assert result == {"ok": False, "reason": "insufficient_funds"}
+            return multiple()
 
         # --- holds ------------------------------------------------------------------------
 
