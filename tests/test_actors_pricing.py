@@ -122,3 +122,15 @@ def test_points_ratio_from_config_and_its_fallback():
 @given(st.integers(1, 10**6), ratios)
 def test_points_needed_pay_in_full(amount, ratio):
     assert pricing.points_value_minor(pricing.points_needed(amount, ratio), ratio) >= amount
+
+
+def test_the_worked_settlement_example_in_docs_payments():
+    hour = Tariff(price_minor=5000, duration_minutes=60, grace_minutes=5, late_fee_per_hour_minor=3000,
+                  late_fee_daily_cap_minor=30000, max_duration_minutes=7 * 24 * 60)
+    fee = pricing.rental_fee_minor(hour, 3 * HOUR_S + 10 * 60)
+    assert fee == 14000 and pricing.timely_return_points(hour, 3 * HOUR_S + 10 * 60) == 0
+    settled = pricing.settle_fee(fee, hold_minor=5000, wallet_available_minor=4000, points_available=120, ratio=PointsRatio())
+    assert (settled.from_hold_minor, settled.split.wallet_minor, settled.split.points, settled.split.points_minor,
+            settled.due_minor) == (5000, 4000, 120, 1200, 3800)
+    assert pricing.timely_return_points(hour, 50 * 60) == 10
+    assert pricing.rental_fee_minor(hour, 21 * HOUR_S) == 35000
