@@ -173,11 +173,13 @@ class Settlement:
 
     fee_minor: int
     from_hold_minor: int
-    split: Split  # what was left after the hold, from the wallet and points
+    split: Split  # what was left after the holds, from the wallet and points
+    points_from_hold: int = 0  # points posted from the rental's points hold
+    points_hold_minor: int = 0  # what they paid
 
     @property
     def charged_minor(self) -> int:
-        return self.from_hold_minor + self.split.wallet_minor + self.split.points_minor
+        return self.from_hold_minor + self.points_hold_minor + self.split.wallet_minor + self.split.points_minor
 
     @property
     def due_minor(self) -> int:
@@ -186,14 +188,18 @@ class Settlement:
 
 def settle_fee(
     fee_minor: int, *, hold_minor: int, wallet_available_minor: int, points_available: int,
-    ratio: PointsRatio, mode: PaymentMode = "wallet_first",
+    ratio: PointsRatio, mode: PaymentMode = "wallet_first", points_hold: int = 0,
 ) -> Settlement:
-    """The hold pays first (it is the wallet's money, already set aside), then the rest of the
-    wallet and points in `mode` order; what nobody can pay is a due on the rental. After a
+    """The wallet's hold pays first (its money, already set aside), then the points hold (the
+    points the person put up when the wallet alone could not cover the start), then the rest of
+    the wallet and points in `mode` order; what nobody can pay is a due on the rental. After a
     rental the wallet goes first by default: points are the person's to spend when they choose."""
-    from_hold = min(max(0, fee_minor), max(0, hold_minor))
+    fee_minor = max(0, fee_minor)
+    from_hold = min(fee_minor, max(0, hold_minor))
+    points_hold_minor = min(fee_minor - from_hold, points_value_minor(points_hold, ratio))
+    points_from_hold = min(max(0, points_hold), points_needed(points_hold_minor, ratio))
     rest = split_payment(
-        max(0, fee_minor) - from_hold, wallet_available_minor=wallet_available_minor,
+        fee_minor - from_hold - points_hold_minor, wallet_available_minor=wallet_available_minor,
         points_available=points_available, ratio=ratio, mode=mode,
     )
-    return Settlement(max(0, fee_minor), from_hold, rest)
+    return Settlement(fee_minor, from_hold, rest, points_from_hold, points_hold_minor)

@@ -19,6 +19,7 @@ from powerbank.storage.ledger import LedgerError
 from powerbank.storage.models import AppConfig, LedgerTransfer, Rental, User, Wallet
 
 RENTAL_HOLD = "rental_hold"
+POINTS_HOLD = "rental_points_hold"
 POINTS_CURRENCY = "PTS"
 # Points are issued from and redeemed back into one platform account per points currency,
 # `admin_adjustments:PTS`: its (debit) balance is the points outstanding. It reuses an existing
@@ -27,7 +28,7 @@ POINTS_ISSUER_KIND = "admin_adjustments"
 REVENUE_KIND = "platform_revenue"
 # The ledger rows a person may ask to have reversed, and what the reversal is called.
 REFUNDABLE_KINDS = frozenset({
-    "rental_hold:post", "rental_overage", "rental_points", "due_wallet", "due_points", "points_spend", "wallet_spend",
+    "rental_hold:post", "rental_points_hold:post", "rental_overage", "rental_points", "due_wallet", "due_points", "points_spend", "wallet_spend",
 })
 
 
@@ -181,26 +182,41 @@ async def credit_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any]
 
 @handles("wallet", "PlaceHold")
 async def place_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Set the rental's price aside: from the wallet, and when the wallet alone is short, the
+    rest from points at the configured ratio (SPEC: wallet, points or both). Each part is a
+    pending transfer that the return posts or releases exactly once."""
     rental_id = payload["rental_id"]
     reason = await _hold_refusal(ctx, user_id, payload)
     if reason is not None:
         await ctx.send("rental", rental_id, "HoldRefused", {"reason": reason}, f"hold-refused:{rental_id}")
         return {"ok": False, "reason": reason}
     wallet, account = await load_wallet_and_account(ctx, user_id)
-    revenue = await ledger.system_account(ctx.session, "platform_revenue", wallet.currency)
-    hold = await ledger.transfer(
-        ctx.session,
-        transfer_id=hold_id(rental_id),
-        debit=account,
-        credit=revenue,
-        amount_minor=payload["amount_minor"],
-        kind=RENTAL_HOLD,
-        pending=True,
-        rental_id=uuid.UUID(rental_id),
+    points = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
+    split = pricing.split_payment(
+        payload["amount_minor"], wallet_available_minor=ledger.credit_balance(account).available_minor,
+        points_available=ledger.credit_balance(points).available_minor,
+        ratio=(await load_money_config(ctx.session)).ratio, mode="wallet_first",
     )
-    await ctx.send("rental", rental_id, "HoldPlaced", {"transfer_id": str(hold.id)}, f"hold-placed:{rental_id}")
+    if split.wallet_minor or not split.points:
+        revenue = await ledger.system_account(ctx.session, REVENUE_KIND, wallet.currency)
+        await ledger.transfer(
+            ctx.session, transfer_id=hold_id(rental_id), debit=account, credit=revenue, amount_minor=split.wallet_minor,
+            kind=RENTAL_HOLD, pending=True, rental_id=uuid.UUID(rental_id),
+        )
+    if split.points:
+        issuer = await ledger.system_account(ctx.session, POINTS_ISSUER_KIND, POINTS_CURRENCY)
+        await ledger.transfer(
+            ctx.session, transfer_id=points_hold_id(rental_id), debit=points, credit=issuer, amount_minor=split.points,
+            kind=POINTS_HOLD, pending=True, rental_id=uuid.UUID(rental_id),
+        )
+    first = hold_id(rental_id) if split.wallet_minor or not split.points else points_hold_id(rental_id)
+    await ctx.send("rental", rental_id, "HoldPlaced", {"transfer_id": str(first)}, f"hold-placed:{rental_id}")
     await _notify_wallet(ctx, user_id, wallet)
-    return {"ok": True, "transfer_id": str(hold.id)}
+    return {"ok": True, "transfer_id": str(first), "held_minor": split.wallet_minor, "points_held": split.points}
+
+
+def points_hold_id(rental_id: str) -> uuid.UUID:
+    return uuid.uuid5(uuid.UUID(rental_id), "points-hold")
 
 
 async def _hold_refusal(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> str | None:
@@ -212,12 +228,20 @@ async def _hold_refusal(ctx: ActorContext, user_id: str, payload: dict[str, Any]
     if payload.get("currency") != wallet.currency:
         return "currency_mismatch"
     account = await wallet_account(ctx, wallet)
+    points = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
+    ratio = (await load_money_config(ctx.session)).ratio
+    rentals_held = {
+        hold.rental_id
+        for hold in await ledger.open_holds(ctx.session, account.id, RENTAL_HOLD)
+        + await ledger.open_holds(ctx.session, points.id, POINTS_HOLD)
+    }
     request = HoldRequest(
         amount_minor=payload["amount_minor"],
-        open_rental_holds=len(await ledger.open_holds(ctx.session, account.id, RENTAL_HOLD)),
+        open_rental_holds=len(rentals_held),
         max_active_rentals=payload.get("max_active_rentals", 1),
         unpaid_dues_minor=await _unpaid_dues_minor(ctx, user_id),
-        available_minor=ledger.credit_balance(account).available_minor,
+        available_minor=ledger.credit_balance(account).available_minor
+        + pricing.points_value_minor(ledger.credit_balance(points).available_minor, ratio),
     )
     return refuse_hold_reason(request)
 
@@ -231,10 +255,14 @@ async def _unpaid_dues_minor(ctx: ActorContext, user_id: str) -> int:
 
 @handles("wallet", "VoidHold")
 async def void_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    pending = await ctx.session.get(ledger.LedgerTransfer, hold_id(payload["rental_id"]))
-    if pending is None:
+    voided = False
+    for transfer_id in (hold_id(payload["rental_id"]), points_hold_id(payload["rental_id"])):
+        pending = await ctx.session.get(ledger.LedgerTransfer, transfer_id)
+        if pending is not None:
+            await ledger.resolve_pending(ctx.session, pending, post_amount_minor=None)
+            voided = True
+    if not voided:
         return {"ok": True, "voided": False}
-    await ledger.resolve_pending(ctx.session, pending, post_amount_minor=None)
     wallet = await load_wallet(ctx, user_id)
     await _notify_wallet(ctx, user_id, wallet)
     return {"ok": True, "voided": True}
@@ -251,7 +279,8 @@ async def capture_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any])
     wallet, account = await load_wallet_and_account(ctx, user_id)
     points = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
     config = await load_money_config(ctx.session)
-    pending, hold_minor = await _capturable_hold(ctx, rental_id)
+    pending, hold_minor = await _capturable_hold(ctx, hold_id(rental_id))
+    points_pending, points_hold = await _capturable_hold(ctx, points_hold_id(rental_id))
     settlement = pricing.settle_fee(
         fee_minor,
         hold_minor=hold_minor,
@@ -261,10 +290,13 @@ async def capture_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any])
         points_available=ledger.credit_balance(points).available_minor,
         ratio=config.ratio,
         mode=payload.get("payment_mode", "wallet_first"),
+        points_hold=points_hold,
     )
     if pending is not None:
         # Posting the hold for less than its amount releases the rest; posting 0 voids it.
         await ledger.resolve_pending(ctx.session, pending, post_amount_minor=settlement.from_hold_minor)
+    if points_pending is not None:
+        await ledger.resolve_pending(ctx.session, points_pending, post_amount_minor=settlement.points_from_hold)
     await _charge_wallet(ctx, wallet, account, rental_id, settlement.split.wallet_minor, kind="rental_overage", tag="overage")
     await _spend_points(ctx, points, rental_id, settlement.split.points, kind="rental_points", tag="points")
     awarded = await _award_points(ctx, points, uuid.uuid5(uuid.UUID(rental_id), "timely-points"),
@@ -273,13 +305,14 @@ async def capture_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any])
     settled = {"charged_minor": settlement.charged_minor, "due_minor": settlement.due_minor}
     await ctx.send("rental", rental_id, "ChargeSettled", settled, f"charge-settled:{rental_id}")
     await _notify_wallet(ctx, user_id, wallet)
-    return {"ok": True, **settled, "points_spent": settlement.split.points, "points_awarded": awarded}
+    points_spent = settlement.points_from_hold + settlement.split.points
+    return {"ok": True, **settled, "points_spent": points_spent, "points_awarded": awarded}
 
 
-async def _capturable_hold(ctx: ActorContext, rental_id: str) -> tuple[LedgerTransfer | None, int]:
-    """The rental's hold and what it can still pay: its amount while open, what was posted if
+async def _capturable_hold(ctx: ActorContext, pending_id: uuid.UUID) -> tuple[LedgerTransfer | None, int]:
+    """A rental's hold and what it can still pay: its amount while open, what was posted if
     it was resolved before (a repeat), 0 if it was voided or never placed."""
-    pending = await ctx.session.get(LedgerTransfer, hold_id(rental_id))
+    pending = await ctx.session.get(LedgerTransfer, pending_id)
     if pending is None:
         return None, 0
     resolution = await ctx.session.get(LedgerTransfer, uuid.uuid5(pending.id, "resolution"))

@@ -1,6 +1,7 @@
 """Acceptance 1: a hypothesis stateful reference model of the Wallet actor and its ledger.
 
-Random top-ups (operator credits, and repeats of them), rental holds, captures (partial, or
+Random top-ups (operator credits, and repeats of them), rental holds (wallet, and points
+when the wallet is short), captures (partial, or
 above the hold: the wallet, then points, then a due), voids, refunds, point awards and spends,
 all as Wallet-actor commands through the runtime. After every step: debits equal credits over
 all transfers, every stored running total equals its rows, no account is below its limit
@@ -25,7 +26,7 @@ import powerbank.actors.wallet  # noqa: F401
 from powerbank.actors.bus import LocalBus
 from powerbank.actors.dispatch import LoopDispatcher
 from powerbank.actors.runtime import AdvisoryLocks, ProcessLocks, Runtime
-from powerbank.actors.wallet import hold_id
+from powerbank.actors.wallet import hold_id, points_hold_id
 from powerbank.storage.db import create_engine, session_factory
 from powerbank.storage.ledger import credit_balance, ledger_discrepancies
 from powerbank.storage.models import Base, LedgerAccount, Rental, RentalPackage, Station, User
@@ -92,7 +93,7 @@ def machine_for(world: World):
         def __init__(self) -> None:
             super().__init__()
             self.user_id = world.run(self._open())
-            self.balance_minor = self.held_minor = self.points = 0
+            self.balance_minor = self.held_minor = self.points = self.points_held = 0
             self.refundable: dict[str, int] = {}
 
         async def _open(self) -> str:
@@ -149,7 +150,7 @@ def machine_for(world: World):
         def spend_points(self, points):
             transfer_id = str(uuid.uuid4())
             result = world.run(world.call("SpendPoints", self.user_id, {"points": points, "transfer_id": transfer_id}))
-            if points <= self.points:
+            if points <= self.points - self.points_held:
                 assert result["ok"], result
                 self.points -= points
                 self.refundable[transfer_id] = points
@@ -161,13 +162,20 @@ def machine_for(world: World):
 
         @rule(target=holds, amount=amounts)
         def place_hold(self, amount):
+            """The wallet first; when it is short, the rest from points (whole points, rounded up)."""
             rental_id = world.run(self._rental())
             payload = {"rental_id": rental_id, "amount_minor": amount, "currency": "NPR", "max_active_rentals": 10**6}
             result = world.run(world.call("PlaceHold", self.user_id, payload))
-            if amount <= self.balance_minor - self.held_minor:
+            wallet_available = self.balance_minor - self.held_minor
+            points_available = self.points - self.points_held
+            if amount <= wallet_available + points_available * MINOR_PER_POINT:
                 assert result["ok"], result
-                self.held_minor += amount
-                return (rental_id, amount)
+                wallet_part = min(amount, wallet_available)
+                points_part = -(-(amount - wallet_part) // MINOR_PER_POINT)
+                assert (result["held_minor"], result["points_held"]) == (wallet_part, points_part)
+                self.held_minor += wallet_part
+                self.points_held += points_part
+                return (rental_id, wallet_part, points_part)
             assert result == {"ok": False, "reason": "insufficient_funds"}
             return multiple()
 
@@ -180,30 +188,36 @@ def machine_for(world: World):
 
         @rule(target=charges, hold=consumes(holds), fraction=st.floats(0, 3), award=st.integers(0, 50))
         def capture(self, hold, fraction, award):
-            """Charge a fee from 0 to three times the hold: the hold, then the wallet, then
-            points, then a due."""
-            rental_id, hold_minor = hold
-            fee = int(hold_minor * fraction)
+            """Charge a fee from 0 to three times the hold: the wallet's hold, the points hold,
+            then the wallet, then points, then a due."""
+            rental_id, hold_minor, hold_points = hold
+            fee = int((hold_minor + hold_points * MINOR_PER_POINT) * fraction)
             payload = {"rental_id": rental_id, "amount_minor": fee, "award_points": award}
             result = world.run(world.call("CaptureHold", self.user_id, payload))
             from_hold = min(fee, hold_minor)
             self.held_minor -= hold_minor
             self.balance_minor -= from_hold
             rest = fee - from_hold
+            points_hold_minor = min(rest, hold_points * MINOR_PER_POINT)
+            from_points_hold = -(-points_hold_minor // MINOR_PER_POINT)
+            rest -= points_hold_minor
+            self.points_held -= hold_points
+            self.points -= from_points_hold
             from_wallet = min(rest, self.balance_minor - self.held_minor)
             self.balance_minor -= from_wallet
             rest -= from_wallet
-            points_minor = min(rest, self.points * MINOR_PER_POINT)
+            points_minor = min(rest, (self.points - self.points_held) * MINOR_PER_POINT)
             points = -(-points_minor // MINOR_PER_POINT)
             self.points -= points
             due = rest - points_minor
             self.points += award
             assert result == {"ok": True, "charged_minor": fee - due, "due_minor": due,
-                              "points_spent": points, "points_awarded": award}
+                              "points_spent": from_points_hold + points, "points_awarded": award}
             made = []
             rental = uuid.UUID(rental_id)
             for transfer_id, amount, where in (
                 (uuid.uuid5(hold_id(rental_id), "resolution"), from_hold, "wallet"),
+                (uuid.uuid5(points_hold_id(rental_id), "resolution"), from_points_hold, "points"),
                 (uuid.uuid5(rental, "overage"), from_wallet, "wallet"),
                 (uuid.uuid5(rental, "points"), points, "points"),
             ):
@@ -214,9 +228,10 @@ def machine_for(world: World):
 
         @rule(hold=consumes(holds))
         def void(self, hold):
-            rental_id, hold_minor = hold
+            rental_id, hold_minor, hold_points = hold
             assert world.run(world.call("VoidHold", self.user_id, {"rental_id": rental_id}))["ok"]
             self.held_minor -= hold_minor
+            self.points_held -= hold_points
             # Voiding again is harmless.
             assert world.run(world.call("VoidHold", self.user_id, {"rental_id": rental_id}))["ok"]
 
@@ -271,7 +286,7 @@ def machine_for(world: World):
                 points = (await session.execute(select(LedgerAccount).where(LedgerAccount.code == f"points:{self.user_id}"))).scalar_one()
                 balance = credit_balance(money)
                 assert (balance.posted_minor, balance.held_minor) == (self.balance_minor, self.held_minor)
-                assert credit_balance(points).posted_minor == self.points
+                assert (credit_balance(points).posted_minor, credit_balance(points).held_minor) == (self.points, self.points_held)
                 for account in (money, points):  # never below the limit, from the stored totals too
                     assert account.credits_posted - account.debits_posted - account.debits_pending >= 0
 
