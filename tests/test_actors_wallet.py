@@ -232,3 +232,20 @@ async def test_refunds_reverse_a_charge_and_never_exceed_it(runtime):
     assert stranger == {"ok": False, "reason": "transfer_not_found"}
     assert await _balance(runtime, user_id) == (6000, 0)
     await _books_balanced(runtime)
+
+
+async def test_points_cover_a_start_the_wallet_alone_cannot(runtime):
+    user_id = await _user(runtime)
+    await _credit(runtime, user_id, 3000)
+    award = {"points": 250, "transfer_id": str(uuid.uuid4())}
+    assert (await runtime.call("wallet", user_id, "AwardPoints", award, "award-250"))["ok"]
+    rental_id = await _rental(runtime, user_id)
+    hold = await runtime.call("wallet", user_id, "PlaceHold", {"rental_id": rental_id, "amount_minor": 5000, "currency": "NPR"}, "hp1")
+    assert hold["ok"] and (hold["held_minor"], hold["points_held"]) == (3000, 200)
+    assert await _balance(runtime, user_id) == (3000, 3000)
+    capture = await runtime.call("wallet", user_id, "CaptureHold", {"rental_id": rental_id, "amount_minor": 4000}, "cp1")
+    assert capture == {"ok": True, "charged_minor": 4000, "due_minor": 0, "points_spent": 100, "points_awarded": 0}
+    assert await _balance(runtime, user_id) == (0, 0) and await _points(runtime, user_id) == 150
+    short = await runtime.call("wallet", user_id, "PlaceHold", {"rental_id": await _rental(runtime, user_id), "amount_minor": 1501, "currency": "NPR"}, "hp2")
+    assert short == {"ok": False, "reason": "insufficient_funds"}
+    await _books_balanced(runtime)

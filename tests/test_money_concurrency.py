@@ -188,8 +188,11 @@ async def test_500_concurrent_commands_on_one_wallet_across_two_worker_processes
         for worker, (output, _) in zip(workers, outputs):
             assert worker.returncode == 0, output.decode()[-3000:]
             shares.append(json.loads(output.decode().strip().splitlines()[-1]))
-        # Both processes applied wallet commands: the work really was shared, under the lock.
-        assert all(share["applied_wallet"] > 0 for share in shares), shares
+        # Both processes contended for the wallet: each applied commands or was turned away by
+        # the advisory lock held by the other (a drainer keeps the lock while mail keeps coming,
+        # so one process may end up applying most or all of both processes' commands).
+        assert all(share["applied_wallet"] > 0 or share["lock_busy_wallet"] > 0 for share in shares), shares
+        assert sum(share["lock_busy_wallet"] for share in shares) > 0, shares
         assert sum(share["applied_wallet"] for share in shares) == 500, shares
 
         engine = create_engine(url)
