@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import sys
-import uuid
 
 from sqlalchemy import select
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
-from powerbank.actors.wallet import HoldRequest, refuse_hold_reason
+from powerbank.actors.wallet import HoldRequest, hold_id, refuse_hold_reason
 from powerbank.storage.ledger import ledger_discrepancies
-from powerbank.storage.models import ActorCommand, LedgerAccount, Rental, RentalPackage, Station, User
+from powerbank.storage.models import ActorCommand, LedgerAccount, PowerBank, Rental, RentalPackage, Station, User
+from powerbank.storage.types import utcnow
 
 
 async def _user(runtime) -> str:
@@ -129,11 +131,6 @@ def test_hold_refusal_reasons_in_priority_order():
 async def _returned(runtime, user_id, *, minutes: float, hold_minor: int = 5000, bank_price_minor: int | None = None):
     """A rental started `minutes` ago with its hold placed; then the bank comes back (or, with a
     bank price, is declared lost)."""
-    from datetime import timedelta
-
-    from powerbank.storage.models import PowerBank
-    from powerbank.storage.types import utcnow
-
     async with runtime.sessions.begin() as session:
         station = Station(serial=uuid.uuid4().hex[:12], name="s", latitude=0, longitude=0, slot_count=4)
         package = RentalPackage(code=uuid.uuid4().hex[:10], name="p", duration_minutes=60, price_minor=5000, currency="NPR",
@@ -221,8 +218,6 @@ async def test_refunds_reverse_a_charge_and_never_exceed_it(runtime):
     user_id = await _user(runtime)
     await _credit(runtime, user_id, 8000)
     rental = await _returned(runtime, user_id, minutes=30)
-    from powerbank.actors.wallet import hold_id
-
     posted = str(uuid.uuid5(hold_id(str(rental.id)), "resolution"))
     first = await runtime.call("wallet", user_id, "RefundTransfer", {"transfer_id": posted, "refund_id": str(uuid.uuid4()), "amount_minor": 3000}, "r1")
     too_much = await runtime.call("wallet", user_id, "RefundTransfer", {"transfer_id": posted, "refund_id": str(uuid.uuid4()), "amount_minor": 2001}, "r2")

@@ -29,7 +29,7 @@ from powerbank.actors.runtime import AdvisoryLocks, ProcessLocks, Runtime
 from powerbank.actors.wallet import hold_id, points_hold_id
 from powerbank.storage.db import create_engine, session_factory
 from powerbank.storage.ledger import credit_balance, ledger_discrepancies
-from powerbank.storage.models import Base, LedgerAccount, Rental, RentalPackage, Station, User
+from powerbank.storage.models import Base, LedgerAccount, LedgerTransfer, Rental, RentalPackage, Station, User
 from powerbank.storage.seed import ensure_defaults
 from powerbank.storage.testing import create_postgres_database, drop_postgres_database
 
@@ -258,8 +258,6 @@ def machine_for(world: World):
             return world.run(self._amount_of(transfer_id))
 
         async def _amount_of(self, transfer_id: str) -> int:
-            from powerbank.storage.models import LedgerTransfer
-
             async with world.runtime.sessions() as session:
                 return (await session.get(LedgerTransfer, uuid.UUID(transfer_id))).amount_minor
 
