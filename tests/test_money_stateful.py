@@ -1,7 +1,7 @@
 """Acceptance 1: a hypothesis stateful reference model of the Wallet actor and its ledger.
 
 Random top-ups (operator credits, and repeats of them), rental holds (wallet, and points
-when the wallet is short), captures (partial, or
+when the wallet is short; refused while a due is unpaid), due payments, captures (partial, or
 above the hold: the wallet, then points, then a due), voids, refunds, point awards and spends,
 all as Wallet-actor commands through the runtime. After every step: debits equal credits over
 all transfers, every stored running total equals its rows, no account is below its limit
@@ -18,7 +18,9 @@ import uuid
 
 import pytest
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule, run_state_machine_as_test,
+)
 from sqlalchemy import select
 
 import powerbank.actors.rental  # noqa: F401  (registers the Rental handlers)
@@ -95,6 +97,7 @@ def machine_for(world: World):
             self.user_id = world.run(self._open())
             self.balance_minor = self.held_minor = self.points = self.points_held = 0
             self.refundable: dict[str, int] = {}
+            self.dues: dict[str, int] = {}  # rental id -> unpaid due
 
         async def _open(self) -> str:
             async with world.runtime.sessions.begin() as session:
@@ -168,6 +171,9 @@ def machine_for(world: World):
             result = world.run(world.call("PlaceHold", self.user_id, payload))
             wallet_available = self.balance_minor - self.held_minor
             points_available = self.points - self.points_held
+            if self.dues:
+                assert result == {"ok": False, "reason": "unpaid_dues"}
+                return multiple()
             if amount <= wallet_available + points_available * MINOR_PER_POINT:
                 assert result["ok"], result
                 wallet_part = min(amount, wallet_available)
@@ -211,6 +217,8 @@ def machine_for(world: World):
             self.points -= points
             due = rest - points_minor
             self.points += award
+            if due:
+                self.dues[rental_id] = due
             assert result == {"ok": True, "charged_minor": fee - due, "due_minor": due,
                               "points_spent": from_points_hold + points, "points_awarded": award}
             made = []
@@ -224,6 +232,39 @@ def machine_for(world: World):
                 if amount:
                     self.refundable[str(transfer_id)] = amount
                     made.append((str(transfer_id), where))
+            return multiple(*made)
+
+        @precondition(lambda self: self.dues)
+        @rule(target=charges, data=st.data(), mode=st.sampled_from(["points_first", "wallet_first"]))
+        def pay_due(self, data, mode):
+            """All or nothing, in the chosen order; a second payment of the same due is a no-op."""
+            rental_id = data.draw(st.sampled_from(sorted(self.dues)))
+            due = self.dues[rental_id]
+            result = world.run(world.call("PayDue", self.user_id, {"rental_id": rental_id, "payment_mode": mode}))
+            wallet_available = self.balance_minor - self.held_minor
+            points_worth = (self.points - self.points_held) * MINOR_PER_POINT
+            if mode == "points_first":
+                points_minor = min(due, points_worth)
+                wallet_minor = min(due - points_minor, wallet_available)
+            else:
+                wallet_minor = min(due, wallet_available)
+                points_minor = min(due - wallet_minor, points_worth)
+            if points_minor + wallet_minor < due:
+                assert result["ok"] is False and result["reason"] == "insufficient_funds", result
+                return multiple()
+            points = -(-points_minor // MINOR_PER_POINT)
+            assert result["ok"] and (result["paid_minor"], result["wallet_minor"], result["points"]) == (due, wallet_minor, points), result
+            self.balance_minor -= wallet_minor
+            self.points -= points
+            del self.dues[rental_id]
+            again = world.run(world.call("PayDue", self.user_id, {"rental_id": rental_id, "payment_mode": mode}))
+            assert again["ok"] and again["already_paid"]
+            made = []
+            for tag, amount, where in (("due-wallet", wallet_minor, "wallet"), ("due-points", points, "points")):
+                if amount:
+                    transfer_id = str(uuid.uuid5(uuid.UUID(rental_id), tag))
+                    self.refundable[transfer_id] = amount
+                    made.append((transfer_id, where))
             return multiple(*made)
 
         @rule(hold=consumes(holds))
