@@ -354,10 +354,11 @@ async def _award_points(ctx, points_account, transfer_id: uuid.UUID, points: int
     return points
 
 
-@handles("wallet", "AwardPoints")
-async def award_points(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Points earned outside a rental (referral, achievement, coupon, an operator's gesture).
-    Idempotent by `transfer_id`."""
+@handles("wallet", "GrantPoints")
+async def grant_points(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Points granted outside a rental and outside promotions (an achievement, an operator's
+    gesture); referral and coupon rewards are `AwardPoints` in actors/wallet_rewards.py on main,
+    from the same issuer account. Idempotent by `transfer_id`."""
     wallet = await load_wallet(ctx, user_id)
     points_account = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
     if not is_amount(payload.get("points")):

@@ -176,7 +176,7 @@ async def test_a_late_return_uses_wallet_then_points_then_records_a_due(runtime)
     user_id = await _user(runtime)
     await _credit(runtime, user_id, 9000)
     award = {"points": 120, "transfer_id": str(uuid.uuid4())}
-    assert (await runtime.call("wallet", user_id, "AwardPoints", award, "award-120"))["ok"]
+    assert (await runtime.call("wallet", user_id, "GrantPoints", award, "award-120"))["ok"]
     rental = await _returned(runtime, user_id, minutes=190)  # 2 h 10 min late: fee 5000 + 3 * 3000
     assert (rental.fee_minor, rental.charged_minor, rental.due_minor) == (14000, 10200, 3800)
     assert await _balance(runtime, user_id) == (0, 0) and await _points(runtime, user_id) == 0
@@ -233,7 +233,7 @@ async def test_points_cover_a_start_the_wallet_alone_cannot(runtime):
     user_id = await _user(runtime)
     await _credit(runtime, user_id, 3000)
     award = {"points": 250, "transfer_id": str(uuid.uuid4())}
-    assert (await runtime.call("wallet", user_id, "AwardPoints", award, "award-250"))["ok"]
+    assert (await runtime.call("wallet", user_id, "GrantPoints", award, "award-250"))["ok"]
     rental_id = await _rental(runtime, user_id)
     hold = await runtime.call("wallet", user_id, "PlaceHold", {"rental_id": rental_id, "amount_minor": 5000, "currency": "NPR"}, "hp1")
     assert hold["ok"] and (hold["held_minor"], hold["points_held"]) == (3000, 200)

@@ -59,7 +59,7 @@ async def credit(services, user_id, amount_minor):
 async def award(services, user_id, points):
     transfer_id = str(uuid.uuid4())
     payload = {"points": points, "transfer_id": transfer_id, "reason": "test"}
-    assert (await services.runtime.call("wallet", str(user_id), "AwardPoints", payload, f"award:{transfer_id}"))["ok"]
+    assert (await services.runtime.call("wallet", str(user_id), "GrantPoints", payload, f"grant:{transfer_id}"))["ok"]
 
 
 async def rental_with_due(services, user_id, due_minor) -> uuid.UUID:

@@ -146,7 +146,7 @@ def machine_for(world: World):
         @rule(points=st.integers(1, 500))
         def award_points(self, points):
             payload = {"points": points, "transfer_id": str(uuid.uuid4()), "reason": "achievement"}
-            assert world.run(world.call("AwardPoints", self.user_id, payload))["ok"]
+            assert world.run(world.call("GrantPoints", self.user_id, payload))["ok"]
             self.points += points
 
         @rule(target=charges, points=st.integers(1, 800))
