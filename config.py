@@ -57,6 +57,13 @@ class Settings:
     db_pool_size: int = 10
     # Processes without the web role (worker, mqtt, scheduler) serve /metrics here when set.
     metrics_port: int | None = None
+    # Payments: top-ups are offered only with a secret key. STRIPE_API_BASE points the SDK at the
+    # local emulator (powerbank stripe-emulator, or the demo's own); unset means api.stripe.com.
+    stripe_secret_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_api_base: str | None = None
+    # Auto-refill: how often the scheduler looks for wallets below their threshold (0 = never).
+    auto_refill_interval_s: int = 60
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -98,6 +105,10 @@ def load_settings() -> Settings:
         currency=os.environ.get("CURRENCY", "NPR"),
         metrics_port=_env_int("METRICS_PORT", 0) or None,
         db_pool_size=_env_int("DATABASE_POOL_SIZE", 10),
+        stripe_secret_key=os.environ.get("STRIPE_SECRET_KEY") or None,
+        stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
+        stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
+        auto_refill_interval_s=_env_int("AUTO_REFILL_INTERVAL_S", 60),
     )
 
 

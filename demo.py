@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 from powerbank.config import load_settings
 from powerbank.processes import wait_for_stop
 from powerbank.storage.audit import audit
-from powerbank.storage.models import Rental, StationEvent
+from powerbank.storage.models import Rental, StationEvent, Transaction
 
 SETTLE_TIMEOUT_S = 60.0
 
@@ -128,9 +128,19 @@ def percentile(values: list[float], fraction: float) -> float:
 async def run_demo(options: DemoOptions) -> dict[str, Any]:
     from powerbank.processes import ALL_ROLES, start_backend
 
-    settings = demo_settings(options)
-    say(f"starting the backend (SQLite in {options.data_dir}, embedded MQTT on :{settings.mqtt_port}, HTTP on :{settings.http_port})")
-    backend = await start_backend(settings, ALL_ROLES, migrate_first=True)
+    emulator = await asyncio.to_thread(start_stripe_emulator)
+    settings = dataclasses.replace(
+        demo_settings(options), stripe_secret_key=emulator.api_key, stripe_webhook_secret=DEMO_WEBHOOK_SECRET,
+        stripe_api_base=emulator.api_base,
+    )
+    say(f"starting the backend (SQLite in {options.data_dir}, embedded MQTT on :{settings.mqtt_port}, HTTP on :{settings.http_port}, "
+        f"Stripe emulator on {emulator.api_base})")
+    try:
+        backend = await start_backend(settings, ALL_ROLES, migrate_first=True)
+    except BaseException:
+        await asyncio.to_thread(emulator.stop)
+        raise
+    emulator.add_webhook_endpoint(f"{backend.base_url}/api/payment/webhook/stripe", DEMO_WEBHOOK_SECRET)
     try:
         world = await _start_world(backend, options)
         try:
@@ -141,11 +151,24 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
         finally:
             await world.stop()
         await backend.services.runtime.wait_idle(SETTLE_TIMEOUT_S)
+        await emulator.wait_for_deliveries_async(SETTLE_TIMEOUT_S)
         summary = await _summarise(backend, world)
     finally:
         await backend.stop()
+        await asyncio.to_thread(emulator.stop)
     print(json.dumps(summary), flush=True)
     return summary
+
+
+DEMO_WEBHOOK_SECRET = "whsec_powerbank_demo"
+
+
+def start_stripe_emulator():
+    """The local Stripe: riders top up with test cards through the real SDK, and the backend
+    gets signed webhooks, as it would from Stripe."""
+    from powerbank.simulators.stripe_emulator import StripeEmulator
+
+    return StripeEmulator(host="127.0.0.1").start()
 
 
 class World:
@@ -187,8 +210,9 @@ async def _start_world(backend, options: DemoOptions) -> World:
                   knobs=options.faults.knobs(), skew_spread_ms=options.faults.clock_skew_spread_ms)
     await fleet.start()
     admin_token = await _admin_token(backend)
-    say(f"signing in {options.riders} riders and topping up their wallets")
-    crowd = RiderCrowd(backend.base_url, options.riders, return_bank=_returner(fleet), admin_token=admin_token)
+    say(f"signing in {options.riders} riders and topping up their wallets by card")
+    crowd = RiderCrowd(backend.base_url, options.riders, return_bank=_returner(fleet), admin_token=admin_token,
+                       card_top_ups=bool(settings.stripe_secret_key))
     await crowd.start()
     return World(fleet, crowd, time.monotonic(), options.faults.chaos())
 
@@ -289,6 +313,9 @@ async def _summarise(backend, world: World) -> dict[str, Any]:
         completed = await session.scalar(select(func.count()).select_from(Rental).where(Rental.status == "completed"))
         started = await session.scalar(select(func.count()).select_from(Rental).where(Rental.started_at.is_not(None)))
         events = await session.scalar(select(func.count()).select_from(StationEvent))
+        top_ups = (await session.execute(
+            select(func.count(), func.coalesce(func.sum(Transaction.amount_minor), 0)).where(Transaction.type == "topup")
+        )).one()
     latencies = stats.start_latencies_ms
     return {
         "rentals_started": int(started or 0),
@@ -298,6 +325,8 @@ async def _summarise(backend, world: World) -> dict[str, Any]:
         "start_latency_p99_ms": round(percentile(latencies, 0.99), 1),
         "start_latency_mean_ms": round(statistics.fmean(latencies), 1) if latencies else 0.0,
         "station_events": int(events or 0),
+        "card_top_ups": int(top_ups[0]),
+        "card_top_ups_minor": int(top_ups[1]),
         "invariant_violations": sum(len(v) for v in violations.values()),
         "violations_by_kind": {kind: len(v) for kind, v in violations.items()},
         "violation_examples": [example for v in violations.values() for example in v[:3]],

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ def import_actors() -> None:
     import powerbank.actors.rental  # noqa: F401
     import powerbank.actors.station  # noqa: F401
     import powerbank.actors.wallet  # noqa: F401
+    import powerbank.actors.wallet_payments  # noqa: F401
+    import powerbank.actors.wallet_rewards  # noqa: F401
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -119,6 +122,8 @@ async def start_backend(settings: Settings, roles: Iterable[str] = ALL_ROLES, *,
     backend.tasks.append(asyncio.create_task(run_mailbox_sampler(services.readonly)))
     if "scheduler" in roles:
         backend.tasks.append(asyncio.create_task(run_scheduler(services)))
+        if settings.stripe_secret_key:
+            backend.tasks.append(asyncio.create_task(run_payment_jobs(services)))
     if "web" in roles:
         await _start_web(backend)
     elif settings.metrics_port:
@@ -186,6 +191,33 @@ async def run_scheduler(services: Services) -> None:
                 await runtime.flush_outbox()
         tick += 1
         await asyncio.sleep(SCHEDULER_TICK_S)
+
+
+RECONCILE_INTERVAL_S = 300
+
+
+async def run_payment_jobs(services: Services) -> None:
+    """Reconciliation with the payment provider (repairs missed webhooks and unanswered refunds)
+    and the auto-refill sweep. Both are idempotent, like the scheduler's other jobs."""
+    from powerbank import payment_flows
+
+    gateway = payment_flows.build_gateway(services.settings)
+    refill_every_s = services.settings.auto_refill_interval_s
+    next_reconcile_s = next_refill_s = time.monotonic()
+    try:
+        while True:
+            now_s = time.monotonic()
+            if now_s >= next_reconcile_s:
+                next_reconcile_s = now_s + RECONCILE_INTERVAL_S
+                with _log_errors("payment reconciliation"):
+                    await payment_flows.reconcile(services, gateway)
+            if refill_every_s and now_s >= next_refill_s:
+                next_refill_s = now_s + refill_every_s
+                with _log_errors("auto-refill"):
+                    await payment_flows.auto_refill_sweep(services, gateway)
+            await asyncio.sleep(1)
+    finally:
+        await gateway.close()
 
 
 @contextlib.contextmanager

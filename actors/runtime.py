@@ -48,6 +48,10 @@ MAX_ATTEMPTS = 5
 RETRY_DELAY_S = 0.05
 # The single-writer pump applies every kind at once, so it takes bigger batches.
 PUMP_BATCH_FACTOR = 4
+# ... but no longer than this per transaction: SQLite has one writer, and every submit, the
+# scheduler and the web process queue behind the pump's transaction. A thousand station boots
+# in one transaction held it for many seconds under a login storm.
+MAX_PUMP_TRANSACTION_S = 0.25
 # How soon a drainer that found the entity locked by another process asks again.
 LOCK_RETRY_DELAY_S = 0.01
 
@@ -445,7 +449,11 @@ class Runtime:
             self._drain_again.discard(key)
             batch = await self._drain_batch(kind, entity_id)
             if batch is None:
-                return applied
+                # Another drainer held the entity. Our re-ring may already have come back while
+                # this drain was still closing; it only said "drain again", so look once more.
+                if key not in self._drain_again:
+                    return applied
+                continue
             applied += batch
             # A short batch emptied the mailbox as of its read; anything accepted since has
             # rung its own doorbell (here it set "drain again"; elsewhere it retries the lock).
@@ -466,6 +474,8 @@ class Runtime:
                 applied += batch or 0
                 if batch < self.batch_size * PUMP_BATCH_FACTOR and not self._pump_dirty:
                     return applied
+                # Let whoever waits for the writer (a submit, the scheduler) have it first.
+                await asyncio.sleep(0)
         finally:
             self._pumping = False
 
@@ -511,7 +521,11 @@ class Runtime:
         rows = await mailbox.read_pending(session, kind, entity_id, limit)
         ctx = ActorContext(session=session, now=utcnow())
         held_back: set[tuple[str, str]] = set()
+        started = time.perf_counter()
         for run in _runs(rows, careful):
+            if kind is None and ctx.settled and time.perf_counter() - started > MAX_PUMP_TRANSACTION_S:
+                self._pump_dirty = True  # the rest stays pending for the next transaction
+                break
             if run[0].entity in held_back:
                 continue  # an earlier command of this entity is waiting for another attempt
             applied = await (self._apply_one(ctx, run[0]) if careful else self._apply_run(ctx, run))

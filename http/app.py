@@ -26,9 +26,13 @@ from powerbank.http.errors import EXCEPTION_HANDLERS
 from powerbank.http.routes_admin import AdminController
 from powerbank.http.routes_app import AppController, PaymentController
 from powerbank.http.routes_auth import AuthController
+from powerbank.http.routes_payment import PaymentFlowController, UserTransactionsController
+from powerbank.http.routes_promotions import AdminCouponController, PromotionController, ReferralController
 from powerbank.http.routes_rentals import RentalController, RentalStarter, start_rental_via_actor
 from powerbank.http.routes_wallet import PayDueController, PaymentOptionsController, PointsController, UserWalletController
 from powerbank.http.websocket import live_events
+from powerbank.payment_flows import build_gateway
+from powerbank.payment_gateway import PaymentGateway
 
 if TYPE_CHECKING:
     from powerbank.services import Services
@@ -61,9 +65,10 @@ def openapi_config() -> OpenAPIConfig:
         tags=[
             Tag(name="auth", description="phone OTP, tokens"),
             Tag(name="app", description="stations, health"),
-            Tag(name="payment", description="packages"),
+            Tag(name="payment", description="packages, gateways, card top-ups, refunds, provider webhooks"),
             Tag(name="wallet", description="the caller's money and points"),
             Tag(name="rentals", description="rent, follow, history"),
+            Tag(name="promotions", description="referral codes and coupons"),
             Tag(name="admin", description="admin and superadmin only"),
         ],
         use_handler_docstrings=True,
@@ -76,17 +81,23 @@ def create_app(
     auth_policy: AuthPolicy | None = None,
     otp_sender: OtpSender | None = None,
     start_rental: RentalStarter | None = None,
+    payment_gateway: PaymentGateway | None = None,
     debug: bool = False,
 ) -> Litestar:
     """Build the app. `auth_policy` defaults to the environment (POWERBANK_OTP_ECHO,
     OTP_RATE_PER_IP, ...), `otp_sender` to the log-only provider, `start_rental` to
-    `powerbank.actors.rental.start_rental`. `services` may be None only to render OpenAPI."""
+    `powerbank.actors.rental.start_rental`, `payment_gateway` to Stripe when STRIPE_SECRET_KEY is set
+    (the app then closes it on shutdown). `services` may be None only to render OpenAPI."""
+    owned_gateway = None
+    if payment_gateway is None and services is not None:
+        payment_gateway = owned_gateway = build_gateway(services.settings)
     state = State(
         {
             "services": services,
             "auth_policy": auth_policy or AuthPolicy.from_env(),
             "otp_sender": otp_sender or LogOtpSender(),
             "start_rental": start_rental or start_rental_via_actor,
+            "payment_gateway": payment_gateway,
         }
     )
     prometheus = PrometheusConfig(
@@ -102,8 +113,13 @@ def create_app(
             PointsController,
             PaymentOptionsController,
             PayDueController,
+            PaymentFlowController,
+            UserTransactionsController,
             RentalController,
             AdminController,
+            ReferralController,
+            PromotionController,
+            AdminCouponController,
             live_events,
             metrics,
         ],
@@ -117,6 +133,7 @@ def create_app(
         openapi_config=openapi_config(),
         request_max_body_size=MAX_REQUEST_BODY_BYTES,
         logging_config=None,  # the process configures logging (structlog), not the app
+        on_shutdown=[owned_gateway.close] if owned_gateway is not None else [],
         debug=debug,
     )
 

@@ -193,6 +193,22 @@ class Rider:
         response.raise_for_status()
         return response.json()
 
+    async def top_up_by_card(self, amount_minor: int, currency: str, payment_method: str = "pm_card_visa") -> dict[str, Any]:
+        """A card top-up the way the app does it: an intent, then the provider's confirmation
+        (here through verify-topup with a test card, where a phone would use Stripe's SDK).
+        The wallet is credited once the payment succeeded; returns the intent's status."""
+        key = uuid.uuid4().hex
+        created = await self.request("POST", "/api/payment/wallet/topup-intent",
+                                     json={"amount_minor": amount_minor, "currency": currency, "idempotency_key": key})
+        if created.status_code != 201:
+            raise RiderError(f"top-up intent failed: {created.status_code} {created.text}")
+        intent_id = created.json()["intent"]["intent_id"]
+        verified = await self.request("POST", "/api/payment/verify-topup",
+                                      json={"intent_id": intent_id, "payment_method": payment_method})
+        if verified.status_code != 200 or verified.json()["intent"]["status"] != "confirmed":
+            raise RiderError(f"top-up not confirmed: {verified.status_code} {verified.text}")
+        return verified.json()
+
     async def wallet(self) -> dict[str, Any]:
         response = await self.request("GET", "/api/user/wallet")
         response.raise_for_status()
@@ -350,6 +366,7 @@ class RiderStats:
     attempts: int = 0
     started: int = 0
     completed: int = 0
+    card_top_ups: int = 0
     refusals: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     start_latencies_ms: list[float] = field(default_factory=list)
@@ -392,6 +409,7 @@ class RiderCrowd:
         hold_s: tuple[float, float] = (1.0, 5.0),
         think_s: tuple[float, float] = (0.2, 2.0),
         top_up_minor: int = 1_000_000,
+        card_top_ups: bool = False,
         start_wait_s: float = 40.0,
         completion_wait_s: float = 40.0,
         phone_prefix: str | None = None,
@@ -405,6 +423,9 @@ class RiderCrowd:
         self.hold_s = hold_s
         self.think_s = think_s
         self.top_up_minor = top_up_minor
+        # Top up through the payment provider (its emulator in the demo) instead of admin credits.
+        self.card_top_ups = card_top_ups
+        self.currency: str | None = None
         self.start_wait_s = start_wait_s
         self.completion_wait_s = completion_wait_s
         self.rng = random.Random(seed)
@@ -507,7 +528,13 @@ class RiderCrowd:
                 await asyncio.sleep(0.5)
 
     async def _top_up(self, rider: Rider) -> None:
-        if self._admin is not None and self.top_up_minor > 0:
+        if self.top_up_minor <= 0:
+            return
+        if self.card_top_ups:
+            currency = self.currency or (await rider.wallet())["currency"]
+            await rider.top_up_by_card(self.top_up_minor, currency)
+            self.stats.card_top_ups += 1
+        elif self._admin is not None:
             await self._admin.credit(rider.user_id, self.top_up_minor)
 
     async def _adopt_unseen_rentals(self, rider: Rider, held: list[dict[str, Any]]) -> None:

@@ -42,6 +42,7 @@ import stripe
 import uvicorn
 from litestar import Litestar, Request, Response, route
 
+from powerbank.payment_gateway import StripeHTTPXClient  # noqa: F401  (moved; still importable here)
 from powerbank.simulators.stripe_state import API_VERSION, IdempotencyKeys, StripeError, StripeState
 
 DEFAULT_API_KEY = "sk_test_emulator"
@@ -576,20 +577,6 @@ class StripeEmulator:
         """A `stripe.StripeClient` pointed at this emulator (kwargs go to StripeClient, e.g.
         http_client=StripeHTTPXClient(allow_sync_methods=True), which the caller closes)."""
         return stripe.StripeClient(self.api_key, base_addresses={"api": self.api_base}, **kwargs)
-
-
-class StripeHTTPXClient(stripe.HTTPXClient):
-    """stripe.HTTPXClient passing the form body as `content=`: stripe 16.1 passes it as
-    `data=<str>`, which httpx 0.28 answers with a DeprecationWarning on every POST (an error under
-    this project's pytest settings). Use it wherever the SDK's async methods run; with
-    allow_sync_methods=True it serves sync calls too. Close it with close() / close_async()."""
-
-    def _get_request_args_kwargs(self, method, url, headers, post_data):
-        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
-        body = kwargs.pop("data", None)
-        if body:
-            kwargs["content"] = body
-        return args, kwargs
 
 
 class _ThreadServer(uvicorn.Server):

@@ -9,7 +9,15 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from powerbank.storage.ledger import ledger_discrepancies
-from powerbank.storage.models import ActorCommand, PowerBank, Rental, StationSlot
+from powerbank.storage.models import (
+    ActorCommand,
+    LedgerTransfer,
+    PaymentIntent,
+    PowerBank,
+    Rental,
+    StationSlot,
+    Transaction,
+)
 
 TRANSIENT_RENTAL_STATUSES = ("pending", "ejecting")
 OPEN_RENTAL_STATUSES = ("active", "overdue")
@@ -60,6 +68,30 @@ async def rented_banks_without_rental(session: AsyncSession) -> list[str]:
     return [f"bank {bank_id} marked rented with no open rental" for bank_id in rented - open_]
 
 
+PAID_STATUSES = ("confirmed", "refunded")
+PAYMENT_TYPES = ("topup", "auto_refill", "rental")
+
+
+async def payments_settled_once(session: AsyncSession) -> list[str]:
+    """Every paid provider intent moved money exactly once (one transaction row, backed by a
+    ledger transfer of the amount received); an unpaid one moved none."""
+    problems = []
+    rows = (await session.execute(
+        select(PaymentIntent.id, PaymentIntent.status, PaymentIntent.amount_received_minor,
+               func.count(Transaction.id), func.min(LedgerTransfer.amount_minor), func.count(LedgerTransfer.id))
+        .outerjoin(Transaction, (Transaction.payment_intent_id == PaymentIntent.id) & Transaction.type.in_(PAYMENT_TYPES))
+        .outerjoin(LedgerTransfer, LedgerTransfer.id == Transaction.ledger_transfer_id)
+        .group_by(PaymentIntent.id, PaymentIntent.status, PaymentIntent.amount_received_minor)
+    )).all()
+    for intent_id, status, received, transactions, transfer_amount, transfers in rows:
+        expected = 1 if status in PAID_STATUSES else 0
+        if transactions != expected or transfers != expected:
+            problems.append(f"intent {intent_id} ({status}) has {transactions} payment transactions, {transfers} transfers")
+        elif expected and transfer_amount != received:
+            problems.append(f"intent {intent_id} received {received} but moved {transfer_amount}")
+    return problems
+
+
 CHECKS = {
     "bank_in_two_places": banks_in_two_places,
     "rental_transient": rentals_left_transient,
@@ -67,6 +99,7 @@ CHECKS = {
     "command_pending": commands_left_pending,
     "command_failed": commands_failed,
     "rented_bank_without_rental": rented_banks_without_rental,
+    "payments": payments_settled_once,
 }
 
 

@@ -9,6 +9,8 @@ Who writes what: the Station actor owns `stations`, `station_slots`, `station_ev
 `station_status_changes` and the location columns of `power_banks`; the Rental actor owns
 `rentals`; the Wallet actor owns `wallets`, `ledger_accounts` and `ledger_transfers`. Other code
 reads them, never writes them.
+The promotions tables (`coupons`, `coupon_usages`, `referrals`) are written by the HTTP
+requests that apply a coupon or claim a referral, each in one transaction (actors/promotions.py).
 """
 
 from __future__ import annotations
@@ -528,6 +530,104 @@ class Wallet(Base):
     created_at: Mapped[datetime] = created_at_column()
 
 
+# --- promotions: coupons and referrals --------------------------------------------------------
+#
+# A coupon's `uses` counter is the one row every applier of that coupon writes, so its limit is a
+# database fact: a conditional `UPDATE ... SET uses = uses + 1 WHERE uses < max_uses` in the same
+# transaction as the usage row, backed by a CHECK. Points a coupon or a referral earns move later,
+# as Wallet-actor commands accepted in that same transaction (actors/promotions.py).
+
+COUPON_KINDS = ("points", "discount_percent", "discount_minor")
+REFERRAL_STATUSES = ("claimed", "revoked")
+
+
+class Coupon(Base):
+    """A promotional code. `value` is points (kind points), a percentage 1-100 (discount_percent)
+    or an amount in minor units of `currency` (discount_minor)."""
+
+    __tablename__ = "coupons"
+    __table_args__ = (
+        one_of("kind", COUPON_KINDS),
+        CheckConstraint("value > 0", name="value_positive"),
+        CheckConstraint("kind <> 'discount_percent' OR value <= 100", name="percent_at_most_100"),
+        CheckConstraint(
+            "(kind = 'discount_minor') = (currency IS NOT NULL)", name="currency_iff_money"
+        ),
+        CheckConstraint("currency IS NULL OR length(currency) = 3", name="currency_iso"),
+        CheckConstraint("max_uses IS NULL OR max_uses > 0", name="max_uses_positive"),
+        CheckConstraint("uses >= 0", name="uses_non_negative"),
+        CheckConstraint("max_uses IS NULL OR uses <= max_uses", name="uses_within_max"),
+        CheckConstraint("per_user_limit > 0", name="per_user_limit_positive"),
+        CheckConstraint(
+            "valid_until IS NULL OR valid_from IS NULL OR valid_until > valid_from", name="valid_window"
+        ),
+        Index(None, "active", "valid_until"),
+        Index(None, "created_by"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    # Stored upper-case: people type codes in any case.
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    kind: Mapped[str] = mapped_column(String(24))
+    value: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    # Null: no overall limit.
+    max_uses: Mapped[int | None] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    per_user_limit: Mapped[int] = mapped_column(Integer, default=1)
+    valid_from: Mapped[datetime | None]
+    valid_until: Mapped[datetime | None]
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    description: Mapped[str | None] = mapped_column(String(200))
+    created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class CouponUsage(Base):
+    """One application of a coupon by one person. `use_number` counts that person's uses of
+    the coupon from 1; unique with (coupon, user) it makes the per-person limit hold under
+    concurrency: two simultaneous applications draw the same number and one insert fails."""
+
+    __tablename__ = "coupon_usages"
+    __table_args__ = (
+        UniqueConstraint("coupon_id", "user_id", "use_number"),
+        CheckConstraint("use_number >= 1", name="use_number_positive"),
+        CheckConstraint("points >= 0", name="points_non_negative"),
+        Index(None, "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    coupon_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("coupons.id", ondelete="RESTRICT"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    use_number: Mapped[int] = mapped_column(Integer, default=1)
+    # Points credited for it (0 for discount coupons) and the ledger transfer that carries them.
+    points: Mapped[int] = mapped_column(BigInteger, default=0)
+    points_transfer_id: Mapped[uuid.UUID | None] = mapped_column(unique=True)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class Referral(Base):
+    """A new person (referee) signed up with someone's (referrer's) code. One per referee, ever;
+    both get points, carried by two ledger transfers named after this row."""
+
+    __tablename__ = "referrals"
+    __table_args__ = (
+        one_of("status", REFERRAL_STATUSES),
+        CheckConstraint("referrer_id <> referee_id", name="not_self"),
+        CheckConstraint("referrer_points >= 0 AND referee_points >= 0", name="points_non_negative"),
+        Index(None, "referrer_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    referrer_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    referee_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), unique=True)
+    code: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="claimed")
+    referrer_points: Mapped[int] = mapped_column(BigInteger, default=0)
+    referee_points: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = created_at_column()
+
+
 # --- the actor runtime ------------------------------------------------------------------------
 
 ACTOR_KINDS = ("station", "rental", "wallet")
@@ -591,3 +691,193 @@ class OutboxMessage(Base):
     payload: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = created_at_column()
     sent_at: Mapped[datetime | None]
+
+
+# --- payments (the provider side of money) ------------------------------------------------------
+#
+# The ledger says where money is; these tables say what the payment provider was asked and what it
+# answered. The Wallet actor writes `payment_intents`' status, `transactions` and `refunds` in the
+# same transaction as the ledger transfer they describe; the HTTP layer only creates an intent row
+# (status waiting) before asking the provider, and logs webhooks.
+
+PAYMENT_STATUSES = ("waiting", "preauth", "confirmed", "rejected", "refunded", "error")
+PAYMENT_PURPOSES = ("topup", "rental_hold", "due", "auto_refill")
+TRANSACTION_TYPES = ("topup", "refund", "rental", "due", "auto_refill")
+TRANSACTION_STATUSES = ("pending", "succeeded", "failed", "reversed")
+REFUND_STATUSES = ("pending", "succeeded", "failed")
+
+
+class PaymentMethod(Base):
+    """A configured gateway (seed 003's gateway config): the app offers enabled ones by priority."""
+
+    __tablename__ = "payment_methods"
+    __table_args__ = (
+        CheckConstraint("min_amount_minor > 0", name="min_positive"),
+        CheckConstraint("max_amount_minor >= min_amount_minor", name="max_after_min"),
+        Index(None, "enabled", "priority"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(80))
+    priority: Mapped[int] = mapped_column(Integer, default=100)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    min_amount_minor: Mapped[int] = mapped_column(BigInteger, default=100)
+    max_amount_minor: Mapped[int] = mapped_column(BigInteger, default=10_000_000)
+    # Upper-case ISO 4217 codes this gateway accepts, e.g. ["NPR", "USD"].
+    currencies: Mapped[list[str]] = mapped_column(JSONDoc, default=list)
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class PaymentCustomer(Base):
+    """A person's customer at a provider, their saved card and auto-refill setting (seed 000:
+    the wallet is tied to a provider customer and refills below a threshold)."""
+
+    __tablename__ = "payment_customers"
+    __table_args__ = (
+        UniqueConstraint("user_id", "provider"),
+        UniqueConstraint("provider", "provider_customer_id"),
+        CheckConstraint("auto_refill_threshold_minor >= 0", name="threshold_non_negative"),
+        CheckConstraint("auto_refill_amount_minor >= 0", name="refill_non_negative"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    provider: Mapped[str] = mapped_column(String(32))
+    provider_customer_id: Mapped[str] = mapped_column(String(100))
+    saved_payment_method_id: Mapped[str | None] = mapped_column(String(100))
+    auto_refill: Mapped[bool] = mapped_column(Boolean, default=False)
+    auto_refill_threshold_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    auto_refill_amount_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class PaymentIntent(Base):
+    """Our side of one provider payment: what we asked for and the state we last saw (seed 003's
+    statuses). The status only moves along `actors.payments.next_status`."""
+
+    __tablename__ = "payment_intents"
+    __table_args__ = (
+        one_of("status", PAYMENT_STATUSES),
+        one_of("purpose", PAYMENT_PURPOSES),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        CheckConstraint("amount_received_minor >= 0", name="received_non_negative"),
+        CheckConstraint("length(currency) = 3", name="currency_iso"),
+        UniqueConstraint("idempotency_key"),
+        UniqueConstraint("provider", "provider_intent_id"),
+        Index(None, "user_id", "created_at"),
+        Index(None, "status", "updated_at"),
+        Index(None, "payment_method_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    payment_method_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("payment_methods.id", ondelete="SET NULL")
+    )
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    amount_received_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    currency: Mapped[str] = mapped_column(String(3))
+    purpose: Mapped[str] = mapped_column(String(16), default="topup")
+    provider: Mapped[str] = mapped_column(String(32))
+    provider_intent_id: Mapped[str | None] = mapped_column(String(100))
+    provider_status: Mapped[str | None] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(16), default="waiting")
+    idempotency_key: Mapped[str] = mapped_column(String(120))
+    failure_code: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class Transaction(Base):
+    """A money movement the person sees in their history; `ledger_transfer_id` is the ledger row
+    that actually moved it."""
+
+    __tablename__ = "transactions"
+    __table_args__ = (
+        one_of("type", TRANSACTION_TYPES),
+        one_of("status", TRANSACTION_STATUSES),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        CheckConstraint("refunded_minor >= 0 AND refunded_minor <= amount_minor", name="refunded_within_amount"),
+        CheckConstraint("length(currency) = 3", name="currency_iso"),
+        UniqueConstraint("ledger_transfer_id"),
+        Index(None, "user_id", "created_at"),
+        Index(None, "payment_intent_id"),
+        Index(None, "status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    payment_intent_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("payment_intents.id", ondelete="RESTRICT")
+    )
+    type: Mapped[str] = mapped_column(String(16))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    refunded_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    ledger_transfer_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("ledger_transfers.id", ondelete="RESTRICT")
+    )
+    description: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class PaymentWebhook(Base):
+    """Every provider event we accepted (signature checked), once per provider event id; a
+    repeat delivery finds the row and changes nothing."""
+
+    __tablename__ = "payment_webhooks"
+    __table_args__ = (
+        UniqueConstraint("provider", "provider_event_id"),
+        Index(None, "provider_intent_id"),
+        Index(None, "received_at"),
+        Index(None, "processed_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    provider: Mapped[str] = mapped_column(String(32))
+    provider_event_id: Mapped[str] = mapped_column(String(100))
+    event_type: Mapped[str] = mapped_column(String(64))
+    provider_intent_id: Mapped[str | None] = mapped_column(String(100))
+    signature_ok: Mapped[bool] = mapped_column(Boolean)
+    # "webhook" or "reconciliation": who told us.
+    source: Mapped[str] = mapped_column(String(16), default="webhook")
+    payload: Mapped[dict[str, Any]]
+    received_at: Mapped[datetime] = created_at_column()
+    processed_at: Mapped[datetime | None]
+
+
+class Refund(Base):
+    """Money given back on a transaction. The wallet is debited first (the Wallet actor refuses
+    if the money is no longer there), then the provider is asked; a provider failure reverses it."""
+
+    __tablename__ = "refunds"
+    __table_args__ = (
+        one_of("status", REFUND_STATUSES),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        CheckConstraint("length(currency) = 3", name="currency_iso"),
+        UniqueConstraint("provider_refund_id"),
+        Index(None, "transaction_id"),
+        Index(None, "user_id", "created_at"),
+        Index(None, "status"),
+        Index(None, "ledger_transfer_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    transaction_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("transactions.id", ondelete="RESTRICT"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    reason: Mapped[str | None] = mapped_column(String(200))
+    provider_refund_id: Mapped[str | None] = mapped_column(String(100))
+    ledger_transfer_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("ledger_transfers.id", ondelete="RESTRICT")
+    )
+    failure_code: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()

@@ -14,6 +14,8 @@ from powerbank.storage.models import Base
 # Importing the actor modules registers their handlers.
 import powerbank.actors.rental  # noqa: E402,F401
 import powerbank.actors.wallet  # noqa: E402,F401
+import powerbank.actors.wallet_payments  # noqa: E402,F401
+import powerbank.actors.wallet_rewards  # noqa: E402,F401
 from powerbank.storage.testing import create_postgres_database, drop_postgres_database  # noqa: E402
 
 

@@ -304,3 +304,65 @@ async def test_a_refusal_or_error_in_the_caller_leaves_nothing_and_goes_to_the_q
         await caller_runtime.drain("wallet", "src")
     assert await asyncio.wait_for(refused, 10) == {"ok": False, "reason": "not_today", "hint": "tomorrow"}
     assert (await asyncio.wait_for(forwarded, 10))["reason"] == "internal_error"
+
+
+class _BusyOnceLocks:
+    """The entity is locked elsewhere on the first try; the re-ring that a busy lock schedules
+    comes back while that drain is still running (here: at once)."""
+
+    def __init__(self, runtime_ref: list) -> None:
+        self.tries, self.runtime_ref = 0, runtime_ref
+
+    async def try_lock(self, session, kind, entity_id) -> bool:
+        self.tries += 1
+        if self.tries == 1:
+            assert await self.runtime_ref[0].drain(kind, entity_id) == 0  # only "drain again"
+            return False
+        return True
+
+    async def try_lock_idle(self, session, kind, entity_id) -> bool:
+        return False
+
+    def release(self, kind, entity_id) -> None:
+        return None
+
+
+async def test_a_ring_that_comes_back_while_a_busy_drain_is_closing_is_not_lost(engine):
+    runtime_ref: list = []
+    locks = _BusyOnceLocks(runtime_ref)
+    runtime = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=None, locks=locks)
+    runtime_ref.append(runtime)
+    await runtime.submit("wallet", "ring-1", "TestAppend", {"item": 1}, "ring-1:1")
+    assert await runtime.drain("wallet", "ring-1") == 1
+    assert locks.tries == 2 and await _items(runtime, "ring-1") == [1]
+
+
+_CONTEXTS_SEEN: list[tuple[int, str]] = []
+
+
+@handles("wallet", "TestSlow")
+async def _slow(ctx, entity_id, payload):
+    await asyncio.sleep(0.02)
+    _CONTEXTS_SEEN.append((id(ctx), entity_id))
+    return {"ok": True}
+
+
+async def test_the_single_writer_pump_keeps_each_transaction_short_and_applies_everything(tmp_path, monkeypatch):
+    """On SQLite everything queues behind the pump's transaction (one writer): a backlog is
+    applied in transactions of bounded length, in acceptance order, none left behind."""
+    from powerbank.actors import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "MAX_PUMP_TRANSACTION_S", 0.05)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'pump.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    pump = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=None, locks=None, single_writer=True)
+    _CONTEXTS_SEEN.clear()
+    entities = [f"slow-{n}" for n in range(12)]
+    for n, entity in enumerate(entities):
+        await pump.submit("wallet", entity, "TestSlow", {}, f"slow:{n}")
+    assert await pump.drain("wallet", entities[0]) == len(entities)
+    assert [entity for _, entity in _CONTEXTS_SEEN] == entities
+    transactions = len({context for context, _ in _CONTEXTS_SEEN})
+    assert 3 <= transactions < len(entities)
+    await engine.dispose()

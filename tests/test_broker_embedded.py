@@ -198,3 +198,57 @@ def test_station_passwords_are_stored_salted_and_older_argon2_hashes_still_verif
     assert not embedded.verify_password("sha256$not-hex$00", password)
     legacy = embedded.LEGACY_HASHER.hash(password)  # what earlier versions stored
     assert embedded.verify_password(legacy, password) and not embedded.verify_password(legacy, "other")
+
+
+async def test_a_broadcast_walks_only_the_filters_that_can_match_and_a_leaver_only_its_own(stack, monkeypatch):
+    """At fleet scale every station has a command filter of its own; amqtt walked all of them
+    for every message, every connect and every disconnect (see embedded._Subscriptions)."""
+    broker = stack.embedded.broker
+    bridge_login = login(stack, stack.settings.bridge_username, stack.settings.bridge_password)
+    matched = []
+    real_matches = broker._matches
+    monkeypatch.setattr(broker, "_matches", lambda topic, a_filter: matched.append(a_filter) or real_matches(topic, a_filter))
+    async with contextlib.AsyncExitStack() as clients:
+        for n in range(40):
+            client = await clients.enter_async_context(connected(bridge_login, f"own-{n}"))
+            await client.subscribe([(f"fleet/{n}/commands", 1)])
+        watcher = await clients.enter_async_context(connected(bridge_login, "watcher"))
+        await watcher.subscribe([("fleet/+/commands", 1)])
+        leaver = await clients.enter_async_context(connected(bridge_login, "leaver"))
+        await leaver.subscribe([("leaver/a", 1), ("leaver/#", 1)])
+        assert broker._subscriptions.filters_of["leaver"] == {"leaver/a", "leaver/#"}
+        target = await clients.enter_async_context(connected(bridge_login, "own-7-reader"))
+        await target.subscribe([("fleet/7/commands", 1)])
+        matched.clear()
+        await watcher.publish("fleet/7/commands", b"eject", qos=1)
+        assert (await target.deliver_message(timeout_duration=5)).data == b"eject"
+        assert (await watcher.deliver_message(timeout_duration=5)).topic == "fleet/7/commands"
+        # Of the 42 filters without wildcards only the one equal to the topic was looked at.
+        assert [f for f in matched if "+" not in f and "#" not in f] == ["fleet/7/commands"]
+        await mqtt.close(leaver)
+        for _ in range(50):
+            if "leaver" not in broker._subscriptions.filters_of:
+                break
+            await asyncio.sleep(0.05)
+        assert "leaver" not in broker._subscriptions.filters_of
+        assert "leaver/a" not in broker._subscriptions and "leaver/#" not in broker._subscriptions
+        assert "fleet/7/commands" in broker._subscriptions
+        assert repr(broker._subscriptions).startswith("<")
+
+
+def test_the_subscription_table_keeps_its_wildcard_index_through_every_change():
+    table = embedded._Subscriptions(has_retained=lambda: False)
+    table["a/b"], table["a/+"], table["#"] = [], [], []
+    table.announce("a/b")
+    assert sorted(key for key, _ in table.items()) == ["#", "a/+", "a/b"]
+    table.announce("x/y")
+    assert sorted(key for key, _ in table.items()) == ["#", "a/+"]
+    assert sorted(key for key, _ in table.items()) == ["#", "a/+", "a/b"]  # unannounced: everything
+    del table["a/+"]
+    table.pop("#")
+    table.announce("a/c")
+    assert table.items() == []
+    assert list(table) == []  # no retained message: nothing for a connect to replay
+    retaining = embedded._Subscriptions(has_retained=lambda: True)
+    retaining["a/b"] = []
+    assert list(retaining) == ["a/b"]

@@ -26,6 +26,8 @@ def test_demo_completes_rentals_and_audits_clean(tmp_path):
     assert summary["rentals_completed"] == summary["rentals_started"]
     assert summary["station_events"] > 0
     assert summary["invariant_violations"] == 0, summary
+    # Acceptance 6 of issue 5: the riders' money came in through card top-ups (the emulator).
+    assert summary["card_top_ups"] >= 6 and summary["card_top_ups_minor"] >= 6 * 1_000_000, summary
     assert (tmp_path / "demo" / "powerbank.sqlite3").exists()
 
 
