@@ -11,17 +11,18 @@ Each step is one command; follow-ups to other actors commit with the step that c
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 
+from powerbank.actors import pricing
 from powerbank.actors.runtime import ActorContext, CommandRejected, Runtime, handles
-from powerbank.storage.models import Rental, RentalPackage, Station, User
+from powerbank.actors.wallet import load_money_config
+from powerbank.storage.models import PowerBank, Rental, RentalPackage, Station, User
 
-QUICK_RETURN_S = 5 * 60
+QUICK_RETURN_S = pricing.QUICK_RETURN_S
 WAITING_STATUSES = ("pending", "ejecting")
 OPEN_STATUSES = ("active", "overdue")
 
@@ -31,20 +32,16 @@ OPEN_STATUSES = ("active", "overdue")
 
 def rental_fee_minor(package: RentalPackage, started_at: datetime, returned_at: datetime) -> int:
     """The package price, plus a late fee per started hour past duration + grace, capped per
-    started day of lateness."""
-    used_s = max(0.0, (returned_at - started_at).total_seconds())
-    allowed_s = (package.duration_minutes + package.grace_minutes) * 60
-    if used_s <= allowed_s:
-        return package.price_minor
-    late_s = used_s - package.duration_minutes * 60
-    late_fee = math.ceil(late_s / 3600) * package.late_fee_per_hour_minor
-    if package.late_fee_daily_cap_minor > 0:
-        late_fee = min(late_fee, math.ceil(late_s / 86400) * package.late_fee_daily_cap_minor)
-    return package.price_minor + late_fee
+    started day of lateness (`pricing.rental_fee_minor`)."""
+    return pricing.rental_fee_minor(pricing.Tariff.of(package), _used_s(started_at, returned_at))
 
 
-def is_quick_return(started_at: datetime, returned_at: datetime) -> bool:
-    return (returned_at - started_at).total_seconds() < QUICK_RETURN_S
+def is_quick_return(started_at: datetime, returned_at: datetime, quick_return_s: int = QUICK_RETURN_S) -> bool:
+    return pricing.is_quick_return(_used_s(started_at, returned_at), quick_return_s)
+
+
+def _used_s(started_at: datetime, returned_at: datetime) -> float:
+    return max(0.0, (returned_at - started_at).total_seconds())
 
 
 def hold_amount_minor(package: RentalPackage) -> int:
@@ -202,16 +199,46 @@ async def bank_returned(ctx: ActorContext, rental_id: str, payload: dict[str, An
     rental.status = "completed"
     rental.returned_at = returned_at
     rental.return_station_id = uuid.UUID(payload["station_id"])
-    rental.fee_minor = rental_fee_minor(package, rental.started_at, returned_at)
-    rental.quick_return = is_quick_return(rental.started_at, returned_at)
+    config = await load_money_config(ctx.session)
+    tariff = pricing.Tariff.of(package)
+    used_s = _used_s(rental.started_at, returned_at)
+    rental.fee_minor = pricing.rental_fee_minor(tariff, used_s)
+    rental.quick_return = pricing.is_quick_return(used_s, config.quick_return_s)
+    points = pricing.timely_return_points(
+        tariff, used_s, quick_return_s=config.quick_return_s, award_points=config.timely_return_points
+    )
+    await _charge(ctx, rental, points)
+    _publish(ctx, rental, "returned")
+    return {"ok": True}
+
+
+async def _charge(ctx: ActorContext, rental: Rental, award_points: int) -> None:
     await ctx.send(
         "wallet",
         str(rental.user_id),
         "CaptureHold",
-        {"rental_id": rental_id, "amount_minor": rental.fee_minor},
-        f"capture:{rental_id}",
+        {"rental_id": str(rental.id), "amount_minor": rental.fee_minor, "award_points": award_points},
+        f"capture:{rental.id}",
     )
-    _publish(ctx, rental, "returned")
+
+
+@handles("rental", "MarkLost")
+async def mark_lost(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A bank still out past the package's maximum is lost: the rental up to the maximum plus the
+    bank's price is charged (a due for whatever the wallet and points cannot pay). Sent by
+    whoever sweeps overdue rentals; refused before the maximum, so an early sweep is harmless."""
+    rental = await _load(ctx, rental_id)
+    if rental.status not in OPEN_STATUSES:
+        return {"ok": True, "ignored": rental.status}
+    package = await ctx.session.get(RentalPackage, rental.package_id)
+    tariff = pricing.Tariff.of(package)
+    if not pricing.is_lost(tariff, _used_s(rental.started_at, ctx.now)):
+        raise CommandRejected("not_past_maximum")
+    bank = await ctx.session.get(PowerBank, rental.power_bank_id) if rental.power_bank_id else None
+    rental.status = "lost"
+    rental.fee_minor = pricing.lost_charge_minor(tariff, bank.price_minor if bank else 0)
+    await _charge(ctx, rental, 0)
+    _publish(ctx, rental, "lost")
     return {"ok": True}
 
 
@@ -222,6 +249,17 @@ async def charge_settled(ctx: ActorContext, rental_id: str, payload: dict[str, A
     rental.due_minor = payload["due_minor"]
     _publish(ctx, rental, "charged")
     return {"ok": True}
+
+
+@handles("rental", "DuePaid")
+async def due_paid(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The Wallet actor paid (part of) the due: move it from due to charged."""
+    rental = await _load(ctx, rental_id)
+    paid_minor = min(rental.due_minor, payload["paid_minor"])
+    rental.due_minor -= paid_minor
+    rental.charged_minor += paid_minor
+    _publish(ctx, rental, "due_paid")
+    return {"ok": True, "due_minor": rental.due_minor}
 
 
 # --- the caller's side ------------------------------------------------------------------------

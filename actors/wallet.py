@@ -12,12 +12,57 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from powerbank.actors import pricing
 from powerbank.actors.runtime import ActorContext, CommandRejected, handles
 from powerbank.storage import ledger
 from powerbank.storage.ledger import LedgerError
-from powerbank.storage.models import Rental, User, Wallet
+from powerbank.storage.models import AppConfig, LedgerTransfer, Rental, User, Wallet
 
 RENTAL_HOLD = "rental_hold"
+POINTS_HOLD = "rental_points_hold"
+POINTS_CURRENCY = "PTS"
+# Points are issued from and redeemed back into one platform account per points currency,
+# `admin_adjustments:PTS`: its (debit) balance is the points outstanding. It reuses an existing
+# shared account kind, so no migration of the kind CHECK constraint is needed.
+POINTS_ISSUER_KIND = "admin_adjustments"
+REVENUE_KIND = "platform_revenue"
+# The ledger rows a person may ask to have reversed, and what the reversal is called.
+REFUNDABLE_KINDS = frozenset({
+    "rental_hold:post", "rental_points_hold:post", "rental_overage", "rental_points", "due_wallet", "due_points", "points_spend", "wallet_spend",
+})
+
+
+@dataclass(frozen=True)
+class MoneyConfig:
+    """The AppConfig values money decisions need, with SPEC's defaults when a key is missing."""
+
+    ratio: pricing.PointsRatio = pricing.PointsRatio()
+    quick_return_s: int = pricing.QUICK_RETURN_S
+    timely_return_points: int = pricing.TIMELY_RETURN_POINTS
+
+
+async def load_money_config(session) -> MoneyConfig:
+    rows = {
+        row.key: row.value
+        for row in (await session.execute(
+            select(AppConfig).where(AppConfig.key.in_(("points_per_currency_unit", "quick_return_s", "timely_return_points")))
+        )).scalars()
+    }
+
+    def number(key: str, default: int) -> int:
+        value = (rows.get(key) or {}).get("value")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+    return MoneyConfig(
+        ratio=pricing.PointsRatio.of(rows.get("points_per_currency_unit")),
+        quick_return_s=number("quick_return_s", pricing.QUICK_RETURN_S),
+        timely_return_points=number("timely_return_points", pricing.TIMELY_RETURN_POINTS),
+    )
+
+
+def is_amount(value: Any) -> bool:
+    """A positive integer (bool is an int in Python, and never an amount)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -137,26 +182,41 @@ async def credit_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any]
 
 @handles("wallet", "PlaceHold")
 async def place_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Set the rental's price aside: from the wallet, and when the wallet alone is short, the
+    rest from points at the configured ratio (SPEC: wallet, points or both). Each part is a
+    pending transfer that the return posts or releases exactly once."""
     rental_id = payload["rental_id"]
     reason = await _hold_refusal(ctx, user_id, payload)
     if reason is not None:
         await ctx.send("rental", rental_id, "HoldRefused", {"reason": reason}, f"hold-refused:{rental_id}")
         return {"ok": False, "reason": reason}
     wallet, account = await load_wallet_and_account(ctx, user_id)
-    revenue = await ledger.system_account(ctx.session, "platform_revenue", wallet.currency)
-    hold = await ledger.transfer(
-        ctx.session,
-        transfer_id=hold_id(rental_id),
-        debit=account,
-        credit=revenue,
-        amount_minor=payload["amount_minor"],
-        kind=RENTAL_HOLD,
-        pending=True,
-        rental_id=uuid.UUID(rental_id),
+    points = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
+    split = pricing.split_payment(
+        payload["amount_minor"], wallet_available_minor=ledger.credit_balance(account).available_minor,
+        points_available=ledger.credit_balance(points).available_minor,
+        ratio=(await load_money_config(ctx.session)).ratio, mode="wallet_first",
     )
-    await ctx.send("rental", rental_id, "HoldPlaced", {"transfer_id": str(hold.id)}, f"hold-placed:{rental_id}")
+    if split.wallet_minor or not split.points:
+        revenue = await ledger.system_account(ctx.session, REVENUE_KIND, wallet.currency)
+        await ledger.transfer(
+            ctx.session, transfer_id=hold_id(rental_id), debit=account, credit=revenue, amount_minor=split.wallet_minor,
+            kind=RENTAL_HOLD, pending=True, rental_id=uuid.UUID(rental_id),
+        )
+    if split.points:
+        issuer = await ledger.system_account(ctx.session, POINTS_ISSUER_KIND, POINTS_CURRENCY)
+        await ledger.transfer(
+            ctx.session, transfer_id=points_hold_id(rental_id), debit=points, credit=issuer, amount_minor=split.points,
+            kind=POINTS_HOLD, pending=True, rental_id=uuid.UUID(rental_id),
+        )
+    first = hold_id(rental_id) if split.wallet_minor or not split.points else points_hold_id(rental_id)
+    await ctx.send("rental", rental_id, "HoldPlaced", {"transfer_id": str(first)}, f"hold-placed:{rental_id}")
     await _notify_wallet(ctx, user_id, wallet)
-    return {"ok": True, "transfer_id": str(hold.id)}
+    return {"ok": True, "transfer_id": str(first), "held_minor": split.wallet_minor, "points_held": split.points}
+
+
+def points_hold_id(rental_id: str) -> uuid.UUID:
+    return uuid.uuid5(uuid.UUID(rental_id), "points-hold")
 
 
 async def _hold_refusal(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> str | None:
@@ -168,12 +228,20 @@ async def _hold_refusal(ctx: ActorContext, user_id: str, payload: dict[str, Any]
     if payload.get("currency") != wallet.currency:
         return "currency_mismatch"
     account = await wallet_account(ctx, wallet)
+    points = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
+    ratio = (await load_money_config(ctx.session)).ratio
+    rentals_held = {
+        hold.rental_id
+        for hold in await ledger.open_holds(ctx.session, account.id, RENTAL_HOLD)
+        + await ledger.open_holds(ctx.session, points.id, POINTS_HOLD)
+    }
     request = HoldRequest(
         amount_minor=payload["amount_minor"],
-        open_rental_holds=len(await ledger.open_holds(ctx.session, account.id, RENTAL_HOLD)),
+        open_rental_holds=len(rentals_held),
         max_active_rentals=payload.get("max_active_rentals", 1),
         unpaid_dues_minor=await _unpaid_dues_minor(ctx, user_id),
-        available_minor=ledger.credit_balance(account).available_minor,
+        available_minor=ledger.credit_balance(account).available_minor
+        + pricing.points_value_minor(ledger.credit_balance(points).available_minor, ratio),
     )
     return refuse_hold_reason(request)
 
@@ -187,10 +255,14 @@ async def _unpaid_dues_minor(ctx: ActorContext, user_id: str) -> int:
 
 @handles("wallet", "VoidHold")
 async def void_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    pending = await ctx.session.get(ledger.LedgerTransfer, hold_id(payload["rental_id"]))
-    if pending is None:
+    voided = False
+    for transfer_id in (hold_id(payload["rental_id"]), points_hold_id(payload["rental_id"])):
+        pending = await ctx.session.get(ledger.LedgerTransfer, transfer_id)
+        if pending is not None:
+            await ledger.resolve_pending(ctx.session, pending, post_amount_minor=None)
+            voided = True
+    if not voided:
         return {"ok": True, "voided": False}
-    await ledger.resolve_pending(ctx.session, pending, post_amount_minor=None)
     wallet = await load_wallet(ctx, user_id)
     await _notify_wallet(ctx, user_id, wallet)
     return {"ok": True, "voided": True}
@@ -198,44 +270,225 @@ async def void_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) ->
 
 @handles("wallet", "CaptureHold")
 async def capture_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Charge a finished rental: from the hold first, then from what is left in the wallet; any
-    remainder becomes a due on the rental."""
+    """Charge a finished rental: from the hold first, then from what is left in the wallet, then
+    points at the configured ratio (`pricing.settle_fee`); any remainder becomes a due on the
+    rental. A timely return's points are awarded after the charge, so they never pay for the
+    rental that earned them."""
     rental_id = payload["rental_id"]
     fee_minor = payload["amount_minor"]
-    wallet = await load_wallet(ctx, user_id)
-    from_hold = await _capture_from_hold(ctx, rental_id, fee_minor)
-    extra = await _charge_available(ctx, wallet, rental_id, fee_minor - from_hold)
-    settled = {"charged_minor": from_hold + extra, "due_minor": fee_minor - from_hold - extra}
+    wallet, account = await load_wallet_and_account(ctx, user_id)
+    points = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
+    config = await load_money_config(ctx.session)
+    pending, hold_minor = await _capturable_hold(ctx, hold_id(rental_id))
+    points_pending, points_hold = await _capturable_hold(ctx, points_hold_id(rental_id))
+    settlement = pricing.settle_fee(
+        fee_minor,
+        hold_minor=hold_minor,
+        # Whatever is left after the hold: the hold pays first, so the wallet only pays once the
+        # hold is used up, and then the released part is nil.
+        wallet_available_minor=ledger.credit_balance(account).available_minor,
+        points_available=ledger.credit_balance(points).available_minor,
+        ratio=config.ratio,
+        mode=payload.get("payment_mode", "wallet_first"),
+        points_hold=points_hold,
+    )
+    if pending is not None:
+        # Posting the hold for less than its amount releases the rest; posting 0 voids it.
+        await ledger.resolve_pending(ctx.session, pending, post_amount_minor=settlement.from_hold_minor)
+    if points_pending is not None:
+        await ledger.resolve_pending(ctx.session, points_pending, post_amount_minor=settlement.points_from_hold)
+    await _charge_wallet(ctx, wallet, account, rental_id, settlement.split.wallet_minor, kind="rental_overage", tag="overage")
+    await _spend_points(ctx, points, rental_id, settlement.split.points, kind="rental_points", tag="points")
+    awarded = await _award_points(ctx, points, uuid.uuid5(uuid.UUID(rental_id), "timely-points"),
+                                  payload.get("award_points", 0), kind="timely_return_points",
+                                  rental_id=uuid.UUID(rental_id))
+    settled = {"charged_minor": settlement.charged_minor, "due_minor": settlement.due_minor}
     await ctx.send("rental", rental_id, "ChargeSettled", settled, f"charge-settled:{rental_id}")
     await _notify_wallet(ctx, user_id, wallet)
-    return {"ok": True, **settled}
+    points_spent = settlement.points_from_hold + settlement.split.points
+    return {"ok": True, **settled, "points_spent": points_spent, "points_awarded": awarded}
 
 
-async def _capture_from_hold(ctx: ActorContext, rental_id: str, fee_minor: int) -> int:
-    """Post the hold for up to the fee; what it actually covered (0 if it was voided before)."""
-    pending = await ctx.session.get(ledger.LedgerTransfer, hold_id(rental_id))
+async def _capturable_hold(ctx: ActorContext, pending_id: uuid.UUID) -> tuple[LedgerTransfer | None, int]:
+    """A rental's hold and what it can still pay: its amount while open, what was posted if
+    it was resolved before (a repeat), 0 if it was voided or never placed."""
+    pending = await ctx.session.get(LedgerTransfer, pending_id)
     if pending is None:
-        return 0
-    wanted = min(fee_minor, pending.amount_minor)
-    resolution = await ledger.resolve_pending(ctx.session, pending, post_amount_minor=wanted)
-    return resolution.amount_minor if resolution.state == "posted" else 0
+        return None, 0
+    resolution = await ctx.session.get(LedgerTransfer, uuid.uuid5(pending.id, "resolution"))
+    if resolution is None:
+        return pending, pending.amount_minor
+    return pending, resolution.amount_minor if resolution.state == "posted" else 0
 
 
-async def _charge_available(ctx: ActorContext, wallet: Wallet, rental_id: str, wanted_minor: int) -> int:
-    if wanted_minor <= 0:
-        return 0
-    account = await wallet_account(ctx, wallet)
-    amount = min(wanted_minor, ledger.credit_balance(account).available_minor)
-    if amount <= 0:
-        return 0
-    revenue = await ledger.system_account(ctx.session, "platform_revenue", wallet.currency)
+async def _charge_wallet(ctx, wallet: Wallet, account, rental_id: str, amount_minor: int, *, kind: str, tag: str) -> None:
+    if amount_minor <= 0:
+        return
+    revenue = await ledger.system_account(ctx.session, REVENUE_KIND, wallet.currency)
     await ledger.transfer(
-        ctx.session,
-        transfer_id=uuid.uuid5(uuid.UUID(rental_id), "overage"),
-        debit=account,
-        credit=revenue,
-        amount_minor=amount,
-        kind="rental_overage",
-        rental_id=uuid.UUID(rental_id),
+        ctx.session, transfer_id=uuid.uuid5(uuid.UUID(rental_id), tag), debit=account, credit=revenue,
+        amount_minor=amount_minor, kind=kind, rental_id=uuid.UUID(rental_id),
     )
-    return amount
+
+
+async def _spend_points(ctx, points_account, rental_id: str, points: int, *, kind: str, tag: str) -> None:
+    """Points paid for something go back to the issuer: they stop being outstanding."""
+    if points <= 0:
+        return
+    issuer = await ledger.system_account(ctx.session, POINTS_ISSUER_KIND, POINTS_CURRENCY)
+    await ledger.transfer(
+        ctx.session, transfer_id=uuid.uuid5(uuid.UUID(rental_id), tag), debit=points_account, credit=issuer,
+        amount_minor=points, kind=kind, rental_id=uuid.UUID(rental_id),
+    )
+
+
+async def _award_points(ctx, points_account, transfer_id: uuid.UUID, points: int, *, kind: str,
+                        rental_id: uuid.UUID | None = None, description: str | None = None) -> int:
+    if not is_amount(points):
+        return 0
+    issuer = await ledger.system_account(ctx.session, POINTS_ISSUER_KIND, POINTS_CURRENCY)
+    await ledger.transfer(
+        ctx.session, transfer_id=transfer_id, debit=issuer, credit=points_account, amount_minor=points,
+        kind=kind, rental_id=rental_id, description=description,
+    )
+    return points
+
+
+@handles("wallet", "GrantPoints")
+async def grant_points(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Points granted outside a rental and outside promotions (an achievement, an operator's
+    gesture); referral and coupon rewards are `AwardPoints` in actors/wallet_rewards.py on main,
+    from the same issuer account. Idempotent by `transfer_id`."""
+    wallet = await load_wallet(ctx, user_id)
+    points_account = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
+    if not is_amount(payload.get("points")):
+        raise CommandRejected("invalid_amount")
+    try:
+        await _award_points(ctx, points_account, uuid.UUID(payload["transfer_id"]), payload["points"],
+                            kind="points_award", description=payload.get("reason"))
+    except LedgerError as error:
+        raise CommandRejected(error.reason) from None
+    return {"ok": True, "wallet": await _notify_wallet(ctx, user_id, wallet)}
+
+
+@handles("wallet", "SpendPoints")
+async def spend_points(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Redeem points (back to the issuer). Refused, writing nothing, beyond the balance."""
+    wallet = await load_wallet(ctx, user_id)
+    points_account = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
+    issuer = await ledger.system_account(ctx.session, POINTS_ISSUER_KIND, POINTS_CURRENCY)
+    try:
+        await ledger.transfer(
+            ctx.session, transfer_id=uuid.UUID(payload["transfer_id"]), debit=points_account, credit=issuer,
+            amount_minor=payload.get("points"), kind="points_spend", description=payload.get("reason"),
+        )
+    except LedgerError as error:
+        raise CommandRejected(error.reason) from None
+    return {"ok": True, "wallet": await _notify_wallet(ctx, user_id, wallet)}
+
+
+@handles("wallet", "SpendWallet")
+async def spend_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Pay the platform from the wallet for something that is not a rental's own charge (an
+    extension, a purchase). Refused, writing nothing, beyond what is available; idempotent by
+    `transfer_id`; refundable with RefundTransfer."""
+    wallet, account = await load_wallet_and_account(ctx, user_id)
+    if payload.get("currency") != wallet.currency:
+        raise CommandRejected("currency_mismatch")
+    revenue = await ledger.system_account(ctx.session, REVENUE_KIND, wallet.currency)
+    try:
+        await ledger.transfer(
+            ctx.session, transfer_id=uuid.UUID(payload["transfer_id"]), debit=account, credit=revenue,
+            amount_minor=payload.get("amount_minor"), kind="wallet_spend", description=payload.get("reason"),
+        )
+    except LedgerError as error:
+        raise CommandRejected(error.reason) from None
+    return {"ok": True, "wallet": await _notify_wallet(ctx, user_id, wallet)}
+
+
+def due_transfer_ids(rental_id: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """(wallet part, points part) of paying a rental's due: one payment per rental, so a repeat
+    by any command id finds the first."""
+    rental = uuid.UUID(rental_id)
+    return uuid.uuid5(rental, "due-wallet"), uuid.uuid5(rental, "due-points")
+
+
+@handles("wallet", "PayDue")
+async def pay_due(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Pay a rental's whole due from points and the wallet, in the order the person chose. All
+    or nothing: a due is either settled or stays as it was (a partial payment would leave the
+    person blocked anyway, and with less money)."""
+    rental_id = payload["rental_id"]
+    rental = await ctx.session.get(Rental, uuid.UUID(rental_id))
+    if rental is None or str(rental.user_id) != user_id:
+        raise CommandRejected("rental_not_found")
+    wallet, account = await load_wallet_and_account(ctx, user_id)
+    wallet_id, points_id = due_transfer_ids(rental_id)
+    earlier = [t for t in (await ctx.session.get(LedgerTransfer, wallet_id), await ctx.session.get(LedgerTransfer, points_id)) if t]
+    if earlier:
+        return {"ok": True, "already_paid": True, "wallet_minor": sum(t.amount_minor for t in earlier if t.currency != POINTS_CURRENCY),
+                "points": sum(t.amount_minor for t in earlier if t.currency == POINTS_CURRENCY)}
+    if rental.due_minor <= 0:
+        raise CommandRejected("nothing_due")
+    if rental.currency != wallet.currency:
+        raise CommandRejected("currency_mismatch")
+    points_account = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
+    config = await load_money_config(ctx.session)
+    split = pricing.split_payment(
+        rental.due_minor,
+        wallet_available_minor=ledger.credit_balance(account).available_minor,
+        points_available=ledger.credit_balance(points_account).available_minor,
+        ratio=config.ratio,
+        mode=payload.get("payment_mode", "points_first"),
+    )
+    if not split.sufficient:
+        raise CommandRejected("insufficient_funds", due_minor=rental.due_minor, shortfall_minor=split.shortfall_minor)
+    await _charge_wallet(ctx, wallet, account, rental_id, split.wallet_minor, kind="due_wallet", tag="due-wallet")
+    await _spend_points(ctx, points_account, rental_id, split.points, kind="due_points", tag="due-points")
+    await ctx.send("rental", rental_id, "DuePaid", {"paid_minor": split.amount_minor}, f"due-paid:{rental_id}")
+    view = await _notify_wallet(ctx, user_id, wallet)
+    return {"ok": True, "paid_minor": split.amount_minor, "wallet_minor": split.wallet_minor,
+            "points": split.points, "points_minor": split.points_minor, "wallet": view}
+
+
+@handles("wallet", "RefundTransfer")
+async def refund_transfer(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Reverse (part of) a charge with a new transfer the other way: the ledger's rows are
+    immutable, so a refund never edits the charge. Refunds of one charge never add up to more
+    than it; each is idempotent by `refund_id`."""
+    amount = payload.get("amount_minor")
+    if not is_amount(amount):
+        raise CommandRejected("invalid_amount")
+    wallet = await load_wallet(ctx, user_id)
+    original = await ctx.session.get(LedgerTransfer, uuid.UUID(payload["transfer_id"]))
+    mine = {wallet.account_id, wallet.points_account_id}
+    if original is None or original.debit_account_id not in mine or original.kind not in REFUNDABLE_KINDS:
+        raise CommandRejected("transfer_not_found")
+    refund_id = uuid.UUID(payload["refund_id"])
+    marker = f"refund of {original.id}"
+    earlier = (await ctx.session.execute(
+        select(LedgerTransfer).where(
+            LedgerTransfer.credit_account_id == original.debit_account_id,
+            LedgerTransfer.kind == "refund",
+            LedgerTransfer.description == marker,
+        )
+    )).scalars().all()
+    if any(row.id == refund_id for row in earlier):
+        row = next(row for row in earlier if row.id == refund_id)
+        if row.amount_minor != amount:
+            raise CommandRejected("transfer_id_reused")
+        return {"ok": True, "refund_id": str(refund_id), "amount_minor": amount, "repeat": True}
+    refundable = original.amount_minor - sum(row.amount_minor for row in earlier)
+    if amount > refundable:
+        raise CommandRejected("refund_exceeds_charge", refundable_minor=refundable)
+    debit = await ctx.session.get(ledger.LedgerAccount, original.credit_account_id)
+    credit = await ctx.session.get(ledger.LedgerAccount, original.debit_account_id)
+    try:
+        await ledger.transfer(
+            ctx.session, transfer_id=refund_id, debit=debit, credit=credit, amount_minor=amount,
+            kind="refund", rental_id=original.rental_id, description=marker,
+        )
+    except LedgerError as error:
+        raise CommandRejected(error.reason) from None
+    return {"ok": True, "refund_id": str(refund_id), "amount_minor": amount,
+            "refundable_minor": refundable - amount, "wallet": await _notify_wallet(ctx, user_id, wallet)}

@@ -29,7 +29,7 @@ from powerbank.http.routes_auth import AuthController
 from powerbank.http.routes_payment import PaymentFlowController, UserTransactionsController
 from powerbank.http.routes_promotions import AdminCouponController, PromotionController, ReferralController
 from powerbank.http.routes_rentals import RentalController, RentalStarter, start_rental_via_actor
-from powerbank.http.routes_wallet import UserWalletController
+from powerbank.http.routes_wallet import PayDueController, PaymentOptionsController, PointsController, UserWalletController
 from powerbank.http.websocket import live_events
 from powerbank.payment_flows import build_gateway
 from powerbank.payment_gateway import PaymentGateway
@@ -110,6 +110,9 @@ def create_app(
             AppController,
             PaymentController,
             UserWalletController,
+            PointsController,
+            PaymentOptionsController,
+            PayDueController,
             PaymentFlowController,
             UserTransactionsController,
             RentalController,

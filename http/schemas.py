@@ -163,6 +163,96 @@ class WalletView(Response):
     available_minor: int
     points: int
     points_held: int
+    # What the spendable points pay for at the configured ratio, in the wallet's currency.
+    points_value_minor: int = 0
+
+
+# --- points and hybrid payment ----------------------------------------------------------------
+
+PaymentModeName = Literal["points_first", "wallet_first", "wallet_only", "points_only"]
+# Below 2**53 so every amount survives a JavaScript client, far above any real charge.
+AmountMinor = Annotated[int, Meta(gt=0, le=10**12, description="integer amount in minor units")]
+
+
+class PointsRatioView(Response):
+    """`points` points are worth `minor_units` minor units of the wallet's currency."""
+
+    points: int
+    minor_units: int
+
+
+class PointsEntry(Response):
+    id: uuid.UUID
+    kind: str
+    points: int  # signed: earned > 0, spent < 0
+    balance_after: int
+    rental_id: uuid.UUID | None
+    description: str | None
+    created_at: datetime
+
+
+class PointsHistoryPage(Response):
+    items: list[PointsEntry]
+    page: int
+    page_size: int
+    total: int
+
+
+class PointsSummary(Response):
+    points: int
+    points_held: int
+    value_minor: int
+    currency: str
+    ratio: PointsRatioView
+    earned_total: int
+    spent_total: int
+    earned_by_kind: dict[str, int]
+
+
+class CalculateOptionsRequest(Request):
+    """Exactly one of: a package (its price), a rental (its due), or an amount with its currency."""
+
+    package_id: uuid.UUID | None = None
+    rental_id: uuid.UUID | None = None
+    amount_minor: AmountMinor | None = None
+    currency: Currency | None = None
+
+
+class PaymentOption(Response):
+    mode: str
+    points: int
+    points_minor: int
+    wallet_minor: int
+    shortfall_minor: int
+    sufficient: bool
+
+
+class PaymentOptions(Response):
+    purpose: str  # package | due | amount
+    amount_minor: int
+    currency: str
+    wallet_available_minor: int
+    points_available: int
+    points_value_minor: int
+    ratio: PointsRatioView
+    options: list[PaymentOption]
+
+
+class PayDueRequest(Request):
+    payment_mode: PaymentModeName = "points_first"
+    # The same key from the same person is the same payment; without one the due itself makes
+    # a repeat harmless (a rental's due is paid at most once).
+    idempotency_key: IdempotencyKey | None = None
+
+
+class PayDueResult(Response):
+    rental_id: uuid.UUID
+    paid_minor: int
+    wallet_minor: int
+    points: int
+    already_paid: bool
+    due_minor: int
+    wallet: WalletView
 
 
 class CreditRequest(Request):

@@ -15,6 +15,7 @@ DEFAULT_CONFIG = {
     "points_per_currency_unit": ({"points": 10, "minor_units": 100}, "Points worth one currency unit"),
     "min_eject_charge_percent": ({"value": 20}, "Banks below this charge are never ejected"),
     "quick_return_s": ({"value": 300}, "Returns faster than this are flagged as possibly faulty"),
+    "timely_return_points": ({"value": 10}, "Points for a return within the package time"),
 }
 
 

@@ -168,6 +168,7 @@ async def test_wallet_reads_the_ledger_rows(client, services):
     token, user_id = user["access_token"], uuid.UUID(user["user"]["id"])
     assert (await client.get("/api/user/wallet", headers=bearer(token))).json() == {
         "currency": "NPR", "balance_minor": 0, "held_minor": 0, "available_minor": 0, "points": 0, "points_held": 0,
+        "points_value_minor": 0,
     }
     async with services.sessions.begin() as session:
         wallet = (await session.execute(Wallet.__table__.select().where(Wallet.user_id == user_id))).one()
@@ -178,7 +179,8 @@ async def test_wallet_reads_the_ledger_rows(client, services):
             update(LedgerAccount).where(LedgerAccount.id == wallet.points_account_id).values(credits_posted=120, debits_posted=20, debits_pending=0)
         )
     body = (await client.get("/api/user/wallet", headers=bearer(token))).json()
-    assert body == {"currency": "NPR", "balance_minor": 7_500, "held_minor": 3_000, "available_minor": 4_500, "points": 100, "points_held": 0}
+    assert body == {"currency": "NPR", "balance_minor": 7_500, "held_minor": 3_000, "available_minor": 4_500, "points": 100, "points_held": 0,
+                    "points_value_minor": 1_000}  # 100 points at the default 10 points = 100 minor
     assert (await client.get("/api/user/wallet")).status_code == 401
 
 
