@@ -50,54 +50,51 @@ async def apply_intent_status(ctx: ActorContext, user_id: str, payload: dict[str
 async def _record_card_charge(ctx: ActorContext, intent: PaymentIntent, payload: dict[str, Any]) -> int:
     """A captured card hold paid a rental straight from the card: the money goes from provider
     clearing to platform revenue, never through the wallet (the person did not top up)."""
-    amount = int(payload["amount_received_minor"])
-    if str(payload["currency"]).upper() != intent.currency:
-        raise CommandRejected("currency_mismatch")
-    clearing = await ledger.system_account(ctx.session, "provider_clearing", intent.currency)
+    amount = _amount_received(intent, payload)
     revenue = await ledger.system_account(ctx.session, "platform_revenue", intent.currency)
-    transfer_id = payments.topup_transfer_id(intent.provider, intent.provider_intent_id)
-    try:
-        await ledger.transfer(
-            ctx.session, transfer_id=transfer_id, debit=clearing, credit=revenue, amount_minor=amount,
-            kind="rental_card_charge", description=f"{intent.provider} {intent.provider_intent_id}",
-        )
-    except LedgerError as error:
-        raise CommandRejected(error.reason) from None
-    intent.amount_received_minor = amount
-    ctx.session.add(Transaction(
-        user_id=intent.user_id, payment_intent_id=intent.id, type="rental", amount_minor=amount,
-        currency=intent.currency, status="succeeded", ledger_transfer_id=transfer_id,
-    ))
-    await ctx.session.flush()
+    await _post_received(ctx, intent, amount, revenue, kind="rental_card_charge", transaction_type="rental")
     return amount
 
 
 async def _credit_topup(ctx: ActorContext, user_id: str, intent: PaymentIntent, payload: dict[str, Any]) -> int:
     """provider clearing -> wallet, by a transfer id derived from the provider intent id."""
-    amount = int(payload["amount_received_minor"])
-    if str(payload["currency"]).upper() != intent.currency:
-        raise CommandRejected("currency_mismatch")
+    amount = _amount_received(intent, payload)
     wallet, account = await _wallet_opened(ctx, user_id, intent.currency)
     if wallet.currency != intent.currency:
         raise CommandRejected("currency_mismatch")
+    transaction_type = "auto_refill" if intent.purpose == "auto_refill" else "topup"
+    await _post_received(ctx, intent, amount, account, kind="topup", transaction_type=transaction_type)
+    await _notify_wallet(ctx, user_id, wallet)
+    return amount
+
+
+def _amount_received(intent: PaymentIntent, payload: dict[str, Any]) -> int:
+    amount = int(payload["amount_received_minor"])
+    if str(payload["currency"]).upper() != intent.currency:
+        raise CommandRejected("currency_mismatch")
+    return amount
+
+
+async def _post_received(
+    ctx: ActorContext, intent: PaymentIntent, amount: int, credit, *, kind: str, transaction_type: str
+) -> None:
+    """Money the provider received moves out of provider clearing, once: the transfer id comes
+    from the provider's intent id, and the person sees it as one succeeded transaction."""
     clearing = await ledger.system_account(ctx.session, "provider_clearing", intent.currency)
     transfer_id = payments.topup_transfer_id(intent.provider, intent.provider_intent_id)
     try:
         await ledger.transfer(
-            ctx.session, transfer_id=transfer_id, debit=clearing, credit=account, amount_minor=amount,
-            kind="topup", description=f"{intent.provider} {intent.provider_intent_id}",
+            ctx.session, transfer_id=transfer_id, debit=clearing, credit=credit, amount_minor=amount,
+            kind=kind, description=f"{intent.provider} {intent.provider_intent_id}",
         )
     except LedgerError as error:
         raise CommandRejected(error.reason) from None
     intent.amount_received_minor = amount
     ctx.session.add(Transaction(
-        user_id=intent.user_id, payment_intent_id=intent.id,
-        type="auto_refill" if intent.purpose == "auto_refill" else "topup",
-        amount_minor=amount, currency=intent.currency, status="succeeded", ledger_transfer_id=transfer_id,
+        user_id=intent.user_id, payment_intent_id=intent.id, type=transaction_type, amount_minor=amount,
+        currency=intent.currency, status="succeeded", ledger_transfer_id=transfer_id,
     ))
     await ctx.session.flush()
-    await _notify_wallet(ctx, user_id, wallet)
-    return amount
 
 
 async def _wallet_opened(ctx: ActorContext, user_id: str, currency: str):
