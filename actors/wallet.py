@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from powerbank.actors import pricing
 from powerbank.actors.runtime import ActorContext, CommandRejected, handles
@@ -99,16 +99,19 @@ async def load_wallet(ctx: ActorContext, user_id: str) -> Wallet:
     return wallet
 
 
+# Built once: constructing an ORM select costs about as much as the round trip it makes, and
+# this is the first read of every money command, the idle debit included.
+_WALLET_AND_ACCOUNT = (
+    select(Wallet, ledger.LedgerAccount)
+    .join(ledger.LedgerAccount, ledger.LedgerAccount.id == Wallet.account_id)
+    .where(Wallet.user_id == bindparam("user_id"))
+)
+
+
 async def load_wallet_and_account(ctx: ActorContext, user_id: str) -> tuple[Wallet, ledger.LedgerAccount]:
     """The wallet and its money account in one read: the two rows every money command needs
     (the account then stays in the session, so `wallet_account` costs nothing more)."""
-    row = (
-        await ctx.session.execute(
-            select(Wallet, ledger.LedgerAccount)
-            .join(ledger.LedgerAccount, ledger.LedgerAccount.id == Wallet.account_id)
-            .where(Wallet.user_id == uuid.UUID(user_id))
-        )
-    ).first()
+    row = (await ctx.session.execute(_WALLET_AND_ACCOUNT, {"user_id": uuid.UUID(user_id)})).first()
     if row is None:
         raise CommandRejected("wallet_not_found")
     return row[0], row[1]
