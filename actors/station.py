@@ -153,6 +153,14 @@ def slot_status_after_failed_eject(code: str) -> str:
     return "occupied"
 
 
+def status_after_maintenance(last_seen_at: datetime | None, heartbeat_interval_s: int, now: datetime) -> str:
+    """Back from maintenance, a station is online only if it was heard from within the time
+    after which silence would count as offline anyway; otherwise it waits, offline, for its
+    next message (which brings it online)."""
+    allowed = timedelta(seconds=MISSED_HEARTBEATS_BEFORE_OFFLINE * heartbeat_interval_s)
+    return "online" if last_seen_at is not None and now - last_seen_at <= allowed else "offline"
+
+
 def estimate_clock_offset_ms(received_at: datetime, station_ts_ms: int) -> int:
     return epoch_ms(received_at) - station_ts_ms
 
@@ -854,6 +862,25 @@ async def mark_offline(ctx: ActorContext, station_id: str, payload: dict[str, An
     _set_status(ctx, station, "offline", str(payload.get("reason") or "unknown")[:32], _received_at(ctx, payload))
     _notify(ctx, loaded)
     return {"ok": True, "status": "offline", "reason": payload.get("reason")}
+
+
+@handles(KIND, "SetMaintenance")
+async def set_maintenance(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """An operator parks a kiosk (repair, cleaning, relocation) or brings it back. Parked, it
+    rents nothing (ReserveAndEject wants it online) and its messages keep it parked; slot
+    events are still recorded, so returns into it still close rentals."""
+    loaded = await _load_or_reject(ctx, station_id)
+    station = loaded.station
+    reason = str(payload.get("reason") or "operator")[:32]
+    if payload["maintenance"] and station.status != "maintenance":
+        _set_status(ctx, station, "maintenance", reason, ctx.now)
+    elif not payload["maintenance"] and station.status == "maintenance":
+        back = status_after_maintenance(station.last_seen_at, station.heartbeat_interval_s or policy().heartbeat_interval_s, ctx.now)
+        _set_status(ctx, station, back, reason, ctx.now)
+    else:
+        return {"ok": True, "status": station.status, "unchanged": True}
+    _notify(ctx, loaded)
+    return {"ok": True, "status": station.status}
 
 
 # --- handlers: ejecting -----------------------------------------------------------------------

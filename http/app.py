@@ -24,6 +24,7 @@ from powerbank import __version__
 from powerbank.http.auth import BEARER_SCHEME, AuthPolicy, JwtAuthMiddleware, LogOtpSender, OtpSender
 from powerbank.http.errors import EXCEPTION_HANDLERS
 from powerbank.http.routes_admin import AdminController
+from powerbank.http.routes_staff import StaffController
 from powerbank.http.routes_app import AppController, PaymentController
 from powerbank.http.routes_auth import AuthController
 from powerbank.http.routes_payment import PaymentFlowController, UserTransactionsController
@@ -117,6 +118,7 @@ def create_app(
             UserTransactionsController,
             RentalController,
             AdminController,
+            StaffController,
             ReferralController,
             PromotionController,
             AdminCouponController,

@@ -267,6 +267,8 @@ class AuthUser:
     role: str
     phone: str | None
     claims: Claims
+    # The operator a staff member works for (see http/access.py); None for everyone else.
+    tenant_id: uuid.UUID | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -287,7 +289,7 @@ async def authenticate_token(services: "Services", token: str | None) -> AuthUse
     if device is not None and device.revoked_at is not None:
         # Signed out, or its refresh family was revoked after a token reuse.
         raise ApiError(401, "unauthorized", "session revoked")
-    return AuthUser(id=user.id, role=user.role, phone=user.phone, claims=claims)
+    return AuthUser(id=user.id, role=user.role, phone=user.phone, claims=claims, tenant_id=user.tenant_id)
 
 
 class JwtAuthMiddleware(AbstractAuthenticationMiddleware):

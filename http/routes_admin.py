@@ -1,35 +1,41 @@
-"""Admin endpoints (role admin or superadmin). Money changes go through the Wallet actor like
-every other wallet mutation; this layer only authorizes, validates and waits for the result."""
+"""Admin endpoints (role admin or superadmin): tenants, who works for whom, which operator owns
+which station, and money corrections. Money changes go through the Wallet actor like every other
+wallet mutation; this layer only authorizes, validates, waits for the result and logs the action
+(AdminActionLog, http/admin_log.py). Station management open to operators is in routes_staff.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from datetime import datetime
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, get, post, put
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from powerbank.http.access import role_change_refusal
+from powerbank.http.admin_log import admin_action, record_admin_action
 from powerbank.http.auth import BEARER_SECURITY, AuthUser, require_admin
 from powerbank.http.deps import Paging, provide_paging, services_of
 from powerbank.http.errors import ApiError, error_responses
+from powerbank.http.routes_staff import staff_station_view
 from powerbank.http.routes_wallet import read_wallet
-from powerbank.broker.embedded import HASH_CACHE_TTL_S, provision_station_password
-from powerbank.broker.protocol import Topics
-from powerbank.http.schemas import (
-    CreditRequest,
-    CreditResult,
-    StationCredentials,
-    StationStatusHistory,
-    StatusChangeView,
+from powerbank.http.schemas import CreditRequest, CreditResult
+from powerbank.http.schemas_staff import (
+    RoleChange,
+    StaffStationView,
+    StationTenantChange,
+    TenantCreate,
+    TenantPage,
+    TenantView,
+    UserRoleView,
 )
-from powerbank.storage.models import Station, StationStatusChange, User
-from powerbank.storage.types import utcnow
+from powerbank.storage.models import Station, Tenant, User
 
 log = logging.getLogger(__name__)
 
@@ -54,39 +60,6 @@ def refusal_error(result: dict) -> ApiError:
 
 def _json_scalar(value) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
-
-
-def change_views(changes: list[StationStatusChange], ended_at: datetime) -> list[StatusChangeView]:
-    """Newest-first changes, each with how long its status lasted: until the change after it
-    (the one before it in the list), the newest until `ended_at`."""
-    views = []
-    for change in changes:
-        views.append(
-            StatusChangeView(
-                from_status=change.from_status, to_status=change.to_status, reason=change.reason,
-                changed_at=change.changed_at,
-                lasted_s=round(max(0.0, (ended_at - change.changed_at).total_seconds()), 3),
-            )
-        )
-        ended_at = change.changed_at
-    return views
-
-
-async def status_history(session: AsyncSession, station: Station, paging: Paging) -> StationStatusHistory:
-    by_station = select(StationStatusChange).where(StationStatusChange.station_id == station.id)
-    total = await session.scalar(select(func.count()).select_from(by_station.subquery()))
-    newest_first = by_station.order_by(StationStatusChange.changed_at.desc(), StationStatusChange.id.desc())
-    # One row more than the page: the change just after the page's first one ends its period.
-    start = max(paging.offset - 1, 0)
-    rows = list((await session.execute(newest_first.offset(start).limit(paging.page_size + 1))).scalars())
-    ended_at = utcnow()
-    if paging.offset > 0 and rows:
-        ended_at, rows = rows[0].changed_at, rows[1:]
-    items = change_views(rows[: paging.page_size], ended_at)
-    return StationStatusHistory(
-        station_id=station.id, serial=station.serial, status=station.status, items=items,
-        page=paging.page, page_size=paging.page_size, total=total or 0,
-    )
 
 
 class AdminController(Controller):
@@ -135,6 +108,8 @@ class AdminController(Controller):
         )
         if not result.get("ok", False):
             raise refusal_error(result)
+        details = {"amount_minor": data.amount_minor, "currency": data.currency, "reason": data.reason, "transfer_id": str(transfer_id)}
+        await record_admin_action(services.sessions, admin_action(request, "wallet_credited", "user", user_id, details=details))
         async with services.readonly() as session:
             wallet = await read_wallet(session, user_id, services.settings.currency)
         return CreditResult(
@@ -145,38 +120,85 @@ class AdminController(Controller):
             wallet=wallet,
         )
 
-    @post(
-        "/stations/{station_id:uuid}/mqtt-credentials",
-        status_code=200,
-        responses=error_responses(400, 401, 403, 404),
-    )
-    async def issue_station_credentials(self, state: State, request: Request, station_id: FromPath[uuid.UUID]) -> StationCredentials:
-        """Issue a station a new MQTT password (provisioning a kiosk, or replacing a leaked or
-        lost password). The answer is the only place the password ever appears; the database
-        keeps a salted hash. Not a Station-actor command: credentials are an operator's
-        business, not the station's state."""
-        services = services_of(state)
-        admin: AuthUser = request.user
-        async with services.sessions.begin() as session:
-            station = await session.get(Station, station_id)
-            if station is None:
-                raise ApiError(404, "station_not_found", f"no station {station_id}")
-            password = await provision_station_password(session, station_id)
-            serial = station.serial
-        log.info("admin %s issued MQTT credentials to station %s", admin.id, serial)
-        return StationCredentials(
-            station_id=station_id, serial=serial, username=serial, password=password,
-            topic_prefix=f"{Topics.from_env().base}/{serial}/", previous_valid_up_to_s=int(HASH_CACHE_TTL_S),
-        )
+    # --- tenants and who works for them ---------------------------------------------------
 
-    @get("/stations/{station_id:uuid}/status-history", responses=error_responses(400, 401, 403, 404))
-    async def station_status_history(
-        self, state: State, station_id: FromPath[uuid.UUID], paging: NamedDependency[Paging]
-    ) -> StationStatusHistory:
-        """When and why a station went offline and came back, newest first, with how long each
-        status lasted: the Station actor writes a row in the same transaction as every change."""
+    @post("/tenants", status_code=201, responses=error_responses(400, 401, 403, 409))
+    async def create_tenant(self, state: State, request: Request, data: JSONBody[TenantCreate]) -> TenantView:
+        """Register an operator company; its name and slug are unique (409 `tenant_exists`)."""
+        tenant = Tenant(name=data.name, slug=data.slug, email=data.email, url=data.url, description=data.description, is_active=True)
+        try:
+            async with services_of(state).sessions.begin() as session:
+                session.add(tenant)
+                await session.flush()
+                session.add(admin_action(request, "tenant_created", "tenant", tenant.id, tenant_id=tenant.id, details={"slug": data.slug}))
+        except IntegrityError as exc:
+            raise ApiError(409, "tenant_exists", f"a tenant named {data.name!r} or with slug {data.slug!r} exists") from exc
+        return tenant_view(tenant, stations=0, staff=0)
+
+    @get("/tenants", responses=error_responses(400, 401, 403))
+    async def tenants(self, state: State, paging: NamedDependency[Paging]) -> TenantPage:
+        """Every tenant by name, with how many stations and staff it has."""
         async with services_of(state).readonly() as session:
+            total = int(await session.scalar(select(func.count()).select_from(Tenant)) or 0)
+            tenants = list((await session.execute(
+                select(Tenant).order_by(Tenant.name).offset(paging.offset).limit(paging.page_size)
+            )).scalars())
+            stations = await counts_by_tenant(session, Station.tenant_id, [t.id for t in tenants])
+            staff = await counts_by_tenant(session, User.tenant_id, [t.id for t in tenants])
+        items = [tenant_view(t, stations.get(t.id, 0), staff.get(t.id, 0)) for t in tenants]
+        return TenantPage(items=items, page=paging.page, page_size=paging.page_size, total=total)
+
+    @put("/users/{user_id:uuid}/role", responses=error_responses(400, 401, 403, 404, 409))
+    async def change_role(self, state: State, request: Request, user_id: FromPath[uuid.UUID], data: JSONBody[RoleChange]) -> UserRoleView:
+        """Make someone a rider, an operator of one tenant, an admin or a superadmin. Admins
+        manage riders and operators; only a superadmin manages admins. The change applies to
+        their next request; a token claims the old role until they sign in again, and a token
+        claiming more than the table says is refused."""
+        actor: AuthUser = request.user
+        async with services_of(state).sessions.begin() as session:
+            user = await session.get(User, user_id, with_for_update=True)
+            if user is None or user.status == "deleted":
+                raise ApiError(404, "user_not_found", f"no user {user_id}")
+            refusal = role_change_refusal(actor.role, actor.id, user.id, user.role, data.role, data.tenant_id)
+            if refusal is not None:
+                raise ApiError(409 if refusal != "role_not_grantable" else 403, refusal, f"cannot make this user {data.role}: {refusal}")
+            if data.tenant_id is not None and await session.get(Tenant, data.tenant_id) is None:
+                raise ApiError(404, "tenant_not_found", f"no tenant {data.tenant_id}")
+            details = {"old_role": user.role, "new_role": data.role, "old_tenant_id": str(user.tenant_id) if user.tenant_id else None}
+            user.role, user.tenant_id = data.role, data.tenant_id
+            session.add(admin_action(request, "role_changed", "user", user.id, tenant_id=data.tenant_id, details=details))
+        return UserRoleView(user_id=user_id, role=data.role, tenant_id=data.tenant_id)
+
+    @put("/stations/{station_id:uuid}/tenant", responses=error_responses(400, 401, 403, 404))
+    async def assign_station(
+        self, state: State, request: Request, station_id: FromPath[uuid.UUID], data: JSONBody[StationTenantChange]
+    ) -> StaffStationView:
+        """Hand a station to an operator (or back to the platform with `tenant_id: null`). Not a
+        Station-actor command: ownership is not the station's state, and the actor never reads
+        it."""
+        async with services_of(state).sessions.begin() as session:
             station = await session.get(Station, station_id)
             if station is None:
                 raise ApiError(404, "station_not_found", f"no station {station_id}")
-            return await status_history(session, station, paging)
+            if data.tenant_id is not None and await session.get(Tenant, data.tenant_id) is None:
+                raise ApiError(404, "tenant_not_found", f"no tenant {data.tenant_id}")
+            details = {"old_tenant_id": str(station.tenant_id) if station.tenant_id else None}
+            station.tenant_id = data.tenant_id
+            session.add(admin_action(request, "station_assigned", "station", station.id, tenant_id=data.tenant_id, details=details))
+            await session.flush()
+            return staff_station_view(station)
+
+
+def tenant_view(tenant: Tenant, stations: int, staff: int) -> TenantView:
+    return TenantView(
+        id=tenant.id, name=tenant.name, slug=tenant.slug, email=tenant.email, url=tenant.url,
+        description=tenant.description, is_active=tenant.is_active, stations=stations, staff=staff,
+        created_at=tenant.created_at,
+    )
+
+
+async def counts_by_tenant(session: AsyncSession, column, tenant_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+    if not tenant_ids:
+        return {}
+    rows = await session.execute(select(column, func.count()).where(column.in_(tenant_ids)).group_by(column))
+    return {tenant_id: count for tenant_id, count in rows.all()}

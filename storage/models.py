@@ -71,6 +71,24 @@ USER_ROLES = ("user", "operator", "admin", "superadmin")
 USER_STATUSES = ("active", "blocked", "deleted")
 
 
+class Tenant(Base):
+    """An operator: a company that owns stations (seed 003's Tenant). Staff with the role
+    `operator` belong to one and see and manage only its stations; admins see every tenant."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(150), unique=True)
+    # URL-friendly and stable: admin URLs and exports name a tenant by it.
+    slug: Mapped[str] = mapped_column(String(160), unique=True)
+    email: Mapped[str | None] = mapped_column(String(254))
+    url: Mapped[str | None] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
 class User(Base):
     __tablename__ = "users"
     __table_args__ = (
@@ -87,6 +105,9 @@ class User(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")
     referral_code: Mapped[str] = mapped_column(String(16), unique=True)
     max_active_rentals: Mapped[int] = mapped_column(Integer, default=1)
+    # The operator a staff member works for; null for riders and platform admins. A tenant with
+    # people in it cannot be deleted (RESTRICT), as in seed 003.
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
     last_login_at: Mapped[datetime | None]
@@ -252,6 +273,8 @@ class Station(Base):
     # Estimated (receive time - station clock) from the latest boot or heartbeat; added to a
     # station timestamp to put it on the server's clock. Null until the first estimate.
     clock_offset_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # The operator that owns the kiosk; null while the platform runs it itself.
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
 
@@ -881,3 +904,28 @@ class Refund(Base):
     failure_code: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
+
+
+class AdminActionLog(Base):
+    """Every action taken through the admin API, written in the same transaction as the change
+    it records (or, for changes an actor applies, right after the actor's answer). Rows outlive
+    their actor: deleting a person sets `actor_id` null, the row stays."""
+
+    __tablename__ = "admin_action_logs"
+    __table_args__ = (
+        Index(None, "created_at"),
+        Index(None, "target_type", "target_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigSerial, primary_key=True, autoincrement=True)
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    actor_role: Mapped[str] = mapped_column(String(16))
+    # The tenant the action was taken in (an operator's own, or the target's); scopes what an
+    # operator may read back.
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tenants.id", ondelete="SET NULL"), index=True)
+    action: Mapped[str] = mapped_column(String(48))
+    target_type: Mapped[str] = mapped_column(String(24))
+    target_id: Mapped[str] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    ip: Mapped[str | None] = mapped_column(String(45))
+    created_at: Mapped[datetime] = created_at_column()

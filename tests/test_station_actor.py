@@ -273,6 +273,28 @@ async def test_a_silent_station_going_offline_is_recorded_at_the_decision_time(r
     assert await status_changes(rt, station_id) == [("online", "offline", "silent")]
 
 
+def test_back_from_maintenance_is_online_only_if_heard_from_recently():
+    now = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+    assert station_actor.status_after_maintenance(now - timedelta(seconds=90), 30, now) == "online"
+    assert station_actor.status_after_maintenance(now - timedelta(seconds=91), 30, now) == "offline"
+    assert station_actor.status_after_maintenance(None, 30, now) == "offline"
+
+
+async def test_a_parked_station_stays_parked_rents_nothing_and_still_takes_returns(rt):
+    station_id = await make_station(rt, "ST-PARK", [("PB-P", 95), None])
+    assert (await apply(rt, station_id, "SetMaintenance", {"maintenance": True, "reason": "repair"}))["status"] == "maintenance"
+    await apply(rt, station_id, "Heartbeat", event(1))
+    await apply(rt, station_id, "MarkOffline", {"reason": "last_will"})
+    rental_id = str(uuid.uuid4())
+    await apply(rt, station_id, "ReserveAndEject", {"rental_id": rental_id, "user_id": "u"})
+    [failed] = await rental_commands(rt, "EjectFailed")
+    assert failed.payload == {"reason": "station_offline"}
+    await apply(rt, station_id, "BankInserted", event(2, slot=2, bank="PB-Q", charge=40))
+    assert [s.status for s in await slots_of(rt, station_id)][:2] == ["occupied", "occupied"]
+    assert (await apply(rt, station_id, "SetMaintenance", {"maintenance": False}))["status"] == "online"
+    assert await status_changes(rt, station_id) == [("online", "maintenance", "repair"), ("maintenance", "online", "operator")]
+
+
 # --- ejecting ---------------------------------------------------------------------------------
 
 
