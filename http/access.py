@@ -79,3 +79,13 @@ def role_change_refusal(
     if new_role != "operator" and tenant_id is not None:
         return "tenant_only_for_operators"
     return None
+
+
+def status_change_refusal(actor_role: str, actor_id: uuid.UUID, target_id: uuid.UUID, target_role: str) -> str | None:
+    """Why this person may not be blocked or unblocked by this actor, or None: the same reach
+    as for roles (an admin blocks riders and operators, a superadmin anyone but themselves)."""
+    if actor_id == target_id:
+        return "cannot_change_own_status"
+    if target_role not in GRANTABLE_ROLES.get(actor_role, frozenset()):
+        return "role_not_grantable"
+    return None

@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Annotated
 
 from litestar import Controller, Request, get, post, put
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from powerbank.http.access import role_change_refusal
+from powerbank.http.access import role_change_refusal, status_change_refusal
 from powerbank.http.admin_log import admin_action, record_admin_action
 from powerbank.http.auth import BEARER_SECURITY, AuthUser, require_admin
 from powerbank.http.deps import Paging, provide_paging, services_of
@@ -27,7 +28,11 @@ from powerbank.http.routes_staff import staff_station_view
 from powerbank.http.routes_wallet import read_wallet
 from powerbank.http.schemas import CreditRequest, CreditResult
 from powerbank.http.schemas_staff import (
+    AdminUserDetail,
+    AdminUserPage,
+    AdminUserView,
     RoleChange,
+    StatusChange,
     StaffStationView,
     StationTenantChange,
     TenantCreate,
@@ -35,7 +40,7 @@ from powerbank.http.schemas_staff import (
     TenantView,
     UserRoleView,
 )
-from powerbank.storage.models import Station, Tenant, User
+from powerbank.storage.models import RENTAL_FINAL_STATUSES, Rental, Station, Tenant, User, UserProfile
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,9 @@ log = logging.getLogger(__name__)
 CREDIT_NAMESPACE = uuid.UUID("3f0d7c52-2a8e-4d0f-9a51-6b1f0c8e9d21")
 CREDIT_WAIT_S = 10.0
 NOT_FOUND_REASONS = frozenset({"wallet_not_found", "no_wallet", "wallet_not_open"})
+PhonePrefix = Annotated[str | None, QueryParameter(pattern=r"^\+[0-9]{1,15}$", description="phone numbers starting with this")]
+RoleFilter = Annotated[str | None, QueryParameter(pattern="^(user|operator|admin|superadmin)$")]
+UserStatusFilter = Annotated[str | None, QueryParameter(pattern="^(active|blocked|deleted)$")]
 
 
 def credit_transfer_id(user_id: uuid.UUID, idempotency_key: str | None) -> uuid.UUID:
@@ -120,6 +128,68 @@ class AdminController(Controller):
             wallet=wallet,
         )
 
+    # --- people ------------------------------------------------------------------------------
+
+    @get("/users", responses=error_responses(400, 401, 403))
+    async def users(
+        self, state: State, paging: NamedDependency[Paging],
+        phone: PhonePrefix = None, role: RoleFilter = None, status: UserStatusFilter = None,
+    ) -> AdminUserPage:
+        """People, newest first; `phone` matches from the start (`+97798` finds that range)."""
+        query = select(User, UserProfile.full_name).outerjoin(UserProfile, UserProfile.user_id == User.id)
+        if phone is not None:
+            query = query.where(User.phone.startswith(phone, autoescape=True))
+        if role is not None:
+            query = query.where(User.role == role)
+        if status is not None:
+            query = query.where(User.status == status)
+        async with services_of(state).readonly() as session:
+            total = int(await session.scalar(select(func.count()).select_from(query.subquery())) or 0)
+            rows = (await session.execute(query.order_by(User.created_at.desc(), User.id).offset(paging.offset).limit(paging.page_size))).all()
+        return AdminUserPage(items=[admin_user_view(u, name) for u, name in rows], page=paging.page, page_size=paging.page_size, total=total)
+
+    @get("/users/{user_id:uuid}", responses=error_responses(400, 401, 403, 404))
+    async def user(self, state: State, user_id: FromPath[uuid.UUID]) -> AdminUserDetail:
+        """One person with their wallet and rentals at a glance, for support."""
+        services = services_of(state)
+        async with services.readonly() as session:
+            user = await session.get(User, user_id)
+            if user is None:
+                raise ApiError(404, "user_not_found", f"no user {user_id}")
+            profile = await session.get(UserProfile, user_id)
+            wallet = await read_wallet(session, user_id, services.settings.currency)
+            total, still_open, due = (await session.execute(
+                select(
+                    func.count(),
+                    func.count().filter(Rental.status.not_in(RENTAL_FINAL_STATUSES)),
+                    func.coalesce(func.sum(Rental.due_minor), 0),
+                ).where(Rental.user_id == user_id)
+            )).one()
+        return AdminUserDetail(
+            user=admin_user_view(user, profile.full_name if profile else None), wallet=wallet,
+            rentals_total=int(total), rentals_open=int(still_open), due_minor=int(due),
+        )
+
+    @put("/users/{user_id:uuid}/status", responses=error_responses(400, 401, 403, 404, 409))
+    async def change_status(self, state: State, request: Request, user_id: FromPath[uuid.UUID], data: JSONBody[StatusChange]) -> AdminUserView:
+        """Block someone (every token of theirs stops working at once: each request reads the
+        status) or unblock them. Open rentals are not touched: the bank still has to come back
+        and be paid for."""
+        actor: AuthUser = request.user
+        async with services_of(state).sessions.begin() as session:
+            user = await session.get(User, user_id, with_for_update=True)
+            if user is None or user.status == "deleted":
+                raise ApiError(404, "user_not_found", f"no user {user_id}")
+            refusal = status_change_refusal(actor.role, actor.id, user.id, user.role)
+            if refusal is not None:
+                raise ApiError(409 if refusal != "role_not_grantable" else 403, refusal, f"cannot change this user's status: {refusal}")
+            if user.status != data.status:
+                details = {"old_status": user.status, "new_status": data.status, "reason": data.reason}
+                user.status = data.status
+                session.add(admin_action(request, "user_blocked" if data.status == "blocked" else "user_unblocked", "user", user.id, details=details))
+            profile = await session.get(UserProfile, user_id)
+            return admin_user_view(user, profile.full_name if profile else None)
+
     # --- tenants and who works for them ---------------------------------------------------
 
     @post("/tenants", status_code=201, responses=error_responses(400, 401, 403, 409))
@@ -187,6 +257,13 @@ class AdminController(Controller):
             session.add(admin_action(request, "station_assigned", "station", station.id, tenant_id=data.tenant_id, details=details))
             await session.flush()
             return staff_station_view(station)
+
+
+def admin_user_view(user: User, full_name: str | None) -> AdminUserView:
+    return AdminUserView(
+        id=user.id, phone=user.phone, full_name=full_name, role=user.role, status=user.status,
+        tenant_id=user.tenant_id, created_at=user.created_at, last_login_at=user.last_login_at,
+    )
 
 
 def tenant_view(tenant: Tenant, stations: int, staff: int) -> TenantView:

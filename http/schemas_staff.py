@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
-from powerbank.http.schemas import Request, Response
+from powerbank.http.schemas import Request, Response, WalletView
 
 Role = Literal["user", "operator", "admin", "superadmin"]
 Slug = Annotated[str, Meta(min_length=2, max_length=160, pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", description="lowercase words joined by hyphens, e.g. acme-power")]
@@ -101,3 +101,34 @@ class AdminActionPage(Response):
     page: int
     page_size: int
     total: int
+
+
+class AdminUserView(Response):
+    id: uuid.UUID
+    phone: str | None
+    full_name: str | None
+    role: str
+    status: str
+    tenant_id: uuid.UUID | None
+    created_at: datetime
+    last_login_at: datetime | None
+
+
+class AdminUserPage(Response):
+    items: list[AdminUserView]
+    page: int
+    page_size: int
+    total: int
+
+
+class AdminUserDetail(Response):
+    user: AdminUserView
+    wallet: WalletView
+    rentals_total: int
+    rentals_open: int
+    due_minor: int
+
+
+class StatusChange(Request):
+    status: Literal["active", "blocked"]
+    reason: Annotated[str, Meta(min_length=1, max_length=200)]

@@ -50,3 +50,13 @@ def test_role_changes(actor, current, new, tenant, refusal):
 
 def test_nobody_changes_their_own_role():
     assert role_change_refusal("superadmin", ME, ME, "superadmin", "user", None) == "cannot_change_own_role"
+
+
+def test_status_changes_have_the_reach_of_role_changes():
+    from powerbank.http.access import status_change_refusal
+
+    assert status_change_refusal("admin", ME, SOMEONE, "user") is None
+    assert status_change_refusal("admin", ME, SOMEONE, "operator") is None
+    assert status_change_refusal("admin", ME, SOMEONE, "admin") == "role_not_grantable"
+    assert status_change_refusal("superadmin", ME, SOMEONE, "admin") is None
+    assert status_change_refusal("superadmin", ME, ME, "superadmin") == "cannot_change_own_status"

@@ -201,3 +201,35 @@ async def test_every_action_is_logged_and_operators_read_only_their_tenants(clie
     by_target = (await client.get("/api/admin/action-logs", params={"target_type": "station", "target_id": str(volt_station)}, headers=admin)).json()
     assert [item["action"] for item in by_target["items"]] == ["station_credentials_issued"]
     assert by_target["items"][0]["actor_role"] == "operator"
+
+
+async def test_admins_find_people_read_their_wallet_and_block_them(client, services, admin):
+    rider_id, rider = await person(services)
+    other_id, _ = await person(services)
+    async with services.readonly() as session:
+        phone = (await session.get(User, rider_id)).phone
+
+    found = (await client.get("/api/admin/users", params={"phone": phone}, headers=admin)).json()
+    assert [item["id"] for item in found["items"]] == [str(rider_id)]
+    riders = (await client.get("/api/admin/users", params={"role": "user"}, headers=admin)).json()
+    assert {str(rider_id), str(other_id)} <= {item["id"] for item in riders["items"]}
+    assert all(item["role"] == "user" for item in riders["items"])
+    assert (await client.get("/api/admin/users", params={"phone": "98%"}, headers=admin)).status_code == 400
+
+    detail = (await client.get(f"/api/admin/users/{rider_id}", headers=admin)).json()
+    assert detail["user"]["phone"] == phone and detail["wallet"]["balance_minor"] == 0 and detail["rentals_total"] == 0
+    assert (await client.get(f"/api/admin/users/{uuid.uuid4()}", headers=admin)).status_code == 404
+
+    assert (await client.get("/api/user/wallet", headers=rider)).status_code == 200
+    blocked = await client.put(f"/api/admin/users/{rider_id}/status", json={"status": "blocked", "reason": "fraud"}, headers=admin)
+    assert blocked.status_code == 200 and blocked.json()["status"] == "blocked"
+    assert (await client.get("/api/user/wallet", headers=rider)).status_code == 401  # at once
+    await client.put(f"/api/admin/users/{rider_id}/status", json={"status": "active", "reason": "appeal"}, headers=admin)
+    assert (await client.get("/api/user/wallet", headers=rider)).status_code == 200
+    logged = (await client.get("/api/admin/action-logs", params={"target_id": str(rider_id)}, headers=admin)).json()
+    assert [item["action"] for item in logged["items"]] == ["user_unblocked", "user_blocked"]
+    assert logged["items"][1]["details"]["reason"] == "fraud"
+
+    peer_id, _ = await person(services, "admin")
+    refused = await client.put(f"/api/admin/users/{peer_id}/status", json={"status": "blocked", "reason": "x"}, headers=admin)
+    assert refused.status_code == 403 and refused.json()["error"] == "role_not_grantable"
