@@ -565,6 +565,11 @@ async def place_card_hold(services: "Services", gateway: PaymentGateway, user_id
                       created_at=utcnow(), updated_at=utcnow())
         await session.execute(insert_unless_exists(session.bind.dialect.name, PaymentIntent, values, ["idempotency_key"]))
         intent = (await session.execute(select(PaymentIntent).where(PaymentIntent.idempotency_key == key))).scalar_one()
+    if intent.provider_intent_id:
+        # A repeat: read the hold back rather than rely on the provider's idempotency key, which
+        # expires (24 h at Stripe) and would then authorise the card a second time.
+        await _applied(services, user_id, intent.id, await _provider_call(gateway.retrieve(intent.provider_intent_id)))
+        return await owned_intent(services, user_id, intent.id)
     try:
         provider = await gateway.authorize(
             amount_minor=intent.amount_minor, currency=currency, customer=customer.provider_customer_id,

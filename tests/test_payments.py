@@ -749,6 +749,25 @@ async def test_a_card_rental_that_fails_to_start_releases_the_hold(env, listener
     assert await env.count(Transaction, Transaction.type == "rental") == 0 and await balance(env, auth) == 5000
 
 
+async def test_a_card_rental_refused_for_unpaid_dues_releases_the_hold(env, listener):
+    auth = await sign_up(env.client)
+    status = await topped_up(env, auth, 5000, save_card=True)
+    world = await rental_world(env)
+    async with env.services.sessions.begin() as session:
+        session.add(Rental(user_id=await user_of(env, status["transaction_id"]), station_id=world["station_id"],
+                           package_id=uuid.UUID(world["package_id"]), currency="NPR", status="completed",
+                           fee_minor=100, due_minor=100))
+    refused = await start_card_rental(env, auth, world)
+    assert refused.status_code == 409 and refused.json()["error"] == "unpaid_dues", refused.text
+    rental = await rental_row(env, refused.json()["rental"]["id"])
+
+    async def released():
+        async with env.services.readonly() as session:
+            return (await session.get(PaymentIntent, rental.card_intent_id)).status == "rejected"
+
+    assert await eventually(released)
+
+
 async def test_a_card_rental_without_a_saved_card_is_refused_and_writes_nothing(env):
     auth = await sign_up(env.client)
     world = await rental_world(env)
