@@ -7,6 +7,7 @@ that one command, so together they credit a top-up exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,8 +28,10 @@ from powerbank.payment_gateway import (
     PaymentDeclined,
     PaymentGateway,
     ProviderIntent,
+    ProviderRefund,
     StripeGateway,
     intent_from_stripe,
+    refund_from_stripe,
 )
 from powerbank.storage import ledger
 from powerbank.storage.db import insert_unless_exists
@@ -39,6 +42,7 @@ from powerbank.storage.models import (
     PaymentMethod,
     PaymentWebhook,
     Refund,
+    Rental,
     Transaction,
     Wallet,
 )
@@ -334,7 +338,10 @@ async def refund_transaction(services: "Services", gateway: PaymentGateway, user
 async def settle_refund_at_provider(services: "Services", gateway: PaymentGateway, user_id: uuid.UUID,
                                     refund_id: uuid.UUID, provider_intent_id: str, amount_minor: int) -> None:
     try:
-        provider_refund_id = await gateway.refund(provider_intent_id, amount_minor, f"refund:{refund_id}")
+        # Our id travels with the refund, so its webhook is recognised as ours even if it
+        # arrives before SettleRefund records the provider's refund id.
+        provider_refund_id = await gateway.refund(provider_intent_id, amount_minor, f"refund:{refund_id}",
+                                                  metadata={"refund_id": str(refund_id)})
         outcome = {"succeeded": True, "provider_refund_id": provider_refund_id}
     except GatewayError as error:
         if error.status is None or error.status >= 500:
@@ -367,9 +374,14 @@ def signed_recently(signature: str, now_s: float) -> bool:
     return bool(stamps) and stamps[0].isdigit() and abs(now_s - int(stamps[0])) <= WEBHOOK_TOLERANCE_S
 
 
-async def ingest_webhook(services: "Services", provider: str, body: bytes, signature: str | None) -> bool:
+REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed", "charge.refund.updated"})
+
+
+async def ingest_webhook(services: "Services", provider: str, body: bytes, signature: str | None,
+                         gateway: PaymentGateway | None = None) -> bool:
     """Verify, log once per provider event id, apply. Returns True when the event had already
-    been processed (a duplicate delivery)."""
+    been processed (a duplicate delivery). An event that could not be applied yet (a refund of a
+    payment not applied yet) stays unprocessed, so a redelivery applies it."""
     if provider != "stripe":
         raise PaymentProblem(404, "unknown_provider", f"no payment provider {provider}")
     secret = services.settings.stripe_webhook_secret
@@ -387,8 +399,19 @@ async def ingest_webhook(services: "Services", provider: str, body: bytes, signa
     if row_id is None:
         WEBHOOKS.labels(provider, "duplicate").inc()
         return True
+    applied = True
     if intent_obj is not None:
         await apply_snapshot(services, intent_from_stripe(intent_obj))
+    elif event["type"] in REFUND_EVENTS and obj.get("object") == "refund":
+        applied = await apply_provider_refund(services, gateway, refund_from_stripe(obj))
+    elif event["type"] == "charge.refunded" and gateway is not None and obj.get("payment_intent"):
+        # The charge says how much was refunded, not by which refunds: ask for them.
+        refunds = await _provider_call(gateway.refunds_of(obj["payment_intent"]))
+        applied = all([await apply_provider_refund(services, gateway, refund) for refund in refunds])
+    if not applied:
+        # Not a 2xx: the provider delivers it again later (and reconciliation also finds it).
+        WEBHOOKS.labels(provider, "deferred").inc()
+        raise PaymentProblem(503, "webhook_deferred", "the event cannot be applied yet; deliver it again")
     await mark_processed(services, row_id)
     WEBHOOKS.labels(provider, "processed").inc()
     return False
@@ -427,6 +450,32 @@ async def apply_snapshot(services: "Services", provider: ProviderIntent) -> bool
     return True
 
 
+async def apply_provider_refund(services: "Services", gateway: PaymentGateway | None, refund: ProviderRefund) -> bool:
+    """Hand a provider refund to the person's Wallet actor (`ApplyProviderRefund`); False when
+    it could not be applied yet. The intent's latest state is applied first when the provider
+    can be asked, so a refund event that overtook its payment's events still applies."""
+    async with services.readonly() as session:
+        intent = (await session.execute(select(PaymentIntent).where(
+            PaymentIntent.provider_intent_id == refund.payment_intent))).scalar_one_or_none() if refund.payment_intent else None
+    if intent is None:
+        log.info("provider refund %s is not of one of our payments; logged only", refund.id)
+        return True
+    if gateway is not None and intent.status not in ("confirmed", "refunded"):
+        try:
+            await apply_observation(services, intent.user_id, intent.id, await gateway.retrieve(refund.payment_intent))
+        except GatewayError as error:
+            log.warning("could not read %s before its refund: %s", refund.payment_intent, error.code)
+    payload = {"intent_id": str(intent.id), "provider_refund_id": refund.id, "amount_minor": refund.amount_minor,
+               "currency": refund.currency, "status": refund.status, "metadata": refund.metadata,
+               "failure_reason": refund.failure_reason}
+    result = await services.runtime.call("wallet", str(intent.user_id), "ApplyProviderRefund", payload,
+                                         command_id=f"provider-refund:{refund.id}:{refund.status}", timeout_s=WALLET_WAIT_S)
+    if not result.get("ok", False):
+        log.error("the wallet refused provider refund %s: %s", refund.id, result)
+        return False
+    return True
+
+
 async def _find_intent(services: "Services", provider: ProviderIntent) -> PaymentIntent | None:
     async with services.readonly() as session:
         ours = provider.metadata.get("intent_id")
@@ -459,9 +508,27 @@ async def reconcile(services: "Services", gateway: PaymentGateway, window: timed
         await apply_observation(services, intent.user_id, intent.id, provider)
         applied += 1
     retried = await _retry_pending_refunds(services, gateway)
-    if applied or retried:
-        log.warning("reconciliation repaired %d intents and retried %d refunds", applied, retried)
-    return {"checked": len(observed), "repaired": applied, "refunds_retried": retried}
+    refunds = await _reconcile_refunds(services, gateway, since)
+    if applied or retried or refunds:
+        log.warning("reconciliation repaired %d intents and %d refunds, retried %d refunds", applied, refunds, retried)
+    return {"checked": len(observed), "repaired": applied, "refunds_retried": retried, "refunds_applied": refunds}
+
+
+async def _reconcile_refunds(services: "Services", gateway: PaymentGateway, since) -> int:
+    """Refunds the provider made that we have not recorded (a missed webhook, or a dashboard
+    refund whose event was lost): applied through the same command as the webhook."""
+    reported = [refund for refund in await gateway.recent_refunds(since) if refund.status == "succeeded"]
+    async with services.readonly() as session:
+        known = set((await session.execute(select(Refund.provider_refund_id).where(
+            Refund.provider_refund_id.in_([refund.id for refund in reported])))).scalars()) if reported else set()
+    applied = 0
+    for refund in reported:
+        if refund.id in known:
+            continue
+        await log_event(services, gateway.code, f"reconcile:{refund.id}:{refund.status}", "reconcile.refund", refund.payment_intent,
+                        {"id": refund.id, "status": refund.status, "amount": refund.amount_minor}, "reconciliation")
+        applied += await apply_provider_refund(services, gateway, refund)
+    return applied
 
 
 async def _retry_pending_refunds(services: "Services", gateway: PaymentGateway) -> int:
@@ -483,8 +550,8 @@ async def _retry_pending_refunds(services: "Services", gateway: PaymentGateway) 
 async def place_card_hold(services: "Services", gateway: PaymentGateway, user_id: uuid.UUID, amount_minor: int,
                           hold_key: str) -> PaymentIntent:
     """Authorize `amount_minor` on the saved card (manual capture): the intent becomes `preauth`
-    and no money moves in our ledger until it is captured. `hold_key` (e.g. the rental id) makes
-    a repeat name the same hold. The Rental actor does not call this yet (see docs/payments.md)."""
+    and no money moves in our ledger until it is captured. `hold_key` (the rental id) makes a
+    repeat name the same hold."""
     async with services.readonly() as session:
         customer = (await session.execute(select(PaymentCustomer).where(
             PaymentCustomer.user_id == user_id, PaymentCustomer.provider == gateway.code))).scalar_one_or_none()
@@ -498,6 +565,11 @@ async def place_card_hold(services: "Services", gateway: PaymentGateway, user_id
                       created_at=utcnow(), updated_at=utcnow())
         await session.execute(insert_unless_exists(session.bind.dialect.name, PaymentIntent, values, ["idempotency_key"]))
         intent = (await session.execute(select(PaymentIntent).where(PaymentIntent.idempotency_key == key))).scalar_one()
+    if intent.provider_intent_id:
+        # A repeat: read the hold back rather than rely on the provider's idempotency key, which
+        # expires (24 h at Stripe) and would then authorise the card a second time.
+        await _applied(services, user_id, intent.id, await _provider_call(gateway.retrieve(intent.provider_intent_id)))
+        return await owned_intent(services, user_id, intent.id)
     try:
         provider = await gateway.authorize(
             amount_minor=intent.amount_minor, currency=currency, customer=customer.provider_customer_id,
@@ -529,6 +601,125 @@ async def capture_card_hold(services: "Services", gateway: PaymentGateway, user_
         provider = await _provider_call(gateway.capture(intent.provider_intent_id, amount_minor, f"capture:{intent.id}"))
     await _applied(services, user_id, intent.id, provider)
     return await owned_intent(services, user_id, intent_id)
+
+
+# --- rentals paid by card ----------------------------------------------------------------------
+
+
+async def authorise_rental_card(services: "Services", gateway: PaymentGateway, user_id: uuid.UUID,
+                                rental_id: uuid.UUID, amount_minor: int) -> uuid.UUID | None:
+    """Before a card rental's StartRental: authorise its price on the saved card (key derived
+    from the rental id, so a retried start authorises once). A free package authorises nothing
+    but still needs a saved card, for the late fees the card will not cover as a due. Raises
+    PaymentProblem: 409 `no_saved_card`, 402 `payment_declined`, 502."""
+    if amount_minor > 0:
+        return (await place_card_hold(services, gateway, user_id, amount_minor, str(rental_id))).id
+    async with services.readonly() as session:
+        saved = await session.scalar(select(PaymentCustomer.saved_payment_method_id).where(
+            PaymentCustomer.user_id == user_id, PaymentCustomer.provider == gateway.code))
+    if not saved:
+        raise PaymentProblem(409, "no_saved_card", "a card hold needs a saved card")
+    return None
+
+
+async def settle_card_rental(services: "Services", gateway: PaymentGateway, rental_id: uuid.UUID) -> str | None:
+    """Bring a card rental's hold in line with the rental (`payments.card_hold_action`): release
+    it when the rental never started; capture the fee (at most the hold) when it ended, then tell
+    the Rental actor what was charged and what is left as a due. Every provider call has a key
+    derived from our intent id, and ChargeSettled a command id derived from the rental, so the
+    listener, the sweep and a retry after a crash all end in one capture and one settlement."""
+    async with services.readonly() as session:
+        rental = await session.get(Rental, rental_id)
+        intent = await session.get(PaymentIntent, rental.card_intent_id) if rental and rental.card_intent_id else None
+    if intent is None or intent.provider_intent_id is None:
+        return None
+    settled = rental.charged_minor + rental.due_minor >= rental.fee_minor
+    action = payments.card_hold_action(rental.status, intent.status, settled)
+    if action is None:
+        return None
+    charge = payments.card_charge(rental.fee_minor, intent.amount_minor)
+    if action == "cancel" or (action == "capture" and charge.capture_minor == 0):
+        provider = await _hold_call(gateway, intent, gateway.cancel(intent.provider_intent_id, f"void:{intent.id}"))
+    elif action == "capture":
+        provider = await _hold_call(gateway, intent, gateway.capture(
+            intent.provider_intent_id, charge.capture_minor, f"capture:{intent.id}"))
+    else:
+        provider = None
+    if provider is not None:
+        await apply_observation(services, rental.user_id, intent.id, provider)
+    if rental.status != "cancelled":
+        await _settle_rental_charge(services, rental, intent.id)
+    return action
+
+
+async def _hold_call(gateway: PaymentGateway, intent: PaymentIntent, pending):
+    """The provider's intent after a capture or cancel; when the call is refused (the
+    authorisation lapsed, or a retry finds it already done) the intent as it is now. None when
+    the provider cannot be reached: the sweep tries again."""
+    try:
+        return await pending
+    except (GatewayError, PaymentDeclined) as error:
+        log.warning("card hold %s: %s; reading it back", intent.provider_intent_id, getattr(error, "code", error))
+    try:
+        return await gateway.retrieve(intent.provider_intent_id)
+    except GatewayError:
+        return None
+
+
+async def _settle_rental_charge(services: "Services", rental: Rental, intent_id: uuid.UUID) -> None:
+    async with services.readonly() as session:
+        intent = await session.get(PaymentIntent, intent_id)
+    if intent.status not in ("confirmed", "refunded", "rejected"):
+        return  # the provider has not decided yet
+    received = intent.amount_received_minor if intent.status != "rejected" else 0
+    settled = {"charged_minor": received, "due_minor": max(0, rental.fee_minor - received)}
+    await services.runtime.call("rental", str(rental.id), "ChargeSettled", settled,
+                                command_id=f"charge-settled:{rental.id}", timeout_s=WALLET_WAIT_S)
+
+
+async def card_rentals_sweep(services: "Services", gateway: PaymentGateway) -> int:
+    """The safety net behind the after-commit notices: every card rental whose hold is still
+    open after the rental ended or failed, or whose charge was never settled."""
+    async with services.readonly() as session:
+        ids = list((await session.execute(
+            select(Rental.id).join(PaymentIntent, PaymentIntent.id == Rental.card_intent_id).where(
+                Rental.payment_mode == "card",
+                ((Rental.status == "cancelled") & (PaymentIntent.status == "preauth"))
+                | (Rental.status.in_(("completed", "lost"))
+                   & ((PaymentIntent.status == "preauth") | (Rental.charged_minor + Rental.due_minor < Rental.fee_minor))),
+            )
+        )).scalars())
+    done = 0
+    for rental_id in ids:
+        done += await settle_card_rental(services, gateway, rental_id) is not None
+    return done
+
+
+async def do_payment_work(services: "Services", gateway: PaymentGateway, notice: dict[str, Any]) -> None:
+    """One notice from an actor (see `payments.CARD_WORK`)."""
+    if notice.get("type") == "settle_card_rental":
+        await settle_card_rental(services, gateway, uuid.UUID(notice["rental_id"]))
+    elif notice.get("type") == "auto_refill":
+        await auto_refill(services, gateway, uuid.UUID(notice["user_id"]))
+
+
+async def run_payment_listener(services: "Services", gateway: PaymentGateway, ready: "asyncio.Event | None" = None) -> None:
+    """Do the provider I/O actors announce after their commits, one notice at a time (each is
+    idempotent, so a notice seen by two listeners is harmless)."""
+    async with services.bus.subscribe(payments.CARD_WORK) as subscription:
+        if ready is not None:
+            ready.set()
+        while True:
+            try:
+                _, notice = await subscription.get(30.0)
+            except TimeoutError:
+                continue
+            try:
+                await do_payment_work(services, gateway, notice)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("payment work %s failed; the sweep will retry", notice)
 
 
 # --- auto-refill ------------------------------------------------------------------------------

@@ -60,6 +60,34 @@ class ProviderIntent:
         }
 
 
+@dataclass(frozen=True)
+class ProviderRefund:
+    """What we read from the provider about one refund, whoever started it (us, or someone in
+    the provider's dashboard). `metadata.refund_id` is our Refund id when we started it."""
+
+    id: str
+    payment_intent: str | None
+    amount_minor: int
+    currency: str
+    status: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    failure_reason: str | None = None
+
+
+def refund_from_stripe(obj: Any) -> ProviderRefund:
+    obj = plain(obj)
+    intent = obj.get("payment_intent")
+    return ProviderRefund(
+        id=obj["id"],
+        payment_intent=intent if isinstance(intent, str) else (intent or {}).get("id"),
+        amount_minor=int(obj["amount"]),
+        currency=str(obj["currency"]).upper(),
+        status=str(obj.get("status") or "pending"),
+        metadata=dict(obj.get("metadata") or {}),
+        failure_reason=obj.get("failure_reason"),
+    )
+
+
 class PaymentDeclined(Exception):
     """The card was declined; `intent` is the provider intent after the attempt (still open)."""
 
@@ -91,8 +119,11 @@ class PaymentGateway(Protocol):
     async def capture(self, provider_intent_id: str, amount_minor: int, idempotency_key: str) -> ProviderIntent: ...
     async def retrieve(self, provider_intent_id: str) -> ProviderIntent: ...
     async def cancel(self, provider_intent_id: str, idempotency_key: str) -> ProviderIntent: ...
-    async def refund(self, provider_intent_id: str, amount_minor: int, idempotency_key: str) -> str: ...
+    async def refund(self, provider_intent_id: str, amount_minor: int, idempotency_key: str,
+                     metadata: dict[str, str] | None = None) -> str: ...
     async def recent_intents(self, since: datetime) -> list[ProviderIntent]: ...
+    async def refunds_of(self, provider_intent_id: str) -> list[ProviderRefund]: ...
+    async def recent_refunds(self, since: datetime) -> list[ProviderRefund]: ...
     async def close(self) -> None: ...
 
 
@@ -189,12 +220,27 @@ class StripeGateway:
             provider_intent_id, options={"idempotency_key": idempotency_key}
         ))
 
-    async def refund(self, provider_intent_id, amount_minor, idempotency_key) -> str:
+    async def refund(self, provider_intent_id, amount_minor, idempotency_key, metadata=None) -> str:
+        params: dict[str, Any] = {"payment_intent": provider_intent_id, "amount": amount_minor}
+        if metadata:
+            params["metadata"] = metadata
         refund = await self._call(self.client.v1.refunds.create_async(
-            params={"payment_intent": provider_intent_id, "amount": amount_minor},
-            options={"idempotency_key": idempotency_key},
+            params=params, options={"idempotency_key": idempotency_key},
         ))
         return plain(refund)["id"]
+
+    async def refunds_of(self, provider_intent_id) -> list[ProviderRefund]:
+        return await self._refunds({"payment_intent": provider_intent_id, "limit": 100})
+
+    async def recent_refunds(self, since: datetime) -> list[ProviderRefund]:
+        return await self._refunds({"created": {"gte": int(since.timestamp())}, "limit": 100})
+
+    async def _refunds(self, params: dict[str, Any]) -> list[ProviderRefund]:
+        page = await self._call(self.client.v1.refunds.list_async(params=params))
+        found = []
+        async for obj in page.auto_paging_iter():
+            found.append(refund_from_stripe(obj))
+        return found
 
     async def recent_intents(self, since: datetime) -> list[ProviderIntent]:
         page = await self._call(self.client.v1.payment_intents.list_async(

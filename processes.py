@@ -194,16 +194,20 @@ async def run_scheduler(services: Services) -> None:
 
 
 RECONCILE_INTERVAL_S = 300
+CARD_SWEEP_INTERVAL_S = 30
 
 
 async def run_payment_jobs(services: Services) -> None:
-    """Reconciliation with the payment provider (repairs missed webhooks and unanswered refunds)
-    and the auto-refill sweep. Both are idempotent, like the scheduler's other jobs."""
+    """Reconciliation with the payment provider (repairs missed webhooks and unanswered refunds),
+    the listener for provider work actors announce after commit (card rental holds, auto-refill
+    after a debit), and the sweeps behind that listener (auto-refill, card rentals). All
+    idempotent, like the scheduler's other jobs."""
     from powerbank import payment_flows
 
     gateway = payment_flows.build_gateway(services.settings)
     refill_every_s = services.settings.auto_refill_interval_s
-    next_reconcile_s = next_refill_s = time.monotonic()
+    next_reconcile_s = next_refill_s = next_cards_s = time.monotonic()
+    listener = asyncio.create_task(payment_flows.run_payment_listener(services, gateway))
     try:
         while True:
             now_s = time.monotonic()
@@ -215,8 +219,14 @@ async def run_payment_jobs(services: Services) -> None:
                 next_refill_s = now_s + refill_every_s
                 with _log_errors("auto-refill"):
                     await payment_flows.auto_refill_sweep(services, gateway)
+            if now_s >= next_cards_s:
+                next_cards_s = now_s + CARD_SWEEP_INTERVAL_S
+                with _log_errors("card rentals"):
+                    await payment_flows.card_rentals_sweep(services, gateway)
             await asyncio.sleep(1)
     finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
         await gateway.close()
 
 

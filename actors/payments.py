@@ -67,6 +67,13 @@ def refund_reversal_id(refund_id: uuid.UUID) -> uuid.UUID:
     return uuid.uuid5(refund_id, "reversal")
 
 
+def provider_refund_uuid(provider: str, provider_refund_id: str) -> uuid.UUID:
+    """Our Refund id for a refund the provider reports and we did not start (the dashboard): the
+    same provider refund always names the same row and, through `refund_transfer_id`, the same
+    ledger reversal, however often and by whichever channel it is reported."""
+    return uuid.uuid5(TOPUP_NAMESPACE, f"refund:{provider}:{provider_refund_id}")
+
+
 @dataclass(frozen=True)
 class RefundRequest:
     transaction_type: str
@@ -117,3 +124,47 @@ def auto_refill_key(user_id: uuid.UUID, credits_posted_minor: int) -> str:
     change, so every trigger meanwhile names the same intent (a unique idempotency key) and the
     card is charged once however often the check runs."""
     return f"auto-refill:{user_id}:{credits_posted_minor}"
+
+
+# --- work for the payment side, announced by actors after their transaction commits ------------
+
+# Actors never call the provider (no network inside a transaction). When a committed change needs
+# provider I/O (capture or release a card hold, refill a wallet), the actor publishes a notice on
+# this bus channel after commit; `payment_flows.run_payment_listener` does the I/O and answers with
+# commands. Notices are not durable: the scheduler's sweeps find the same work from the rows.
+CARD_WORK = "payments:work"
+
+
+def card_work(rental_id: str) -> dict[str, str]:
+    return {"type": "settle_card_rental", "rental_id": rental_id}
+
+
+def refill_work(user_id: str) -> dict[str, str]:
+    return {"type": "auto_refill", "user_id": user_id}
+
+
+@dataclass(frozen=True)
+class CardCharge:
+    """What a card rental's fee does to its hold: capture this much (0 releases it), and the
+    rest becomes a due on the rental (paid later with PayDue, like any other due)."""
+
+    capture_minor: int
+    due_minor: int
+
+
+def card_charge(fee_minor: int, authorised_minor: int) -> CardCharge:
+    capture = max(0, min(fee_minor, authorised_minor))
+    return CardCharge(capture_minor=capture, due_minor=max(0, fee_minor - capture))
+
+
+def card_hold_action(rental_status: str, intent_status: str, settled: bool) -> str | None:
+    """What a card rental's hold needs now: "cancel" once the rental never started, "capture"
+    once it ended and is not settled yet, "settle" when the provider already decided (captured,
+    or the authorisation lapsed) and only the rental is behind, None otherwise."""
+    if rental_status == "cancelled":
+        return "cancel" if intent_status == "preauth" else None
+    if rental_status not in ("completed", "lost"):
+        return None
+    if intent_status == "preauth":
+        return "capture"
+    return None if settled else "settle"

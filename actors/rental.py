@@ -6,6 +6,14 @@
     HoldRefused: cancelled
 
 Each step is one command; follow-ups to other actors commit with the step that caused them.
+
+A rental paid by card (payment_mode "card") arrives with its manual-capture PaymentIntent already
+authorised (`payment_flows.authorise_rental_card`, before StartRental: the provider is never
+called inside an actor's transaction). The Wallet still checks dues and the rental limit but holds
+nothing; on return, or when the start fails, the actor only says that the card needs settling
+(`payments.CARD_WORK`, published after commit), and `payment_flows.settle_card_rental` captures
+the fee (or cancels the hold) at the provider and answers with ChargeSettled. The scheduler's
+sweep repeats whatever that notice missed.
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from powerbank.actors import pricing
+from powerbank.actors import payments, pricing
 from powerbank.actors.runtime import ActorContext, CommandRejected, Runtime, handles
 from powerbank.actors.wallet import load_money_config
-from powerbank.storage.models import PowerBank, Rental, RentalPackage, Station, User
+from powerbank.storage.models import PaymentIntent, PowerBank, Rental, RentalPackage, Station, User
 
 QUICK_RETURN_S = pricing.QUICK_RETURN_S
 WAITING_STATUSES = ("pending", "ejecting")
@@ -69,6 +77,8 @@ def rental_view(rental: Rental) -> dict[str, Any]:
         "fee_minor": rental.fee_minor,
         "charged_minor": rental.charged_minor,
         "due_minor": rental.due_minor,
+        "payment_mode": rental.payment_mode,
+        "card_intent_id": str(rental.card_intent_id) if rental.card_intent_id else None,
         "quick_return": rental.quick_return,
         "cancel_reason": rental.cancel_reason,
         "started_at": iso(rental.started_at),
@@ -106,6 +116,8 @@ async def start(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> d
     station = await ctx.session.get(Station, uuid.UUID(payload["station_id"]))
     if user is None or package is None or station is None or not package.is_active:
         raise CommandRejected("invalid_rental_request")
+    payment_mode = payload.get("payment_mode", "wallet")
+    card_intent = await _authorised_card_intent(ctx, payload, user.id, hold_amount_minor(package))
     rental = Rental(
         id=uuid.UUID(rental_id),
         user_id=user.id,
@@ -114,6 +126,8 @@ async def start(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> d
         status="pending",
         currency=package.currency,
         hold_minor=hold_amount_minor(package),
+        payment_mode=payment_mode,
+        card_intent_id=card_intent.id if card_intent else None,
         created_at=ctx.now,
     )
     ctx.session.add(rental)
@@ -127,10 +141,35 @@ async def start(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> d
             "amount_minor": rental.hold_minor,
             "currency": rental.currency,
             "max_active_rentals": user.max_active_rentals,
+            "payment_mode": payment_mode,
         },
         f"hold:{rental_id}",
     )
     return {"ok": True, "rental": _publish(ctx, rental, "requested")}
+
+
+async def _authorised_card_intent(
+    ctx: ActorContext, payload: dict[str, Any], user_id: uuid.UUID, hold_minor: int
+) -> PaymentIntent | None:
+    """The card hold a card rental starts on. It must be this person's, a rental hold, and
+    authorised for at least the package price; a free package needs none."""
+    mode = payload.get("payment_mode", "wallet")
+    if mode not in ("wallet", "card"):
+        raise CommandRejected("invalid_payment_mode")
+    if mode == "wallet" or hold_minor == 0:
+        return None
+    intent_id = payload.get("card_intent_id")
+    intent = await ctx.session.get(PaymentIntent, uuid.UUID(intent_id)) if intent_id else None
+    if (intent is None or intent.user_id != user_id or intent.purpose != "rental_hold"
+            or intent.status != "preauth" or intent.amount_minor < hold_minor):
+        raise CommandRejected("card_hold_not_authorised")
+    return intent
+
+
+def _settle_card(ctx: ActorContext, rental: Rental) -> None:
+    """After commit, ask the payment side to capture or release this rental's card hold."""
+    if rental.card_intent_id is not None:
+        ctx.notify(payments.CARD_WORK, payments.card_work(str(rental.id)))
 
 
 @handles("rental", "HoldPlaced")
@@ -156,6 +195,7 @@ async def hold_refused(ctx: ActorContext, rental_id: str, payload: dict[str, Any
     if rental.status != "pending":
         return {"ok": True, "ignored": rental.status}
     rental.status, rental.cancel_reason = "cancelled", payload["reason"]
+    _settle_card(ctx, rental)
     _publish(ctx, rental, "cancelled")
     return {"ok": True}
 
@@ -182,7 +222,10 @@ async def eject_failed(ctx: ActorContext, rental_id: str, payload: dict[str, Any
     if rental.status not in WAITING_STATUSES:
         return {"ok": True, "ignored": rental.status}
     rental.status, rental.cancel_reason = "cancelled", payload.get("reason", "eject_failed")
-    await ctx.send("wallet", str(rental.user_id), "VoidHold", {"rental_id": rental_id}, f"void:{rental_id}")
+    if rental.payment_mode == "card":
+        _settle_card(ctx, rental)
+    else:
+        await ctx.send("wallet", str(rental.user_id), "VoidHold", {"rental_id": rental_id}, f"void:{rental_id}")
     _publish(ctx, rental, "cancelled")
     return {"ok": True}
 
@@ -213,6 +256,21 @@ async def bank_returned(ctx: ActorContext, rental_id: str, payload: dict[str, An
 
 
 async def _charge(ctx: ActorContext, rental: Rental, award_points: int) -> None:
+    """Charge the fee: a card rental from its card hold (points are still the wallet's to
+    award), every other rental from its wallet hold, the wallet and points."""
+    if rental.payment_mode == "card":
+        if award_points > 0:
+            await ctx.send(
+                "wallet", str(rental.user_id), "GrantPoints",
+                {"transfer_id": str(uuid.uuid5(rental.id, "timely-points")), "points": award_points,
+                 "reason": "timely return"},
+                f"timely-points:{rental.id}",
+            )
+        if rental.card_intent_id is None:  # a free package: nothing was authorised, nothing to take
+            await ctx.send("rental", str(rental.id), "ChargeSettled",
+                           {"charged_minor": 0, "due_minor": rental.fee_minor}, f"charge-settled:{rental.id}")
+        _settle_card(ctx, rental)
+        return
     await ctx.send(
         "wallet",
         str(rental.user_id),
@@ -273,6 +331,8 @@ async def start_rental(
     station_id: uuid.UUID,
     package_id: uuid.UUID,
     timeout_s: float,
+    payment_mode: str = "wallet",
+    card_intent_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
     """Start a rental and wait until it is active or cancelled, or the deadline passes; returns
     the rental's latest view. Safe to repeat with the same rental id."""
@@ -283,7 +343,8 @@ async def start_rental(
             "rental",
             str(rental_id),
             "StartRental",
-            {"user_id": str(user_id), "station_id": str(station_id), "package_id": str(package_id)},
+            {"user_id": str(user_id), "station_id": str(station_id), "package_id": str(package_id),
+             "payment_mode": payment_mode, "card_intent_id": str(card_intent_id) if card_intent_id else None},
             command_id=f"start:{rental_id}",
             timeout_s=timeout_s,
         )

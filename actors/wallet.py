@@ -12,11 +12,11 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, select
 
-from powerbank.actors import pricing
+from powerbank.actors import payments, pricing
 from powerbank.actors.runtime import ActorContext, CommandRejected, handles
 from powerbank.storage import ledger
 from powerbank.storage.ledger import LedgerError
-from powerbank.storage.models import AppConfig, LedgerTransfer, Rental, User, Wallet
+from powerbank.storage.models import AppConfig, LedgerTransfer, PaymentCustomer, Rental, RentalPackage, User, Wallet
 
 RENTAL_HOLD = "rental_hold"
 POINTS_HOLD = "rental_points_hold"
@@ -132,12 +132,33 @@ def wallet_view(wallet: Wallet, account, points) -> dict[str, Any]:
     }
 
 
-async def _notify_wallet(ctx: ActorContext, user_id: str, wallet: Wallet) -> dict[str, Any]:
+async def notify_wallet(ctx: ActorContext, user_id: str, wallet: Wallet) -> dict[str, Any]:
+    """Tell the person's apps (after commit) what their wallet looks like now; every wallet
+    command that moves money ends here, including those in wallet_payments and wallet_rewards."""
     account = await ctx.session.get(ledger.LedgerAccount, wallet.account_id)
     points = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
     view = wallet_view(wallet, account, points)
     ctx.notify(f"user:{user_id}", {"type": "wallet.updated", "wallet": view})
     return view
+
+
+async def refill_if_low(ctx: ActorContext, user_id: str, account) -> bool:
+    """After a debit: if it left the wallet below the person's auto-refill threshold and a saved
+    card refills it, announce the refill for right after this commit (the provider is never
+    called inside the transaction). `payment_flows.auto_refill` keys the intent on the wallet's
+    posted credits, so however many debits announce it, one refill is in flight per wallet; the
+    scheduler's sweep remains the safety net for a lost notice."""
+    customer = (await ctx.session.execute(select(PaymentCustomer).where(
+        PaymentCustomer.user_id == uuid.UUID(user_id), PaymentCustomer.auto_refill.is_(True),
+        PaymentCustomer.saved_payment_method_id.is_not(None)).limit(1))).scalar_one_or_none()
+    if customer is None:
+        return False
+    setting = payments.RefillSetting(customer.auto_refill, customer.auto_refill_threshold_minor,
+                                     customer.auto_refill_amount_minor, customer.saved_payment_method_id)
+    if payments.auto_refill_amount(setting, ledger.credit_balance(account).available_minor) == 0:
+        return False
+    ctx.notify(payments.CARD_WORK, payments.refill_work(user_id))
+    return True
 
 
 @handles("wallet", "OpenWallet")
@@ -163,7 +184,9 @@ async def open_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any]) 
 
 @handles("wallet", "CreditWallet")
 async def credit_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """An operator's manual credit (until top-ups through the payment provider land)."""
+    """An operator's manual credit (a goodwill gesture, a correction): admin adjustments ->
+    wallet, idempotent by `transfer_id`. Money a person pays in arrives through the provider
+    instead (`ApplyIntentStatus` in wallet_payments.py)."""
     wallet, account = await load_wallet_and_account(ctx, user_id)
     if payload.get("currency") != wallet.currency:
         raise CommandRejected("currency_mismatch")
@@ -180,7 +203,7 @@ async def credit_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any]
         )
     except LedgerError as error:
         raise CommandRejected(error.reason) from None
-    return {"ok": True, "wallet": await _notify_wallet(ctx, user_id, wallet)}
+    return {"ok": True, "wallet": await notify_wallet(ctx, user_id, wallet)}
 
 
 @handles("wallet", "PlaceHold")
@@ -194,6 +217,11 @@ async def place_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -
         await ctx.send("rental", rental_id, "HoldRefused", {"reason": reason}, f"hold-refused:{rental_id}")
         return {"ok": False, "reason": reason}
     wallet, account = await load_wallet_and_account(ctx, user_id)
+    if not needs_ledger_hold(payload):
+        # A free package, or a rental the card pays: nothing to set aside here (a zero-amount
+        # transfer is not a transfer), but the checks above still ran.
+        await ctx.send("rental", rental_id, "HoldPlaced", {"transfer_id": None}, f"hold-placed:{rental_id}")
+        return {"ok": True, "transfer_id": None, "held_minor": 0, "points_held": 0}
     points = await ctx.session.get(ledger.LedgerAccount, wallet.points_account_id)
     split = pricing.split_payment(
         payload["amount_minor"], wallet_available_minor=ledger.credit_balance(account).available_minor,
@@ -214,8 +242,14 @@ async def place_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -
         )
     first = hold_id(rental_id) if split.wallet_minor or not split.points else points_hold_id(rental_id)
     await ctx.send("rental", rental_id, "HoldPlaced", {"transfer_id": str(first)}, f"hold-placed:{rental_id}")
-    await _notify_wallet(ctx, user_id, wallet)
+    await notify_wallet(ctx, user_id, wallet)
     return {"ok": True, "transfer_id": str(first), "held_minor": split.wallet_minor, "points_held": split.points}
+
+
+def needs_ledger_hold(payload: dict[str, Any]) -> bool:
+    """A rental's price is set aside in the ledger only when the wallet (or points) pays it and
+    it is not free."""
+    return payload.get("payment_mode", "wallet") == "wallet" and payload["amount_minor"] > 0
 
 
 def points_hold_id(rental_id: str) -> uuid.UUID:
@@ -239,14 +273,29 @@ async def _hold_refusal(ctx: ActorContext, user_id: str, payload: dict[str, Any]
         + await ledger.open_holds(ctx.session, points.id, POINTS_HOLD)
     }
     request = HoldRequest(
-        amount_minor=payload["amount_minor"],
-        open_rental_holds=len(rentals_held),
+        # A card rental's money is authorised on the card; the wallet only checks dues and limits.
+        amount_minor=payload["amount_minor"] if needs_ledger_hold(payload) else 0,
+        open_rental_holds=len(rentals_held) + await _open_holdless_rentals(ctx, user_id, payload["rental_id"]),
         max_active_rentals=payload.get("max_active_rentals", 1),
         unpaid_dues_minor=await _unpaid_dues_minor(ctx, user_id),
         available_minor=ledger.credit_balance(account).available_minor
         + pricing.points_value_minor(ledger.credit_balance(points).available_minor, ratio),
     )
     return refuse_hold_reason(request)
+
+
+async def _open_holdless_rentals(ctx: ActorContext, user_id: str, rental_id: str) -> int:
+    """Open rentals that hold nothing in the ledger (card-paid or free) still count towards the
+    person's limit. Counted once past the wallet (ejecting or later): a pending one may be the
+    very rental asking, or a concurrent start this mailbox has not seen yet."""
+    count = await ctx.session.scalar(
+        select(func.count()).select_from(Rental).join(RentalPackage, RentalPackage.id == Rental.package_id).where(
+            Rental.user_id == uuid.UUID(user_id), Rental.id != uuid.UUID(rental_id),
+            Rental.status.in_(("ejecting", "active", "overdue")),
+            (Rental.payment_mode == "card") | (RentalPackage.price_minor == 0),
+        )
+    )
+    return int(count or 0)
 
 
 async def _unpaid_dues_minor(ctx: ActorContext, user_id: str) -> int:
@@ -267,7 +316,7 @@ async def void_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any]) ->
     if not voided:
         return {"ok": True, "voided": False}
     wallet = await load_wallet(ctx, user_id)
-    await _notify_wallet(ctx, user_id, wallet)
+    await notify_wallet(ctx, user_id, wallet)
     return {"ok": True, "voided": True}
 
 
@@ -307,7 +356,8 @@ async def capture_hold(ctx: ActorContext, user_id: str, payload: dict[str, Any])
                                   rental_id=uuid.UUID(rental_id))
     settled = {"charged_minor": settlement.charged_minor, "due_minor": settlement.due_minor}
     await ctx.send("rental", rental_id, "ChargeSettled", settled, f"charge-settled:{rental_id}")
-    await _notify_wallet(ctx, user_id, wallet)
+    await notify_wallet(ctx, user_id, wallet)
+    await refill_if_low(ctx, user_id, account)
     points_spent = settlement.points_from_hold + settlement.split.points
     return {"ok": True, **settled, "points_spent": points_spent, "points_awarded": awarded}
 
@@ -371,7 +421,7 @@ async def grant_points(ctx: ActorContext, user_id: str, payload: dict[str, Any])
                             kind="points_award", description=payload.get("reason"))
     except LedgerError as error:
         raise CommandRejected(error.reason) from None
-    return {"ok": True, "wallet": await _notify_wallet(ctx, user_id, wallet)}
+    return {"ok": True, "wallet": await notify_wallet(ctx, user_id, wallet)}
 
 
 @handles("wallet", "SpendPoints")
@@ -387,7 +437,7 @@ async def spend_points(ctx: ActorContext, user_id: str, payload: dict[str, Any])
         )
     except LedgerError as error:
         raise CommandRejected(error.reason) from None
-    return {"ok": True, "wallet": await _notify_wallet(ctx, user_id, wallet)}
+    return {"ok": True, "wallet": await notify_wallet(ctx, user_id, wallet)}
 
 
 @handles("wallet", "SpendWallet")
@@ -406,7 +456,8 @@ async def spend_wallet(ctx: ActorContext, user_id: str, payload: dict[str, Any])
         )
     except LedgerError as error:
         raise CommandRejected(error.reason) from None
-    return {"ok": True, "wallet": await _notify_wallet(ctx, user_id, wallet)}
+    await refill_if_low(ctx, user_id, account)
+    return {"ok": True, "wallet": await notify_wallet(ctx, user_id, wallet)}
 
 
 def due_transfer_ids(rental_id: str) -> tuple[uuid.UUID, uuid.UUID]:
@@ -449,49 +500,89 @@ async def pay_due(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> d
     await _charge_wallet(ctx, wallet, account, rental_id, split.wallet_minor, kind="due_wallet", tag="due-wallet")
     await _spend_points(ctx, points_account, rental_id, split.points, kind="due_points", tag="due-points")
     await ctx.send("rental", rental_id, "DuePaid", {"paid_minor": split.amount_minor}, f"due-paid:{rental_id}")
-    view = await _notify_wallet(ctx, user_id, wallet)
+    view = await notify_wallet(ctx, user_id, wallet)
+    await refill_if_low(ctx, user_id, account)
     return {"ok": True, "paid_minor": split.amount_minor, "wallet_minor": split.wallet_minor,
             "points": split.points, "points_minor": split.points_minor, "wallet": view}
 
 
+# --- refunds: one rule, one way to post them -------------------------------------------------
+
+# A refund of a ledger transfer is posted the other way, never by editing it (rows are
+# immutable). Every refund row names what it refunds in its description, so "how much of this
+# transfer was refunded" is read from the ledger itself, whichever path posted it: the wallet's
+# RefundTransfer, the card refund endpoint (ReserveRefund) or a refund the provider reports
+# (ApplyProviderRefund, e.g. one made in the Stripe dashboard).
+REFUND_KIND, REFUND_SHORTFALL_KIND, REFUND_REVERSAL_KIND = "refund", "refund_shortfall", "refund_reversal"
+
+
+def refund_marker(original_id: uuid.UUID) -> str:
+    return f"refund of {original_id}"
+
+
+async def refunded_minor(ctx: ActorContext, original: LedgerTransfer) -> int:
+    """What was refunded of `original` so far: refunds (and shortfalls) minus the reversals of
+    refunds the provider failed."""
+    rows = (await ctx.session.execute(
+        select(LedgerTransfer.kind, func.sum(LedgerTransfer.amount_minor))
+        .where(LedgerTransfer.description == refund_marker(original.id))
+        .group_by(LedgerTransfer.kind)
+    )).all()
+    sums = {kind: int(total or 0) for kind, total in rows}
+    return sums.get(REFUND_KIND, 0) + sums.get(REFUND_SHORTFALL_KIND, 0) - sums.get(REFUND_REVERSAL_KIND, 0)
+
+
+async def post_refund(ctx: ActorContext, original: LedgerTransfer, *, transfer_id: uuid.UUID, amount_minor: Any,
+                      shortfall_from: ledger.LedgerAccount | None = None) -> int:
+    """Post a refund of `original` (its credit account pays its debit account back), idempotent
+    by `transfer_id`; the refundable amount left afterwards. Refused above what is left
+    (`payments.refundable_minor`), writing nothing. `shortfall_from` pays whatever the refunded
+    account no longer holds: for money the provider already gave back, so it must be recorded."""
+    if not is_amount(amount_minor):
+        raise CommandRejected("invalid_amount")
+    already = await refunded_minor(ctx, original)
+    earlier = await ctx.session.get(LedgerTransfer, transfer_id)
+    if earlier is not None:
+        shortfall = await ctx.session.get(LedgerTransfer, uuid.uuid5(transfer_id, "shortfall"))
+        if earlier.description != refund_marker(original.id) or (
+                earlier.amount_minor + (shortfall.amount_minor if shortfall else 0)) != amount_minor:
+            raise CommandRejected("transfer_id_reused")
+        return payments.refundable_minor(original.amount_minor, already)
+    refundable = payments.refundable_minor(original.amount_minor, already)
+    if amount_minor > refundable:
+        raise CommandRejected("exceeds_refundable", refundable_minor=refundable)
+    payer = await ctx.session.get(ledger.LedgerAccount, original.credit_account_id)
+    payee = await ctx.session.get(ledger.LedgerAccount, original.debit_account_id)
+    from_payer = amount_minor
+    if shortfall_from is not None and payer.no_overdraft:
+        from_payer = min(amount_minor, max(0, ledger.credit_balance(payer).available_minor))
+    marker = refund_marker(original.id)
+    try:
+        await ledger.transfer(ctx.session, transfer_id=transfer_id, debit=payer, credit=payee, amount_minor=from_payer,
+                              kind=REFUND_KIND, rental_id=original.rental_id, description=marker)
+        if amount_minor > from_payer:
+            await ledger.transfer(ctx.session, transfer_id=uuid.uuid5(transfer_id, "shortfall"), debit=shortfall_from,
+                                  credit=payee, amount_minor=amount_minor - from_payer, kind=REFUND_SHORTFALL_KIND,
+                                  rental_id=original.rental_id, description=marker)
+    except LedgerError as error:
+        raise CommandRejected(error.reason) from None
+    return refundable - amount_minor
+
+
 @handles("wallet", "RefundTransfer")
 async def refund_transfer(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Reverse (part of) a charge with a new transfer the other way: the ledger's rows are
-    immutable, so a refund never edits the charge. Refunds of one charge never add up to more
-    than it; each is idempotent by `refund_id`."""
-    amount = payload.get("amount_minor")
-    if not is_amount(amount):
-        raise CommandRejected("invalid_amount")
+    """Give back (part of) a charge the person paid from their wallet or points (an operator's
+    decision). Idempotent by `refund_id`; with every other refund path, never more than the charge
+    (`post_refund`)."""
     wallet = await load_wallet(ctx, user_id)
     original = await ctx.session.get(LedgerTransfer, uuid.UUID(payload["transfer_id"]))
     mine = {wallet.account_id, wallet.points_account_id}
     if original is None or original.debit_account_id not in mine or original.kind not in REFUNDABLE_KINDS:
         raise CommandRejected("transfer_not_found")
-    refund_id = uuid.UUID(payload["refund_id"])
-    marker = f"refund of {original.id}"
-    earlier = (await ctx.session.execute(
-        select(LedgerTransfer).where(
-            LedgerTransfer.credit_account_id == original.debit_account_id,
-            LedgerTransfer.kind == "refund",
-            LedgerTransfer.description == marker,
-        )
-    )).scalars().all()
-    if any(row.id == refund_id for row in earlier):
-        row = next(row for row in earlier if row.id == refund_id)
-        if row.amount_minor != amount:
-            raise CommandRejected("transfer_id_reused")
+    refund_id, amount = uuid.UUID(payload["refund_id"]), payload.get("amount_minor")
+    repeat = await ctx.session.get(LedgerTransfer, refund_id) is not None
+    left = await post_refund(ctx, original, transfer_id=refund_id, amount_minor=amount)
+    if repeat:
         return {"ok": True, "refund_id": str(refund_id), "amount_minor": amount, "repeat": True}
-    refundable = original.amount_minor - sum(row.amount_minor for row in earlier)
-    if amount > refundable:
-        raise CommandRejected("refund_exceeds_charge", refundable_minor=refundable)
-    debit = await ctx.session.get(ledger.LedgerAccount, original.credit_account_id)
-    credit = await ctx.session.get(ledger.LedgerAccount, original.debit_account_id)
-    try:
-        await ledger.transfer(
-            ctx.session, transfer_id=refund_id, debit=debit, credit=credit, amount_minor=amount,
-            kind="refund", rental_id=original.rental_id, description=marker,
-        )
-    except LedgerError as error:
-        raise CommandRejected(error.reason) from None
     return {"ok": True, "refund_id": str(refund_id), "amount_minor": amount,
-            "refundable_minor": refundable - amount, "wallet": await _notify_wallet(ctx, user_id, wallet)}
+            "refundable_minor": left, "wallet": await notify_wallet(ctx, user_id, wallet)}

@@ -14,10 +14,17 @@ from sqlalchemy import select
 
 from powerbank.actors import payments
 from powerbank.actors.runtime import ActorContext, CommandRejected, handles
-from powerbank.actors.wallet import _notify_wallet, load_wallet_and_account, open_wallet
+from powerbank.actors.wallet import (
+    load_wallet_and_account,
+    notify_wallet,
+    open_wallet,
+    post_refund,
+    refund_marker,
+    refunded_minor,
+)
 from powerbank.storage import ledger
 from powerbank.storage.ledger import LedgerError
-from powerbank.storage.models import PaymentCustomer, PaymentIntent, Refund, Transaction, Wallet
+from powerbank.storage.models import LedgerTransfer, PaymentCustomer, PaymentIntent, Refund, Transaction, Wallet
 
 
 @handles("wallet", "ApplyIntentStatus")
@@ -64,7 +71,7 @@ async def _credit_topup(ctx: ActorContext, user_id: str, intent: PaymentIntent, 
         raise CommandRejected("currency_mismatch")
     transaction_type = "auto_refill" if intent.purpose == "auto_refill" else "topup"
     await _post_received(ctx, intent, amount, account, kind="topup", transaction_type=transaction_type)
-    await _notify_wallet(ctx, user_id, wallet)
+    await notify_wallet(ctx, user_id, wallet)
     return amount
 
 
@@ -133,22 +140,21 @@ async def reserve_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any
     if txn is None or str(txn.user_id) != user_id:
         raise CommandRejected("transaction_not_found")
     wallet, account = await load_wallet_and_account(ctx, user_id)
+    original = await ctx.session.get(LedgerTransfer, txn.ledger_transfer_id) if txn.ledger_transfer_id else None
+    already = await refunded_minor(ctx, original) if original is not None else txn.refunded_minor
     amount = int(payload["amount_minor"])
     reason = payments.refund_refusal(payments.RefundRequest(
         transaction_type=txn.type, transaction_status=txn.status, captured_minor=txn.amount_minor,
-        refunded_minor=txn.refunded_minor, requested_minor=amount,
+        refunded_minor=already, requested_minor=amount,
         wallet_available_minor=ledger.credit_balance(account).available_minor,
     ))
+    if reason is None and original is None:
+        reason = "not_refundable"
     if reason is not None:
-        refundable = payments.refundable_minor(txn.amount_minor, txn.refunded_minor)
-        raise CommandRejected(reason, refundable_minor=refundable)
-    clearing = await ledger.system_account(ctx.session, "provider_clearing", wallet.currency)
+        raise CommandRejected(reason, refundable_minor=payments.refundable_minor(txn.amount_minor, already))
     transfer_id = payments.refund_transfer_id(refund_id)
-    await ledger.transfer(
-        ctx.session, transfer_id=transfer_id, debit=account, credit=clearing, amount_minor=amount,
-        kind="refund", description=f"refund of {txn.id}",
-    )
-    txn.refunded_minor += amount
+    await post_refund(ctx, original, transfer_id=transfer_id, amount_minor=amount)
+    txn.refunded_minor = already + amount
     ctx.session.add(Transaction(
         user_id=txn.user_id, payment_intent_id=txn.payment_intent_id, type="refund", amount_minor=amount,
         currency=txn.currency, status="pending", ledger_transfer_id=transfer_id, description=f"refund of {txn.id}",
@@ -158,7 +164,7 @@ async def reserve_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any
         status="pending", reason=payload.get("reason"), ledger_transfer_id=transfer_id,
     ))
     await ctx.session.flush()
-    await _notify_wallet(ctx, user_id, wallet)
+    await notify_wallet(ctx, user_id, wallet)
     return {"ok": True, "refund_id": str(refund_id), "status": "pending", "amount_minor": amount}
 
 
@@ -198,9 +204,87 @@ async def _mark_refunded(ctx: ActorContext, txn: Transaction) -> None:
 async def _reverse_refund(ctx: ActorContext, user_id: str, refund: Refund, txn: Transaction) -> None:
     wallet, account = await load_wallet_and_account(ctx, user_id)
     clearing = await ledger.system_account(ctx.session, "provider_clearing", wallet.currency)
+    # Described like the refund it undoes, so `refunded_minor` of the top-up counts it back.
     await ledger.transfer(
         ctx.session, transfer_id=payments.refund_reversal_id(refund.id), debit=clearing, credit=account,
-        amount_minor=refund.amount_minor, kind="refund_reversal", description=f"refund {refund.id} failed",
+        amount_minor=refund.amount_minor, kind="refund_reversal", description=refund_marker(txn.ledger_transfer_id),
     )
     txn.refunded_minor -= refund.amount_minor
-    await _notify_wallet(ctx, user_id, wallet)
+    await notify_wallet(ctx, user_id, wallet)
+
+
+@handles("wallet", "ApplyProviderRefund")
+async def apply_provider_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A refund the provider reports (webhook or reconciliation), whoever started it. One we
+    started (named by `metadata.refund_id`, or already known by its provider id) is only settled;
+    one made elsewhere (the provider's dashboard) is applied once: the ledger reversal's id and
+    the Refund row's id both derive from the provider refund id, and `post_refund` keeps every
+    refund of the payment together within what was captured. Money the provider already gave
+    back is recorded even if the wallet has spent it since (the shortfall is the platform's)."""
+    ours = await _our_refund(ctx, payload)
+    status = payload["status"]
+    if ours is not None:
+        if ours.status != "pending" or status not in ("succeeded", "failed", "canceled"):
+            return {"ok": True, "applied": False, "status": ours.status}
+        outcome = {"refund_id": str(ours.id), "succeeded": status == "succeeded",
+                   "provider_refund_id": payload["provider_refund_id"], "failure_code": payload.get("failure_reason")}
+        return {**await settle_refund(ctx, user_id, outcome), "applied": False}
+    if status != "succeeded":
+        return {"ok": True, "applied": False, "status": status}
+    intent = await ctx.session.get(PaymentIntent, uuid.UUID(payload["intent_id"]))
+    if intent is None or str(intent.user_id) != user_id:
+        raise CommandRejected("intent_not_found")
+    if str(payload["currency"]).upper() != intent.currency:
+        raise CommandRejected("currency_mismatch")
+    txn = await _received_transaction(ctx, intent)
+    if txn is None:
+        # Reported before the payment itself was applied: refused, so the webhook stays
+        # unprocessed and a redelivery or reconciliation applies it after the payment.
+        raise CommandRejected("payment_not_applied")
+    refund_id = payments.provider_refund_uuid(intent.provider, payload["provider_refund_id"])
+    if await ctx.session.get(Refund, refund_id) is not None:
+        return {"ok": True, "applied": False, "status": "succeeded"}
+    original = await ctx.session.get(LedgerTransfer, txn.ledger_transfer_id)
+    amount = payload["amount_minor"]
+    transfer_id = payments.refund_transfer_id(refund_id)
+    shortfall = await ledger.system_account(ctx.session, "admin_adjustments", intent.currency)
+    await post_refund(ctx, original, transfer_id=transfer_id, amount_minor=amount, shortfall_from=shortfall)
+    txn.refunded_minor = await refunded_minor(ctx, original)
+    ctx.session.add(Transaction(
+        user_id=txn.user_id, payment_intent_id=intent.id, type="refund", amount_minor=amount, currency=txn.currency,
+        status="succeeded", ledger_transfer_id=transfer_id, description=f"refund of {txn.id}",
+    ))
+    ctx.session.add(Refund(
+        id=refund_id, transaction_id=txn.id, user_id=txn.user_id, amount_minor=amount, currency=txn.currency,
+        status="succeeded", reason="provider", provider_refund_id=payload["provider_refund_id"],
+        ledger_transfer_id=transfer_id,
+    ))
+    await ctx.session.flush()
+    await _mark_refunded(ctx, txn)
+    wallet = (await ctx.session.execute(select(Wallet).where(Wallet.user_id == intent.user_id))).scalar_one_or_none()
+    if wallet is not None:
+        await notify_wallet(ctx, user_id, wallet)
+    return {"ok": True, "applied": True, "refund_id": str(refund_id), "amount_minor": amount}
+
+
+async def _our_refund(ctx: ActorContext, payload: dict[str, Any]) -> Refund | None:
+    ours = (payload.get("metadata") or {}).get("refund_id")
+    if ours:
+        try:
+            found = await ctx.session.get(Refund, uuid.UUID(ours))
+        except ValueError:
+            found = None
+        if found is not None and found.provider_refund_id in (None, payload["provider_refund_id"]):
+            return found
+    return (await ctx.session.execute(
+        select(Refund).where(Refund.provider_refund_id == payload["provider_refund_id"]))).scalar_one_or_none()
+
+
+async def _received_transaction(ctx: ActorContext, intent: PaymentIntent) -> Transaction | None:
+    """The person's row for the money this intent brought in (a top-up, a refill or a card
+    rental charge), by the ledger transfer `_post_received` wrote."""
+    if intent.provider_intent_id is None:
+        return None
+    transfer_id = payments.topup_transfer_id(intent.provider, intent.provider_intent_id)
+    return (await ctx.session.execute(
+        select(Transaction).where(Transaction.ledger_transfer_id == transfer_id))).scalar_one_or_none()

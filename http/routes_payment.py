@@ -194,7 +194,8 @@ class PaymentFlowController(Controller):
         through the Wallet actor. A repeat delivery is acknowledged as a duplicate."""
         body = await request.body()
         with as_api_errors():
-            duplicate = await flows.ingest_webhook(services_of(state), provider, body, request.headers.get("stripe-signature"))
+            duplicate = await flows.ingest_webhook(services_of(state), provider, body, request.headers.get("stripe-signature"),
+                                                   gateway=state.get("payment_gateway"))
         return WebhookAck(received=True, duplicate=duplicate)
 
 

@@ -43,6 +43,7 @@ REFUSAL_TEXT = {
     "no_bank_available": "no charged power bank is available at this station right now",
     "eject_failed": "the station could not release a power bank; nothing was charged",
     "station_offline": "the station is offline",
+    "card_hold_not_authorised": "your card did not authorise this package's price",
 }
 
 RENTAL_STARTS = Counter(
@@ -166,12 +167,13 @@ class RentalController(Controller):
         "/start",
         status_code=201,
         responses={
-            **error_responses(400, 401, 404, 422),
+            **error_responses(400, 401, 402, 404, 422, 502, 503),
             202: ResponseSpec(RentalView, description="Still ejecting at the deadline: follow it on the websocket"),
             409: ResponseSpec(
                 RentalRefused,
                 description="Refused: `error` is station_offline, insufficient_funds, too_many_active_rentals,"
-                " unpaid_dues, no_bank_available or eject_failed",
+                " unpaid_dues, no_bank_available, eject_failed, no_saved_card (payment_mode card) or"
+                " card_hold_not_authorised",
                 generate_examples=False,
             ),
         },
@@ -185,7 +187,8 @@ class RentalController(Controller):
             station, package = await validate_start(session, data)
         rental_id = rental_id_for(user_id, data.idempotency_key)
         started = time.perf_counter()
-        view = await self._run_starter(state, rental_id, user_id, station.id, package.id)
+        payment = await self._authorise_card(state, data, user_id, rental_id, package)
+        view = await self._run_starter(state, rental_id, user_id, station.id, package.id, payment)
         RENTAL_START_SECONDS.observe(time.perf_counter() - started)
         async with services.readonly() as session:
             rental = await load_rental(session, rental_id, user_id)
@@ -201,8 +204,26 @@ class RentalController(Controller):
         return Response(rental, status_code=code)
 
     @staticmethod
+    async def _authorise_card(
+        state: State, data: StartRentalRequest, user_id: uuid.UUID, rental_id: uuid.UUID, package: RentalPackage
+    ) -> dict[str, Any]:
+        """For a card rental, the hold on the saved card comes first, outside any actor (the
+        provider is called here, never inside a transaction); the starter's extra arguments."""
+        if data.payment_mode == "wallet":
+            return {}
+        from powerbank import payment_flows
+        from powerbank.actors.rental import hold_amount_minor
+        from powerbank.http.routes_payment import as_api_errors, gateway_of
+
+        with as_api_errors():
+            intent_id = await payment_flows.authorise_rental_card(
+                services_of(state), gateway_of(state), user_id, rental_id, hold_amount_minor(package))
+        return {"payment_mode": "card", "card_intent_id": intent_id}
+
+    @staticmethod
     async def _run_starter(
-        state: State, rental_id: uuid.UUID, user_id: uuid.UUID, station_id: uuid.UUID, package_id: uuid.UUID
+        state: State, rental_id: uuid.UUID, user_id: uuid.UUID, station_id: uuid.UUID, package_id: uuid.UUID,
+        payment: dict[str, Any],
     ) -> dict[str, Any] | None:
         services = services_of(state)
         try:
@@ -213,6 +234,7 @@ class RentalController(Controller):
                 station_id=station_id,
                 package_id=package_id,
                 timeout_s=services.settings.rental_start_timeout_ms / 1000,
+                **payment,
             )
         except (TimeoutError, asyncio.TimeoutError):
             return None

@@ -169,6 +169,7 @@ class WalletView(Response):
 
 # --- points and hybrid payment ----------------------------------------------------------------
 
+RentalPaymentMode = Literal["wallet", "card"]
 PaymentModeName = Literal["points_first", "wallet_first", "wallet_only", "points_only"]
 # Below 2**53 so every amount survives a JavaScript client, far above any real charge.
 AmountMinor = Annotated[int, Meta(gt=0, le=10**12, description="integer amount in minor units")]
@@ -314,6 +315,8 @@ class StartRentalRequest(Request):
     package_id: uuid.UUID
     # The same key from the same person names the same rental: a retried request starts nothing new.
     idempotency_key: IdempotencyKey | None = None
+    # "wallet": the price is held from the wallet (and points); "card": authorised on the saved card.
+    payment_mode: RentalPaymentMode = "wallet"
 
 
 class RentalView(Response):

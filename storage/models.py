@@ -394,12 +394,16 @@ RENTAL_STATUSES = (
     "lost",
 )
 RENTAL_FINAL_STATUSES = ("completed", "cancelled", "lost")
+# How a rental is paid: held from the wallet (and points), or authorised on the saved card.
+RENTAL_PAYMENT_MODES = ("wallet", "card")
 
 
 class Rental(Base):
     __tablename__ = "rentals"
     __table_args__ = (
         one_of("status", RENTAL_STATUSES),
+        one_of("payment_mode", RENTAL_PAYMENT_MODES),
+        CheckConstraint("payment_mode = 'card' OR card_intent_id IS NULL", name="card_intent_only_for_card"),
         CheckConstraint("hold_minor >= 0", name="hold_non_negative"),
         CheckConstraint("fee_minor >= 0", name="fee_non_negative"),
         CheckConstraint("charged_minor >= 0", name="charged_non_negative"),
@@ -412,6 +416,7 @@ class Rental(Base):
         Index(None, "power_bank_id"),
         Index(None, "package_id"),
         Index(None, "created_at"),
+        Index(None, "card_intent_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
@@ -433,6 +438,11 @@ class Rental(Base):
     fee_minor: Mapped[int] = mapped_column(BigInteger, default=0)
     charged_minor: Mapped[int] = mapped_column(BigInteger, default=0)
     due_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    payment_mode: Mapped[str] = mapped_column(String(8), default="wallet", server_default="wallet")
+    # The manual-capture PaymentIntent authorised for a card rental (payment_mode "card").
+    card_intent_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("payment_intents.id", ondelete="RESTRICT")
+    )
     quick_return: Mapped[bool] = mapped_column(Boolean, default=False)
     cancel_reason: Mapped[str | None] = mapped_column(String(64))
     started_at: Mapped[datetime | None]

@@ -221,7 +221,7 @@ async def test_refunds_reverse_a_charge_and_never_exceed_it(runtime):
     posted = str(uuid.uuid5(hold_id(str(rental.id)), "resolution"))
     first = await runtime.call("wallet", user_id, "RefundTransfer", {"transfer_id": posted, "refund_id": str(uuid.uuid4()), "amount_minor": 3000}, "r1")
     too_much = await runtime.call("wallet", user_id, "RefundTransfer", {"transfer_id": posted, "refund_id": str(uuid.uuid4()), "amount_minor": 2001}, "r2")
-    assert first["ok"] and too_much == {"ok": False, "reason": "refund_exceeds_charge", "refundable_minor": 2000}
+    assert first["ok"] and too_much == {"ok": False, "reason": "exceeds_refundable", "refundable_minor": 2000}
     other = await _user(runtime)
     stranger = await runtime.call("wallet", other, "RefundTransfer", {"transfer_id": posted, "refund_id": str(uuid.uuid4()), "amount_minor": 1}, "r3")
     assert stranger == {"ok": False, "reason": "transfer_not_found"}
@@ -244,3 +244,35 @@ async def test_points_cover_a_start_the_wallet_alone_cannot(runtime):
     short = await runtime.call("wallet", user_id, "PlaceHold", {"rental_id": await _rental(runtime, user_id), "amount_minor": 1501, "currency": "NPR"}, "hp2")
     assert short == {"ok": False, "reason": "insufficient_funds"}
     await _books_balanced(runtime)
+
+
+async def _commands_for(runtime, kind: str, entity_id: str, name: str) -> list[ActorCommand]:
+    async with runtime.sessions() as session:
+        return list((await session.execute(select(ActorCommand).where(
+            ActorCommand.kind == kind, ActorCommand.entity_id == entity_id, ActorCommand.name == name))).scalars())
+
+
+async def test_a_free_package_places_no_hold_and_the_rental_goes_on(runtime):
+    """A zero-amount hold used to reach the ledger as a zero-amount transfer and fail the command,
+    leaving the rental pending forever."""
+    user_id = await _user(runtime)
+    rental_id = await _rental(runtime, user_id)
+    hold = await runtime.call("wallet", user_id, "PlaceHold", {"rental_id": rental_id, "amount_minor": 0, "currency": "NPR"}, "h-free")
+    assert hold == {"ok": True, "transfer_id": None, "held_minor": 0, "points_held": 0}
+    assert len(await _commands_for(runtime, "rental", rental_id, "HoldPlaced")) == 1
+    assert await _balance(runtime, user_id) == (0, 0)
+    capture = await runtime.call("wallet", user_id, "CaptureHold", {"rental_id": rental_id, "amount_minor": 0}, "c-free")
+    assert capture["ok"] and (capture["charged_minor"], capture["due_minor"]) == (0, 0)
+    await _books_balanced(runtime)
+
+
+async def test_a_card_rental_holds_nothing_in_the_wallet_but_dues_still_block_it(runtime):
+    user_id = await _user(runtime)
+    rental_id = await _rental(runtime, user_id)
+    card = {"rental_id": rental_id, "amount_minor": 5000, "currency": "NPR", "payment_mode": "card"}
+    hold = await runtime.call("wallet", user_id, "PlaceHold", card, "h-card")  # an empty wallet: the card pays
+    assert hold["ok"] and hold["held_minor"] == 0 and await _balance(runtime, user_id) == (0, 0)
+    async with runtime.sessions.begin() as session:
+        (await session.get(Rental, uuid.UUID(rental_id))).due_minor = 100
+    blocked = await runtime.call("wallet", user_id, "PlaceHold", {**card, "rental_id": await _rental(runtime, user_id)}, "h-card-2")
+    assert blocked == {"ok": False, "reason": "unpaid_dues"}

@@ -286,7 +286,7 @@ def machine_for(world: World):
             payload = {"transfer_id": transfer_id, "refund_id": str(uuid.uuid4()), "amount_minor": amount}
             result = world.run(world.call("RefundTransfer", self.user_id, payload))
             if amount > left:
-                assert result["ok"] is False and result["reason"] == "refund_exceeds_charge", result
+                assert result["ok"] is False and result["reason"] == "exceeds_refundable", result
                 return
             assert result["ok"], result
             self.refundable[transfer_id] = left - amount

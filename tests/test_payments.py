@@ -11,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -27,14 +28,21 @@ from powerbank.payment_gateway import GatewayError, StripeGateway
 from powerbank.simulators.stripe_emulator import StripeEmulator, WebhookOptions, stripe_signature_header
 from powerbank.storage import ledger
 from powerbank.storage.audit import audit
+from powerbank.storage.ledger import ledger_discrepancies
 from powerbank.storage.models import (
     LedgerTransfer,
     PaymentCustomer,
     PaymentIntent,
     PaymentWebhook,
+    PowerBank,
     Refund,
+    Rental,
+    RentalPackage,
+    Station,
+    StationSlot,
     Transaction,
 )
+from powerbank.storage.types import utcnow
 
 POLICY = AuthPolicy(otp_echo=True, otp_rate_per_ip=1000)
 SECRET = "whsec_test_payments"
@@ -87,6 +95,21 @@ def test_auto_refill_decision():
     assert payments.auto_refill_key(user, 10) == payments.auto_refill_key(user, 10) != payments.auto_refill_key(user, 11)
 
 
+def test_a_card_rentals_fee_is_captured_up_to_the_hold_and_the_rest_is_a_due():
+    assert payments.card_charge(3000, 5000) == payments.CardCharge(capture_minor=3000, due_minor=0)
+    assert payments.card_charge(8000, 5000) == payments.CardCharge(capture_minor=5000, due_minor=3000)
+    assert payments.card_charge(0, 5000) == payments.CardCharge(capture_minor=0, due_minor=0)
+
+
+def test_what_a_card_rentals_hold_needs():
+    assert payments.card_hold_action("cancelled", "preauth", settled=False) == "cancel"
+    assert payments.card_hold_action("cancelled", "rejected", settled=False) is None
+    assert payments.card_hold_action("active", "preauth", settled=False) is None
+    assert payments.card_hold_action("completed", "preauth", settled=True) == "capture"
+    assert payments.card_hold_action("lost", "confirmed", settled=False) == "settle"
+    assert payments.card_hold_action("completed", "confirmed", settled=True) is None
+
+
 # --- the system through HTTP and the SDK ----------------------------------------------------
 
 
@@ -110,7 +133,8 @@ class Env:
 async def env(database_url, tmp_path):
     async with StripeEmulator(seed=11) as emu:
         settings = settings_for_tests(tmp_path, database_url, stripe_secret_key=emu.api_key,
-                                      stripe_webhook_secret=SECRET, stripe_api_base=emu.api_base)
+                                      stripe_webhook_secret=SECRET, stripe_api_base=emu.api_base,
+                                      rental_start_timeout_ms=1500)
         async with running_services(settings) as services:
             gateway = StripeGateway(emu.api_key, emu.api_base)
             try:
@@ -400,12 +424,12 @@ class FlakyRefunds:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    async def refund(self, provider_intent_id, amount_minor, idempotency_key):
+    async def refund(self, provider_intent_id, amount_minor, idempotency_key, metadata=None):
         if self.lost == 0:
             self.lost += 1
-            await self.inner.refund(provider_intent_id, amount_minor, idempotency_key)  # it did happen at Stripe
+            await self.inner.refund(provider_intent_id, amount_minor, idempotency_key, metadata)  # it did happen at Stripe
             raise GatewayError("timeout", "no answer", None)
-        return await self.inner.refund(provider_intent_id, amount_minor, idempotency_key)
+        return await self.inner.refund(provider_intent_id, amount_minor, idempotency_key, metadata)
 
 
 async def test_a_refund_whose_answer_was_lost_is_settled_by_reconciliation_without_a_second_refund(env, monkeypatch):
@@ -511,3 +535,271 @@ async def test_snapshots_in_any_order_end_confirmed_with_one_credit(env, order):
     status = (await env.client.get(f"/api/payment/status/{created['intent']['intent_id']}", headers=auth)).json()
     assert status["intent"]["status"] == "confirmed" and status["webhook_events"] == 3
     assert await balance(env, auth) == 3300 and await env.count(Transaction) == 1
+
+
+# --- refunds the provider reports (webhooks, reconciliation), whoever started them ----------------
+
+
+async def user_of(env: Env, transaction_id: str) -> uuid.UUID:
+    async with env.services.readonly() as session:
+        return (await session.get(Transaction, uuid.UUID(transaction_id))).user_id
+
+
+async def test_a_refund_via_the_api_then_its_webhook_three_times_reverses_once(env):
+    env.webhook(WebhookOptions(duplicates=2, shuffle=True, delay_ms=(0, 100), concurrency=3))
+    auth = await sign_up(env.client)
+    status = await topped_up(env, auth, 5000)
+    refund = await env.client.post(f"/api/payment/refund/{status['transaction_id']}", headers=auth, json={"amount_minor": 2000})
+    assert refund.status_code == 201 and refund.json()["status"] == "succeeded", refund.text
+    await env.emu.wait_for_deliveries_async(timeout_s=20)
+    refund_events = [d for d in env.emu.deliveries if d.ok and d.event_type in ("refund.created", "charge.refunded")]
+    assert len(refund_events) == 6  # two refund events, three copies each
+    assert await env.count(LedgerTransfer, LedgerTransfer.kind == "refund") == 1
+    assert await env.count(Refund) == 1 and await balance(env, auth) == 3000
+    over = await env.client.post(f"/api/payment/refund/{status['transaction_id']}", headers=auth, json={"amount_minor": 3001})
+    assert over.status_code == 409 and over.json()["error"] == "exceeds_refundable" and over.json()["refundable_minor"] == 3000
+    assert (await flows.reconcile(env.services, env.gateway))["refunds_applied"] == 0
+
+
+async def test_a_refund_made_in_the_dashboard_is_applied_once_and_counts_against_the_api(env):
+    env.webhook(WebhookOptions(duplicates=2, shuffle=True, delay_ms=(0, 100), concurrency=3))
+    auth = await sign_up(env.client)
+    status = await topped_up(env, auth, 5000)
+    # Someone refunds 1500 in the Stripe dashboard: no idempotency key of ours, no metadata.
+    provider_refund = await env.gateway.refund(status["intent"]["provider_intent_id"], 1500, "dashboard-1")
+    await env.emu.wait_for_deliveries_async(timeout_s=20)
+    assert await balance(env, auth) == 3500
+    assert await env.count(LedgerTransfer, LedgerTransfer.kind == "refund") == 1
+    async with env.services.readonly() as session:
+        row = (await session.execute(select(Refund))).scalar_one()
+        txn = await session.get(Transaction, uuid.UUID(status["transaction_id"]))
+    assert (row.provider_refund_id, row.status, row.amount_minor, txn.refunded_minor) == (provider_refund, "succeeded", 1500, 1500)
+    # The API sees what the dashboard refunded: only the rest can still be refunded.
+    over = await env.client.post(f"/api/payment/refund/{status['transaction_id']}", headers=auth, json={"amount_minor": 3501})
+    assert over.status_code == 409 and over.json()["refundable_minor"] == 3500
+    rest = await env.client.post(f"/api/payment/refund/{status['transaction_id']}", headers=auth, json={})
+    assert rest.status_code == 201 and rest.json()["amount_minor"] == 3500
+    await env.emu.wait_for_deliveries_async(timeout_s=20)
+    assert await balance(env, auth) == 0 and await env.count(LedgerTransfer, LedgerTransfer.kind == "refund") == 2
+    intent = (await env.client.get(f"/api/payment/status/{status['intent']['intent_id']}", headers=auth)).json()["intent"]
+    assert intent["status"] == "refunded"
+    async with env.services.readonly() as session:
+        assert await ledger_discrepancies(session) == []
+
+
+async def test_reconciliation_applies_a_dashboard_refund_whose_webhook_was_missed(env):
+    auth = await sign_up(env.client)
+    status = await topped_up(env, auth, 5000)
+    user_id = await user_of(env, status["transaction_id"])
+    # The wallet spends most of it meanwhile; the provider's refund is real money gone all the same.
+    assert (await env.services.runtime.call("wallet", str(user_id), "TestSpend", {"amount_minor": 4000}))["ok"]
+    await env.gateway.refund(status["intent"]["provider_intent_id"], 2500, "dashboard-2")
+    assert await balance(env, auth) == 1000  # no webhook endpoint: nothing known yet
+    report = await flows.reconcile(env.services, env.gateway)
+    assert report["refunds_applied"] == 1
+    assert (await flows.reconcile(env.services, env.gateway))["refunds_applied"] == 0
+    assert await balance(env, auth) == 0  # what was left; the other 1500 is the platform's loss
+    assert await env.count(LedgerTransfer, LedgerTransfer.kind == "refund_shortfall", LedgerTransfer.amount_minor == 1500) == 1
+    async with env.services.readonly() as session:
+        assert await ledger_discrepancies(session) == []
+        assert (await session.get(Transaction, uuid.UUID(status["transaction_id"]))).refunded_minor == 2500
+
+
+# --- rentals paid by card -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def listener(env):
+    """The payment side's listener, as `run_payment_jobs` runs it (with no periodic sweeps)."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(flows.run_payment_listener(env.services, env.gateway, ready))
+    await ready.wait()
+    yield task
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def rental_world(env: Env, *, banks: int = 1, price_minor: int = 3000) -> dict[str, Any]:
+    serial = uuid.uuid4().hex[:10]
+    async with env.services.sessions.begin() as session:
+        station = Station(serial=serial, name="s", latitude=27.7, longitude=85.3, status="online", slot_count=2)
+        package = RentalPackage(code=uuid.uuid4().hex[:10], name="p", duration_minutes=60, price_minor=price_minor, currency="NPR",
+                                grace_minutes=5, late_fee_per_hour_minor=1000, late_fee_daily_cap_minor=20000, max_duration_minutes=1440)
+        session.add_all([station, package])
+        await session.flush()
+        bank_ids = []
+        for number in range(1, banks + 1):
+            bank = PowerBank(serial=f"{serial}-B{number}", charge_percent=100, status="in_slot", currency="NPR", station_id=station.id)
+            session.add(bank)
+            await session.flush()
+            session.add(StationSlot(station_id=station.id, slot_number=number, status="occupied", power_bank_id=bank.id))
+            bank_ids.append(bank.id)
+        if not banks:
+            session.add(StationSlot(station_id=station.id, slot_number=1, status="empty"))
+    return {"serial": serial, "station_id": station.id, "package_id": str(package.id), "bank_ids": bank_ids}
+
+
+async def start_card_rental(env: Env, auth, world, key="card-1"):
+    return await env.client.post("/api/rentals/start", headers=auth, json={
+        "station_sn": world["serial"], "package_id": world["package_id"], "payment_mode": "card", "idempotency_key": key})
+
+
+async def eventually(check, timeout_s: float = 10.0):
+    for _ in range(int(timeout_s / 0.05)):
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    return await check()
+
+
+async def rental_row(env: Env, rental_id) -> Rental:
+    async with env.services.readonly() as session:
+        return await session.get(Rental, uuid.UUID(str(rental_id)))
+
+
+async def out_and_back(env: Env, world, rental_id: str, *, minutes_out: float) -> None:
+    """The station reports the bank out, then (`minutes_out` later) back."""
+    runtime = env.services.runtime
+    ejected = {"power_bank_id": str(world["bank_ids"][0]), "slot_number": 1}
+    assert (await runtime.call("rental", rental_id, "BankEjected", ejected, f"ejected:{rental_id}"))["ok"]
+    async with env.services.sessions.begin() as session:
+        (await session.get(Rental, uuid.UUID(rental_id))).started_at = utcnow() - timedelta(minutes=minutes_out)
+    returned = {"returned_at": utcnow().isoformat(), "station_id": str(world["station_id"])}
+    assert (await runtime.call("rental", rental_id, "BankReturned", returned, f"returned:{rental_id}"))["ok"]
+
+
+async def test_a_card_rental_holds_the_card_then_captures_the_fee_without_touching_the_wallet(env, listener):
+    auth = await sign_up(env.client)
+    await topped_up(env, auth, 5000, save_card=True)
+    world = await rental_world(env)
+    started = await start_card_rental(env, auth, world)
+    assert started.status_code == 202, started.text  # held, ejecting: the station never answers here
+    rental_id = started.json()["id"]
+    rental = await rental_row(env, rental_id)
+    async with env.services.readonly() as session:
+        hold = await session.get(PaymentIntent, rental.card_intent_id)
+    assert (rental.payment_mode, rental.status, hold.status, hold.amount_minor) == ("card", "ejecting", "preauth", 3000)
+    assert rental_id in hold.idempotency_key
+    wallet = (await env.client.get("/api/user/wallet", headers=auth)).json()
+    assert (wallet["balance_minor"], wallet["held_minor"]) == (5000, 0)
+    again = await start_card_rental(env, auth, world)  # a retried tap: the same rental, the same hold
+    assert again.json()["id"] == rental_id
+    assert await env.count(PaymentIntent, PaymentIntent.purpose == "rental_hold") == 1
+    await out_and_back(env, world, rental_id, minutes_out=30)
+    rental = await eventually(lambda: _settled(env, rental_id))
+    assert (rental.status, rental.fee_minor, rental.charged_minor, rental.due_minor) == ("completed", 3000, 3000, 0)
+    provider = await env.gateway.retrieve(hold.provider_intent_id)
+    assert (provider.status, provider.amount_received_minor) == ("succeeded", 3000)
+    assert await balance(env, auth) == 5000  # the card paid
+    history = (await env.client.get("/api/user/transactions", headers=auth)).json()["items"]
+    assert sorted((t["type"], t["amount_minor"]) for t in history) == [("rental", 3000), ("topup", 5000)]
+    assert (await env.client.get("/api/user/wallet", headers=auth)).json()["points"] == 10  # timely return
+    assert await env.count(LedgerTransfer, LedgerTransfer.kind == "rental_card_charge") == 1
+    assert await flows.card_rentals_sweep(env.services, env.gateway) == 0
+    async with env.services.readonly() as session:
+        assert await ledger_discrepancies(session) == []
+
+
+async def _settled(env: Env, rental_id) -> Rental | None:
+    rental = await rental_row(env, rental_id)
+    return rental if rental.status in ("completed", "lost") and rental.charged_minor + rental.due_minor == rental.fee_minor else None
+
+
+async def test_a_late_card_rental_captures_the_hold_and_leaves_the_rest_as_a_due(env):
+    # No listener: the scheduler's sweep alone must settle it.
+    auth = await sign_up(env.client)
+    await topped_up(env, auth, 5000, save_card=True)
+    world = await rental_world(env)
+    rental_id = (await start_card_rental(env, auth, world)).json()["id"]
+    await out_and_back(env, world, rental_id, minutes_out=190)  # 3 started hours late: 3000 + 3 * 1000
+    assert await flows.card_rentals_sweep(env.services, env.gateway) == 1
+    assert await flows.card_rentals_sweep(env.services, env.gateway) == 0
+    rental = await rental_row(env, rental_id)
+    assert (rental.fee_minor, rental.charged_minor, rental.due_minor) == (6000, 3000, 3000)
+    async with env.services.readonly() as session:
+        hold = await session.get(PaymentIntent, rental.card_intent_id)
+    assert (hold.status, hold.amount_received_minor) == ("confirmed", 3000)
+    paid = await env.client.post(f"/api/rentals/{rental_id}/pay-due", headers=auth, json={"payment_mode": "wallet_only"})
+    assert paid.status_code == 200, paid.text
+    rental = await eventually(lambda: _due_paid(env, rental_id))
+    assert (rental.charged_minor, rental.due_minor) == (6000, 0) and await balance(env, auth) == 2000
+
+
+async def _due_paid(env: Env, rental_id) -> Rental | None:
+    rental = await rental_row(env, rental_id)
+    return rental if rental.due_minor == 0 else None
+
+
+async def test_a_card_rental_that_fails_to_start_releases_the_hold(env, listener):
+    auth = await sign_up(env.client)
+    await topped_up(env, auth, 5000, save_card=True)
+    world = await rental_world(env, banks=0)
+    refused = await start_card_rental(env, auth, world)
+    assert refused.status_code == 409 and refused.json()["error"] == "no_bank_available", refused.text
+    rental = await rental_row(env, refused.json()["rental"]["id"])
+
+    async def released():
+        async with env.services.readonly() as session:
+            intent = await session.get(PaymentIntent, rental.card_intent_id)
+        return intent if intent.status == "rejected" else None
+
+    intent = await eventually(released)
+    assert intent is not None and (await env.gateway.retrieve(intent.provider_intent_id)).status == "canceled"
+    assert await env.count(Transaction, Transaction.type == "rental") == 0 and await balance(env, auth) == 5000
+
+
+async def test_a_card_rental_refused_for_unpaid_dues_releases_the_hold(env, listener):
+    auth = await sign_up(env.client)
+    status = await topped_up(env, auth, 5000, save_card=True)
+    world = await rental_world(env)
+    async with env.services.sessions.begin() as session:
+        session.add(Rental(user_id=await user_of(env, status["transaction_id"]), station_id=world["station_id"],
+                           package_id=uuid.UUID(world["package_id"]), currency="NPR", status="completed",
+                           fee_minor=100, due_minor=100))
+    refused = await start_card_rental(env, auth, world)
+    assert refused.status_code == 409 and refused.json()["error"] == "unpaid_dues", refused.text
+    rental = await rental_row(env, refused.json()["rental"]["id"])
+
+    async def released():
+        async with env.services.readonly() as session:
+            return (await session.get(PaymentIntent, rental.card_intent_id)).status == "rejected"
+
+    assert await eventually(released)
+
+
+async def test_a_card_rental_without_a_saved_card_is_refused_and_writes_nothing(env):
+    auth = await sign_up(env.client)
+    world = await rental_world(env)
+    refused = await start_card_rental(env, auth, world)
+    assert refused.status_code == 409 and refused.json()["error"] == "no_saved_card", refused.text
+    bad = await env.client.post("/api/rentals/start", headers=auth, json={
+        "station_sn": world["serial"], "package_id": world["package_id"], "payment_mode": "cash"})
+    assert bad.status_code == 400
+    assert await env.count(Rental) == 0 and await env.count(PaymentIntent) == 0
+
+
+# --- auto-refill the moment a debit crosses the threshold -----------------------------------------
+
+
+async def test_a_debit_below_the_threshold_starts_one_refill_at_once(env, listener):
+    auth = await sign_up(env.client)
+    status = await topped_up(env, auth, 5000, save_card=True)
+    user_id = await user_of(env, status["transaction_id"])
+    enabled = await env.client.put("/api/payment/auto-refill", headers=auth,
+                                   json={"enabled": True, "threshold_minor": 2000, "amount_minor": 3000})
+    assert enabled.status_code == 200, enabled.text
+    spend = {"currency": "NPR", "amount_minor": 2500, "transfer_id": str(uuid.uuid4())}
+    assert (await env.services.runtime.call("wallet", str(user_id), "SpendWallet", spend))["ok"]
+    assert await env.count(PaymentIntent, PaymentIntent.purpose == "auto_refill") == 0  # 2500 left: not below
+    for _ in range(2):  # two debits below the threshold before the refill lands: still one refill
+        spend = {"currency": "NPR", "amount_minor": 1000, "transfer_id": str(uuid.uuid4())}
+        assert (await env.services.runtime.call("wallet", str(user_id), "SpendWallet", spend))["ok"]
+    assert await eventually(lambda: _balance_is(env, auth, 500 + 3000))
+    await asyncio.sleep(0.2)
+    assert await env.count(PaymentIntent, PaymentIntent.purpose == "auto_refill") == 1
+    assert await balance(env, auth) == 3500
+
+
+async def _balance_is(env: Env, auth, expected: int) -> bool:
+    return await balance(env, auth) == expected

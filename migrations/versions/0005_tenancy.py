@@ -1,7 +1,7 @@
 """tenancy and admin audit
 
-Revision ID: 0004_tenancy
-Revises: 0003_promotions
+Revision ID: 0005_tenancy
+Revises: 0004_rental_card_payment
 Create Date: 2026-11-23 07:39:31.146461
 
 """
@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 # revision identifiers, used by Alembic.
-revision: str = '0004_tenancy'
-down_revision: Union[str, Sequence[str], None] = '0003_promotions'
+revision: str = '0005_tenancy'
+down_revision: Union[str, Sequence[str], None] = '0004_rental_card_payment'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
