@@ -16,7 +16,7 @@ from powerbank.actors import payments, pricing
 from powerbank.actors.runtime import ActorContext, CommandRejected, handles
 from powerbank.storage import ledger
 from powerbank.storage.ledger import LedgerError
-from powerbank.storage.models import AppConfig, LedgerTransfer, PaymentCustomer, Rental, RentalPackage, User, Wallet
+from powerbank.storage.models import ActorCommand, AppConfig, LedgerTransfer, PaymentCustomer, Rental, RentalPackage, User, Wallet
 
 RENTAL_HOLD = "rental_hold"
 POINTS_HOLD = "rental_points_hold"
@@ -286,16 +286,24 @@ async def _hold_refusal(ctx: ActorContext, user_id: str, payload: dict[str, Any]
 
 async def _open_holdless_rentals(ctx: ActorContext, user_id: str, rental_id: str) -> int:
     """Open rentals that hold nothing in the ledger (card-paid or free) still count towards the
-    person's limit. Counted once past the wallet (ejecting or later): a pending one may be the
-    very rental asking, or a concurrent start this mailbox has not seen yet."""
-    count = await ctx.session.scalar(
-        select(func.count()).select_from(Rental).join(RentalPackage, RentalPackage.id == Rental.package_id).where(
+    person's limit: from the moment this wallet approved them. Past the wallet (ejecting or
+    later) the rental's status says so; while still pending, the approval this mailbox already
+    sent it (`hold-placed:<rental>`, accepted in the same transaction as the decision) does. A
+    pending one without it is the very rental asking, or a start this wallet has not decided."""
+    rows = (await ctx.session.execute(
+        select(Rental.id, Rental.status).join(RentalPackage, RentalPackage.id == Rental.package_id).where(
             Rental.user_id == uuid.UUID(user_id), Rental.id != uuid.UUID(rental_id),
-            Rental.status.in_(("ejecting", "active", "overdue")),
+            Rental.status.in_(("pending", "ejecting", "active", "overdue")),
             (Rental.payment_mode == "card") | (RentalPackage.price_minor == 0),
         )
-    )
-    return int(count or 0)
+    )).all()
+    pending = [f"hold-placed:{rid}" for rid, status in rows if status == "pending"]
+    approved = 0
+    if pending:
+        approved = int(await ctx.session.scalar(
+            select(func.count()).select_from(ActorCommand).where(ActorCommand.kind == "rental", ActorCommand.command_id.in_(pending))
+        ) or 0)
+    return len(rows) - len(pending) + approved
 
 
 async def _unpaid_dues_minor(ctx: ActorContext, user_id: str) -> int:

@@ -276,3 +276,29 @@ async def test_a_card_rental_holds_nothing_in_the_wallet_but_dues_still_block_it
         (await session.get(Rental, uuid.UUID(rental_id))).due_minor = 100
     blocked = await runtime.call("wallet", user_id, "PlaceHold", {**card, "rental_id": await _rental(runtime, user_id)}, "h-card-2")
     assert blocked == {"ok": False, "reason": "unpaid_dues"}
+
+
+async def _pending_free_rental(runtime, user_id) -> str:
+    """A free-package rental still pending: the wallet decides, the Rental actor has not moved."""
+    async with runtime.sessions.begin() as session:
+        station = Station(serial=uuid.uuid4().hex[:12], name="s", latitude=0, longitude=0, slot_count=4)
+        package = RentalPackage(code=uuid.uuid4().hex[:10], name="free", duration_minutes=60, price_minor=0, currency="NPR", max_duration_minutes=600)
+        session.add_all([station, package])
+        await session.flush()
+        rental = Rental(user_id=uuid.UUID(user_id), station_id=station.id, package_id=package.id, currency="NPR", status="pending")
+        session.add(rental)
+    return str(rental.id)
+
+
+async def test_holdless_rentals_count_towards_the_limit_from_the_wallets_approval(runtime):
+    """Two free starts decided before either rental moved past pending: the first approval is
+    the wallet's own record, so the second is refused (the limit is one)."""
+    user_id = await _user(runtime)
+    first, second = await _pending_free_rental(runtime, user_id), await _pending_free_rental(runtime, user_id)
+    free = {"amount_minor": 0, "currency": "NPR", "max_active_rentals": 1}
+    assert (await runtime.call("wallet", user_id, "PlaceHold", {**free, "rental_id": first}, "h-1"))["ok"]
+    assert await runtime.call("wallet", user_id, "PlaceHold", {**free, "rental_id": second}, "h-2") == {"ok": False, "reason": "too_many_active_rentals"}
+    # The first start failed and was cancelled: the limit frees up.
+    async with runtime.sessions.begin() as session:
+        (await session.get(Rental, uuid.UUID(first))).status = "cancelled"
+    assert (await runtime.call("wallet", user_id, "PlaceHold", {**free, "rental_id": second}, "h-2-again"))["ok"]
