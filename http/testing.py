@@ -12,10 +12,12 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from powerbank.config import Settings
 from powerbank.actors.dispatch import LoopDispatcher
+from powerbank.http.auth import AuthPolicy
 from powerbank.services import Services, build_services
 from powerbank.storage.models import Base
 
@@ -31,6 +33,25 @@ def settings_for_tests(data_dir: Path, database_url: str | None = None, **overri
     return Settings(**{**settings.__dict__, **overrides})
 
 
+# OTP codes come back in the response and one IP may ask often: every test signs people up.
+TEST_AUTH_POLICY = AuthPolicy(otp_echo=True, otp_rate_per_ip=1000)
+
+
+def client_for(app) -> httpx.AsyncClient:
+    """An HTTP client talking to `app` in process (no server, no port)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def sign_up(client: httpx.AsyncClient, phone: str, **extra) -> dict:
+    """Register `phone` through the API (needs `otp_echo`); the register response body."""
+    code = (await client.post("/api/auth/get-otp", json={"phone": phone, "purpose": "register"})).json()["debug_code"]
+    response = await client.post("/api/auth/register", json={"phone": phone, "code": code, **extra})
+    assert response.status_code == 201, response.text
+    return response.json()
 
 
 @contextlib.asynccontextmanager

@@ -10,15 +10,14 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import update
 
 import powerbank.actors.wallet  # noqa: F401  (registers OpenWallet and CreditWallet)
 from powerbank.http.app import create_app, openapi_document
-from powerbank.http.auth import AuthPolicy, create_access_token, ensure_admin_token
+from powerbank.http.auth import create_access_token, ensure_admin_token
 from powerbank.http.routes_app import bounding_box, distance_m, is_rentable
-from powerbank.http.testing import running_services, settings_for_tests
+from powerbank.http.testing import TEST_AUTH_POLICY, bearer, client_for, running_services, settings_for_tests, sign_up
 from powerbank.storage.models import (
     LedgerAccount,
     PowerBank,
@@ -31,9 +30,6 @@ from powerbank.storage.models import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-POLICY = AuthPolicy(otp_echo=True, otp_rate_per_ip=1000)
-
-
 @pytest.fixture
 async def services(tmp_path):
     async with running_services(settings_for_tests(tmp_path)) as services:
@@ -42,20 +38,8 @@ async def services(tmp_path):
 
 @pytest.fixture
 async def client(services):
-    app = create_app(services, auth_policy=POLICY)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+    async with client_for(create_app(services, auth_policy=TEST_AUTH_POLICY)) as client:
         yield client
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def sign_up(client, phone: str) -> dict:
-    code = (await client.post("/api/auth/get-otp", json={"phone": phone, "purpose": "register"})).json()["debug_code"]
-    response = await client.post("/api/auth/register", json={"phone": phone, "code": code})
-    assert response.status_code == 201, response.text
-    return response.json()
 
 
 async def add_station(services, serial: str, *, status="online", lat=27.7, lng=85.3, slots=()):

@@ -7,20 +7,16 @@ from __future__ import annotations
 import secrets
 import uuid
 
-import httpx
 import pytest
 from sqlalchemy import select
 
 import powerbank.actors.station  # noqa: F401  (registers SetMaintenance)
 import powerbank.actors.wallet  # noqa: F401  (registers CreditWallet)
 from powerbank.http.app import create_app
-from powerbank.http.auth import AuthPolicy, create_access_token, ensure_admin_token
-from powerbank.http.testing import running_services, settings_for_tests
+from powerbank.http.auth import create_access_token, ensure_admin_token
+from powerbank.http.testing import TEST_AUTH_POLICY, bearer, client_for, running_services, settings_for_tests
 from powerbank.storage.models import AdminActionLog, Station, StationStatusChange, User
 from powerbank.storage.types import utcnow
-
-POLICY = AuthPolicy(otp_echo=True, otp_rate_per_ip=1000)
-
 
 @pytest.fixture
 async def services(tmp_path):
@@ -30,13 +26,8 @@ async def services(tmp_path):
 
 @pytest.fixture
 async def client(services):
-    app = create_app(services, auth_policy=POLICY)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+    async with client_for(create_app(services, auth_policy=TEST_AUTH_POLICY)) as client:
         yield client
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def person(services, role: str = "user", tenant_id=None) -> tuple[uuid.UUID, dict[str, str]]:
