@@ -25,6 +25,7 @@ from powerbank.http.auth import BEARER_SCHEME, AuthPolicy, JwtAuthMiddleware, Lo
 from powerbank.http.errors import EXCEPTION_HANDLERS
 from powerbank.http.routes_admin import AdminController
 from powerbank.http.routes_staff import StaffController
+from powerbank.http.routes_analytics import AnalyticsController
 from powerbank.http.routes_app import AppController, PaymentController
 from powerbank.http.routes_auth import AuthController
 from powerbank.http.routes_payment import PaymentFlowController, UserTransactionsController
@@ -119,6 +120,7 @@ def create_app(
             RentalController,
             AdminController,
             StaffController,
+            AnalyticsController,
             ReferralController,
             PromotionController,
             AdminCouponController,
