@@ -52,9 +52,13 @@ class FieldError(msgspec.Struct):
 
 
 class ValidationErrorBody(msgspec.Struct):
+    """A 400: `validation_failed` names each bad field in `fields`; a request that is well
+    formed but refused for another reason (an expired code, a window too long) has its own
+    `error` and no `fields`."""
+
     error: str
     detail: str
-    fields: list[FieldError]
+    fields: list[FieldError] = msgspec.field(default_factory=list)
 
 
 def error_response(
