@@ -27,11 +27,11 @@ from powerbank.actors import dispatch
 from powerbank.actors.metrics import run_mailbox_sampler
 from powerbank.config import Settings
 from powerbank.services import Services, build_services
+from powerbank import scheduler
 from powerbank.storage import migrate, seed
 
 log = logging.getLogger(__name__)
 ALL_ROLES = frozenset({"web", "worker", "mqtt", "scheduler"})
-SCHEDULER_TICK_S = 0.5
 WORKER_THREADS = 8
 
 
@@ -121,9 +121,10 @@ async def start_backend(settings: Settings, roles: Iterable[str] = ALL_ROLES, *,
             backend.tasks.append(asyncio.create_task(backend.fast_lane.run()))
     backend.tasks.append(asyncio.create_task(run_mailbox_sampler(services.readonly)))
     if "scheduler" in roles:
-        backend.tasks.append(asyncio.create_task(run_scheduler(services)))
+        lease = scheduler.lease_for(services.engine)
+        backend.tasks.append(asyncio.create_task(scheduler.run_scheduler(services.runtime, lease)))
         if settings.stripe_secret_key:
-            backend.tasks.append(asyncio.create_task(run_payment_jobs(services)))
+            backend.tasks.append(asyncio.create_task(run_payment_jobs(services, lease)))
     if "web" in roles:
         await _start_web(backend)
     elif settings.metrics_port:
@@ -175,33 +176,16 @@ async def _start_web(backend: Backend) -> None:
         await asyncio.sleep(0.01)
 
 
-async def run_scheduler(services: Services) -> None:
-    """Timers and recovery. Each job is idempotent (deterministic command ids), so running it
-    more often than needed, or in two processes, is harmless."""
-    from powerbank.actors.station import expire_overdue_ejects, mark_silent_stations_offline
-
-    runtime = services.runtime
-    tick = 0
-    while True:
-        with _log_errors("scheduler"):
-            await expire_overdue_ejects(runtime)
-            if tick % 10 == 0:
-                await mark_silent_stations_offline(runtime)
-                await runtime.ring_stalled()
-                await runtime.flush_outbox()
-        tick += 1
-        await asyncio.sleep(SCHEDULER_TICK_S)
-
-
 RECONCILE_INTERVAL_S = 300
 CARD_SWEEP_INTERVAL_S = 30
 
 
-async def run_payment_jobs(services: Services) -> None:
+async def run_payment_jobs(services: Services, lease) -> None:
     """Reconciliation with the payment provider (repairs missed webhooks and unanswered refunds),
     the listener for provider work actors announce after commit (card rental holds, auto-refill
     after a debit), and the sweeps behind that listener (auto-refill, card rentals). All
-    idempotent, like the scheduler's other jobs."""
+    idempotent, like the scheduler's other jobs; the sweeps run only while this process holds
+    the scheduler's lease (scheduler.py)."""
     from powerbank import payment_flows
 
     gateway = payment_flows.build_gateway(services.settings)
@@ -211,6 +195,9 @@ async def run_payment_jobs(services: Services) -> None:
     try:
         while True:
             now_s = time.monotonic()
+            if not lease.held:
+                await asyncio.sleep(1)
+                continue
             if now_s >= next_reconcile_s:
                 next_reconcile_s = now_s + RECONCILE_INTERVAL_S
                 with _log_errors("payment reconciliation"):

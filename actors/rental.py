@@ -280,6 +280,25 @@ async def _charge(ctx: ActorContext, rental: Rental, award_points: int) -> None:
     )
 
 
+def _as_of(ctx: ActorContext, payload: dict[str, Any]) -> datetime:
+    """The time a sweep judged by (its clock, which tests control), else when the command was
+    accepted."""
+    return datetime.fromisoformat(payload["as_of"]) if payload.get("as_of") else ctx.now
+
+
+@handles("rental", "MarkOverdue")
+async def mark_overdue(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Past its due time and still out: the rental is overdue (the app shows it, late fees run
+    from here). Sent by the scheduler's sweep; a rental returned meanwhile, or not yet due by
+    the sweep's clock, is left alone, so a repeated or early sweep is harmless."""
+    rental = await _load(ctx, rental_id)
+    if rental.status != "active" or rental.due_at is None or rental.due_at > _as_of(ctx, payload):
+        return {"ok": True, "ignored": rental.status}
+    rental.status = "overdue"
+    _publish(ctx, rental, "overdue")
+    return {"ok": True, "status": "overdue"}
+
+
 @handles("rental", "MarkLost")
 async def mark_lost(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
     """A bank still out past the package's maximum is lost: the rental up to the maximum plus the
@@ -290,7 +309,7 @@ async def mark_lost(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) 
         return {"ok": True, "ignored": rental.status}
     package = await ctx.session.get(RentalPackage, rental.package_id)
     tariff = pricing.Tariff.of(package)
-    if not pricing.is_lost(tariff, _used_s(rental.started_at, ctx.now)):
+    if not pricing.is_lost(tariff, _used_s(rental.started_at, _as_of(ctx, payload))):
         raise CommandRejected("not_past_maximum")
     bank = await ctx.session.get(PowerBank, rental.power_bank_id) if rental.power_bank_id else None
     rental.status = "lost"
@@ -383,3 +402,32 @@ async def open_rental_for_bank(session, power_bank_id: uuid.UUID) -> Rental | No
         )
     ).scalar_one_or_none()
 
+
+# --- the scheduler's side ---------------------------------------------------------------------
+
+
+async def mark_overdue_rentals(runtime: Runtime, now: datetime) -> int:
+    """Submit MarkOverdue for every active rental past its due time; how many. The command id is
+    the rental's, so a repeat (or a second scheduler) is a duplicate."""
+    async with runtime.sessions() as session:
+        ids = (await session.execute(
+            select(Rental.id).where(Rental.status == "active", Rental.due_at < now)
+        )).scalars().all()
+    for rental_id in ids:
+        await runtime.submit("rental", str(rental_id), "MarkOverdue", {"as_of": now.isoformat()}, f"overdue:{rental_id}")
+    return len(ids)
+
+
+async def mark_lost_rentals(runtime: Runtime, now: datetime) -> int:
+    """Submit MarkLost for every open rental out longer than its package's maximum; how many.
+    Only rentals already past their due time are candidates (the maximum is never shorter)."""
+    async with runtime.sessions() as session:
+        rows = (await session.execute(
+            select(Rental.id, Rental.started_at, RentalPackage)
+            .join(RentalPackage, RentalPackage.id == Rental.package_id)
+            .where(Rental.status.in_(OPEN_STATUSES), Rental.due_at < now, Rental.started_at.is_not(None))
+        )).all()
+    lost = [rental_id for rental_id, started_at, package in rows if pricing.is_lost(pricing.Tariff.of(package), _used_s(started_at, now))]
+    for rental_id in lost:
+        await runtime.submit("rental", str(rental_id), "MarkLost", {"as_of": now.isoformat()}, f"lost:{rental_id}")
+    return len(lost)

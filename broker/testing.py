@@ -150,7 +150,7 @@ async def station_stack(
 
 
 async def _expire_ejects_forever(runtime: Runtime, tick_s: float) -> None:
-    """The scheduler's eject-deadline job (processes.run_scheduler runs it every 0.5 s)."""
+    """The scheduler's eject-deadline job (scheduler.run_scheduler runs it every tick)."""
     while True:
         try:
             await station_actor.expire_overdue_ejects(runtime)

@@ -1,0 +1,181 @@
+"""The scheduler: overdue and lost-bank sweeps on a controlled clock, each acting exactly once
+even with two schedulers running, and the leader lease handing over when the leader dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import func, select
+
+import powerbank.actors.rental  # noqa: F401  (registers MarkOverdue, MarkLost)
+import powerbank.actors.wallet  # noqa: F401  (registers OpenWallet, CaptureHold)
+from powerbank import scheduler
+from powerbank.actors.rental import mark_lost_rentals, mark_overdue_rentals
+from powerbank.actors.bus import LocalBus
+from powerbank.actors.dispatch import LoopDispatcher
+from powerbank.actors.runtime import AdvisoryLocks, Runtime
+from powerbank.storage.db import create_engine, session_factory
+from powerbank.storage.models import Base, ActorCommand, PowerBank, Rental, RentalPackage, Station, User
+
+T0 = datetime(2026, 11, 2, 8, 0, tzinfo=timezone.utc)
+
+
+async def open_rental(runtime, *, started_at: datetime, duration_minutes=60, max_minutes=24 * 60) -> str:
+    async with runtime.sessions.begin() as session:
+        user = User(phone=f"+9779{uuid.uuid4().int % 10**9:09d}", referral_code=uuid.uuid4().hex[:10])
+        station = Station(serial=uuid.uuid4().hex[:12], name="s", latitude=0, longitude=0, slot_count=4)
+        package = RentalPackage(code=uuid.uuid4().hex[:10], name="p", duration_minutes=duration_minutes, price_minor=100,
+                                currency="NPR", max_duration_minutes=max_minutes)
+        bank = PowerBank(serial=uuid.uuid4().hex[:12], status="rented", currency="NPR", price_minor=2000)
+        session.add_all([user, station, package, bank])
+        await session.flush()
+        rental = Rental(user_id=user.id, station_id=station.id, package_id=package.id, power_bank_id=bank.id, currency="NPR",
+                        status="active", started_at=started_at, due_at=started_at + timedelta(minutes=duration_minutes))
+        session.add(rental)
+    await runtime.call("wallet", str(user.id), "OpenWallet", {"currency": "NPR"}, f"open:{user.id}")
+    return str(rental.id)
+
+
+async def status_of(runtime, rental_id: str) -> str:
+    async with runtime.sessions() as session:
+        return (await session.get(Rental, uuid.UUID(rental_id))).status
+
+
+async def commands(runtime, name: str, rental_id: str) -> int:
+    async with runtime.sessions() as session:
+        return await session.scalar(select(func.count()).select_from(ActorCommand).where(
+            ActorCommand.kind == "rental", ActorCommand.entity_id == rental_id, ActorCommand.name == name))
+
+
+async def test_a_rental_turns_overdue_then_lost_on_the_schedulers_clock(runtime):
+    rental_id = await open_rental(runtime, started_at=T0, duration_minutes=60, max_minutes=180)
+    sweep = (mark_overdue_rentals, mark_lost_rentals)
+
+    assert await scheduler.run_jobs(runtime, sweep, T0 + timedelta(minutes=59)) == {"mark_overdue_rentals": 0, "mark_lost_rentals": 0}
+    await runtime.test_dispatcher.settle()
+    assert await status_of(runtime, rental_id) == "active"
+
+    assert (await scheduler.run_jobs(runtime, sweep, T0 + timedelta(minutes=61)))["mark_overdue_rentals"] == 1
+    await runtime.test_dispatcher.settle()
+    assert await status_of(runtime, rental_id) == "overdue"
+
+    assert (await scheduler.run_jobs(runtime, sweep, T0 + timedelta(minutes=179)))["mark_lost_rentals"] == 0
+    assert (await scheduler.run_jobs(runtime, sweep, T0 + timedelta(minutes=181)))["mark_lost_rentals"] == 1
+    await runtime.test_dispatcher.settle()
+    assert await status_of(runtime, rental_id) == "lost"
+    async with runtime.sessions() as session:
+        rental = await session.get(Rental, uuid.UUID(rental_id))
+    assert rental.fee_minor > 2000  # the rental up to the maximum, plus the bank
+    # Sweeping again finds nothing more to do, and every command was sent once.
+    assert await scheduler.run_jobs(runtime, sweep, T0 + timedelta(minutes=240)) == {"mark_overdue_rentals": 0, "mark_lost_rentals": 0}
+    assert (await commands(runtime, "MarkOverdue", rental_id), await commands(runtime, "MarkLost", rental_id)) == (1, 1)
+
+
+async def test_a_repeated_sweep_is_a_duplicate_not_a_second_effect(runtime):
+    rental_id = await open_rental(runtime, started_at=T0)
+    late = T0 + timedelta(hours=2)
+    for _ in range(3):
+        await scheduler.run_jobs(runtime, (mark_overdue_rentals,), late)
+    await runtime.test_dispatcher.settle()
+    assert await status_of(runtime, rental_id) == "overdue"
+    assert await commands(runtime, "MarkOverdue", rental_id) == 1
+
+
+class CountingJobs:
+    """Jobs that record which scheduler ran them, on top of the real sweeps."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        async def recorded(runtime, now):
+            log.append(name)
+            return 0
+
+        self.jobs = scheduler.Jobs(every_tick=(recorded,), slow=(mark_overdue_rentals, mark_lost_rentals))
+
+
+@pytest.fixture
+async def pg_runtime(postgres_url):
+    """The runtime the scheduler role wires on PostgreSQL (leases need its advisory locks)."""
+    engine = create_engine(postgres_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    dispatcher = LoopDispatcher()
+    runtime = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=AdvisoryLocks(), apply_in_caller=True)
+    dispatcher.runtime = runtime
+    runtime.test_dispatcher = dispatcher  # type: ignore[attr-defined]
+    yield runtime
+    await dispatcher.settle()
+    await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_two_schedulers_one_acts_and_the_other_takes_over_when_it_stops(pg_runtime):
+    runtime = pg_runtime
+    rental_id = await open_rental(runtime, started_at=T0)
+    engine = runtime.sessions.kw["bind"]
+    ran: list[str] = []
+    clock = lambda: T0 + timedelta(hours=2)  # noqa: E731
+    first_lease, second_lease = scheduler.AdvisoryLease(engine, "test"), scheduler.AdvisoryLease(engine, "test")
+    first = asyncio.create_task(scheduler.run_scheduler(runtime, first_lease, jobs=CountingJobs("first", ran).jobs, clock=clock, tick_s=0.05))
+    await asyncio.sleep(0.3)
+    second = asyncio.create_task(scheduler.run_scheduler(runtime, second_lease, jobs=CountingJobs("second", ran).jobs, clock=clock, tick_s=0.05))
+    await asyncio.sleep(0.5)
+    assert set(ran) == {"first"} and first_lease.held and not second_lease.held
+    await runtime.test_dispatcher.settle()
+    assert await status_of(runtime, rental_id) == "overdue"
+    assert await commands(runtime, "MarkOverdue", rental_id) == 1
+
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    ran.clear()
+    await asyncio.sleep(0.5)
+    assert set(ran) == {"second"} and second_lease.held
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    assert await commands(runtime, "MarkOverdue", rental_id) == 1
+
+
+LEADER = textwrap.dedent("""
+    import asyncio, sys
+    from powerbank import scheduler
+    from powerbank.storage.db import create_engine
+
+    async def main():
+        lease = scheduler.AdvisoryLease(create_engine(sys.argv[1]), "kill-test")
+        while not await lease.acquire():
+            await asyncio.sleep(0.05)
+        print("leading", flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.postgres
+async def test_killing_the_leader_hands_the_lease_over_within_seconds(postgres_url):
+    leader = subprocess.Popen([sys.executable, "-c", LEADER, postgres_url], stdout=subprocess.PIPE, text=True)
+    engine = create_engine(postgres_url)
+    follower = scheduler.AdvisoryLease(engine, "kill-test")
+    try:
+        assert (await asyncio.to_thread(leader.stdout.readline)).strip() == "leading"
+        assert not await follower.acquire()
+        os.kill(leader.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while not await follower.acquire():
+            assert time.monotonic() - killed_at < 5, "the lease was not handed over within 5 s"
+            await asyncio.sleep(0.05)
+        print(f"handover after {time.monotonic() - killed_at:.3f} s")
+    finally:
+        leader.kill()
+        leader.wait()
+        leader.stdout.close()
+        await follower.release()
+        await engine.dispose()
