@@ -101,6 +101,10 @@ class UserProfile(Base):
     full_name: Mapped[str | None] = mapped_column(String(120))
     email: Mapped[str | None] = mapped_column(String(254))
     avatar_url: Mapped[str | None] = mapped_column(String(500))
+    # An upload (purpose avatar) the person chose as their picture.
+    avatar_media_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("media_uploads.id", ondelete="SET NULL"), index=True
+    )
     updated_at: Mapped[datetime] = updated_at_column()
 
 
