@@ -263,10 +263,11 @@ async def usage_stats(session: AsyncSession, user_id: uuid.UUID) -> UsageStats:
 
 
 def minutes_between(session: AsyncSession, start, end):
-    """Whole minutes between two timestamp columns, in either dialect."""
+    """Whole minutes (rounded: julianday arithmetic is a float) between two timestamp columns,
+    in either dialect."""
     if session.bind.dialect.name == "sqlite":
-        return func.cast((func.julianday(end) - func.julianday(start)) * 1440, Integer)
-    return func.cast(func.extract("epoch", end - start) / 60, Integer)
+        return func.cast(func.round((func.julianday(end) - func.julianday(start)) * 1440), Integer)
+    return func.cast(func.round(func.extract("epoch", end - start) / 60), Integer)
 
 
 def _aware(value: datetime | str | None) -> datetime | None:
