@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from powerbank.http.testing import sign_up
 from powerbank.storage.models import PowerBank, Station, StationIssue, StationSlot
 
@@ -82,6 +84,4 @@ async def test_issue_reports_are_listed_for_the_reporter_and_the_station(app_cli
 
 
 async def _station_id(session, serial):
-    from sqlalchemy import select
-
     return (await session.execute(select(Station.id).where(Station.serial == serial))).scalar_one()
