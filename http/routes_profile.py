@@ -6,7 +6,8 @@ person's requests, and nothing that moves money or banks reads them to decide. E
 transaction that also writes its UserAuditLog row.
 
 Account deletion erases or anonymises everything that describes the person (phone, name, email,
-KYC documents and their files, devices, favourites, notifications, rental GPS fixes) and keeps
+KYC documents and their files, devices, favourites, notifications, rental GPS fixes, sign-in codes
+and the SMS log's copy of the phone; issue reports lose their reporter) and keeps
 what money and the fleet need: the user row (status `deleted`, phone null) that rentals, ledger
 accounts and transactions point at, and the audit rows with their actor set null.
 """
@@ -45,8 +46,11 @@ from powerbank.storage.models import (
     LedgerTransfer,
     MediaUpload,
     Notification,
+    OtpChallenge,
     Rental,
     RentalLocation,
+    SmsFcmLog,
+    StationIssue,
     User,
     UserDevice,
     UserKyc,
@@ -60,6 +64,7 @@ from powerbank.storage.user_audit import detach_actor, record_user_action
 OPEN_RENTAL_STATUSES = ("pending", "ejecting", "active", "overdue")
 # A rejected check may be corrected and sent again; pending and approved ones are settled.
 KYC_EDITABLE = ("pending", "rejected")
+ERASED = "[erased]"
 
 
 # --- pure decisions ---------------------------------------------------------------------------
@@ -301,6 +306,7 @@ async def erase_personal_data(session: AsyncSession, user: User, now: datetime) 
     media_keys = list(
         (await session.execute(select(MediaUpload.storage_key).where(MediaUpload.user_id == user.id))).scalars()
     )
+    phone = user.phone
     user.phone = None
     user.status = "deleted"
     user.updated_at = now
@@ -314,10 +320,19 @@ async def erase_personal_data(session: AsyncSession, user: User, now: datetime) 
         sql_delete(UserStationFavorite).where(UserStationFavorite.user_id == user.id),
         sql_delete(Notification).where(Notification.user_id == user.id),
         sql_delete(RentalLocation).where(RentalLocation.rental_id.in_(rental_ids)),
+        update(StationIssue).where(StationIssue.user_id == user.id).values(user_id=None),
+        # The phone lives on in sign-in codes and the SMS log too.
+        sql_delete(OtpChallenge).where(OtpChallenge.phone == phone),
+        update(SmsFcmLog)
+        .where(or_(SmsFcmLog.user_id == user.id, SmsFcmLog.recipient == phone))
+        .values(recipient=ERASED, body=ERASED, user_id=None),
     ):
         await session.execute(statement)
     await detach_actor(session, user.id)
-    erased = ["phone", "profile", "kyc", "uploads", "devices", "favorites", "notifications", "rental_locations"]
+    erased = [
+        "phone", "profile", "kyc", "uploads", "devices", "favorites", "notifications", "rental_locations",
+        "issue_reporter", "otp_codes", "message_log",
+    ]
     return erased, media_keys
 
 

@@ -13,7 +13,9 @@ from powerbank.storage.models import (
     LedgerTransfer,
     MediaUpload,
     Notification,
+    OtpChallenge,
     RentalLocation,
+    SmsFcmLog,
     User,
     UserAuditLog,
     UserDevice,
@@ -203,6 +205,9 @@ async def test_account_deletion_erases_the_person_and_keeps_the_money(app_client
         assert {row.action for row in audit} >= {"kyc_submitted", "profile_updated", "account_deleted"}
         assert all(row.actor_id is None for row in audit)
         assert "Asha" not in str([row.details for row in audit])
+        # The phone is nowhere: not in sign-in codes, not in the SMS log.
+        assert await session.scalar(select(func.count()).select_from(OtpChallenge)) == 0
+        assert "+9779816000009" not in str(list((await session.execute(select(SmsFcmLog.recipient, SmsFcmLog.body))).all()))
     assert not media_path.exists()
     # Every token stops working, and the phone can register again.
     assert (await app_client.get("/api/user/profile", headers=headers)).status_code == 401
