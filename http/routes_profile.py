@@ -23,6 +23,7 @@ from litestar import Controller, Request, Response, delete, get, patch, post, pu
 from litestar.datastructures import State
 from litestar.params import JSONBody
 from sqlalchemy import Integer, case, delete as sql_delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from powerbank.http.auth import BEARER_SECURITY, AuthUser
@@ -180,7 +181,19 @@ async def apply_profile(state: State, request: Request, values: dict[str, Any]) 
         return await profile_view(session, user_id)
 
 
+def concurrent_change() -> ApiError:
+    """Two requests of one person created the same row at once (a unique key refused the second)."""
+    return ApiError(409, "concurrent_update", "the same change was being made at the same moment; try again")
+
+
 async def upsert_device(state: State, request: Request, data: DeviceRequest, *, must_exist: bool) -> tuple[DeviceView, bool]:
+    try:
+        return await _upsert_device(state, request, data, must_exist=must_exist)
+    except IntegrityError as exc:
+        raise concurrent_change() from exc
+
+
+async def _upsert_device(state: State, request: Request, data: DeviceRequest, *, must_exist: bool) -> tuple[DeviceView, bool]:
     user_id = request.user.id
     now = utcnow()
     async with services_of(state).sessions.begin() as session:
@@ -208,6 +221,13 @@ async def upsert_device(state: State, request: Request, data: DeviceRequest, *, 
 
 
 async def submit_kyc(state: State, request: Request, values: dict[str, Any], *, patching: bool) -> KycStatusView:
+    try:
+        return await _submit_kyc(state, request, values, patching=patching)
+    except IntegrityError as exc:
+        raise concurrent_change() from exc
+
+
+async def _submit_kyc(state: State, request: Request, values: dict[str, Any], *, patching: bool) -> KycStatusView:
     user_id = request.user.id
     now = utcnow()
     async with services_of(state).sessions.begin() as session:
@@ -365,14 +385,14 @@ class DeviceController(Controller):
     tags = ["auth"]
     security = BEARER_SECURITY
 
-    @post("/device", status_code=201, responses=error_responses(400, 401))
+    @post("/device", status_code=201, responses=error_responses(400, 401, 409))
     async def register_device(self, state: State, request: Request, data: JSONBody[DeviceRequest]) -> Response[DeviceView]:
         """Register this phone (or update it when already known: 200): platform, app version and
         the push token notifications are delivered to."""
         view, created = await upsert_device(state, request, data, must_exist=False)
         return Response(view, status_code=201 if created else 200)
 
-    @put("/device", responses=error_responses(400, 401, 404))
+    @put("/device", responses=error_responses(400, 401, 404, 409))
     async def update_device(self, state: State, request: Request, data: JSONBody[DeviceRequest]) -> DeviceView:
         """Update a registered device, e.g. a rotated push token (404 `device_not_found`)."""
         view, _ = await upsert_device(state, request, data, must_exist=True)

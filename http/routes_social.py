@@ -208,5 +208,10 @@ class SocialController(Controller):
     @get("/achievements", responses=error_responses(401))
     async def achievements(self, state: State, request: Request) -> list[AchievementView]:
         """Every active achievement with the caller's progress and when it was unlocked."""
-        async with services_of(state).sessions.begin() as session:
-            return await sync_achievements(session, request.user.id, utcnow())
+        try:
+            async with services_of(state).sessions.begin() as session:
+                return await sync_achievements(session, request.user.id, utcnow())
+        except IntegrityError:
+            # A concurrent read of the same person created the progress rows first; they exist now.
+            async with services_of(state).sessions.begin() as session:
+                return await sync_achievements(session, request.user.id, utcnow())

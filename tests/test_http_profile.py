@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from sqlalchemy import func, select
@@ -223,3 +224,13 @@ async def test_account_deletion_refused_while_a_bank_is_out(app_client, app_serv
     async with app_services.sessions() as session:
         assert (await session.get(User, user_id)).phone == "+9779816000010"
     assert uuid.UUID((await app_client.get("/api/user/profile", headers=headers)).json()["user_id"]) == user_id
+
+
+async def test_concurrent_kyc_submissions_leave_one(app_client, app_services):
+    headers, user_id = await sign_up(app_client, "+9779816000011")
+    submission = {"document_type": "national_id", "document_number": "NID-42", "full_name": "Ram Thapa"}
+    responses = await asyncio.gather(*(app_client.post("/api/auth/kyc", headers=headers, json=submission) for _ in range(3)))
+    assert sorted(r.status_code for r in responses) == [201, 409, 409]
+    assert {r.json()["error"] for r in responses if r.status_code == 409} <= {"kyc_pending", "concurrent_update"}
+    async with app_services.sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(UserKyc).where(UserKyc.user_id == user_id)) == 1

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 
@@ -114,3 +115,10 @@ async def test_minutes_and_rankings_on_postgres(tmp_path):
                 assert (await client.get("/api/users/achievements", headers=headers)).json()[0]["unlocked"]
     finally:
         await drop_postgres_database(name)
+
+
+async def test_concurrent_first_reads_of_achievements_both_answer(app_client):
+    headers, _ = await sign_up(app_client, "+9779810100007")
+    responses = await asyncio.gather(*(app_client.get("/api/users/achievements", headers=headers) for _ in range(3)))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert all(len(r.json()) == 4 for r in responses)
