@@ -1274,3 +1274,44 @@ class UserLeaderboard(Base):
     rentals_completed: Mapped[int] = mapped_column(Integer, default=0)
     minutes_total: Mapped[int] = mapped_column(Integer, default=0)
     computed_at: Mapped[datetime]
+
+
+# --- station media and amenities (station detail) ------------------------------------------------
+
+STATION_MEDIA_KINDS = ("image", "video")
+
+
+class StationMedia(Base):
+    """Photos (or a short video) of a station, shown on its detail page."""
+
+    __tablename__ = "station_media"
+    __table_args__ = (one_of("kind", STATION_MEDIA_KINDS), Index(None, "station_id", "sort_order"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(8), default="image")
+    url: Mapped[str] = mapped_column(String(500))
+    caption: Mapped[str | None] = mapped_column(String(200))
+    sort_order: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class StationAmenity(Base):
+    """A kind of amenity a station may offer (wifi, seating, 24 h access...)."""
+
+    __tablename__ = "station_amenities"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(80))
+    icon: Mapped[str | None] = mapped_column(String(64))
+
+
+class StationAmenityMapping(Base):
+    __tablename__ = "station_amenity_mappings"
+    __table_args__ = (UniqueConstraint("station_id", "amenity_id"), Index(None, "amenity_id"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
+    amenity_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("station_amenities.id", ondelete="CASCADE"))
+    note: Mapped[str | None] = mapped_column(String(120))

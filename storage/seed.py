@@ -21,6 +21,7 @@ from powerbank.storage.models import (
     Country,
     Faq,
     RentalPackage,
+    StationAmenity,
 )
 from powerbank.storage.types import utcnow
 
@@ -102,6 +103,10 @@ DEFAULT_CONTACT = [
     ("email", "Support", "support@example.org", 1), ("phone", "Hotline", "+9771000000000", 2),
     ("website", "Website", "https://example.org", 3),
 ]
+DEFAULT_AMENITIES = [
+    ("wifi", "Free Wi-Fi", "wifi"), ("seating", "Seating", "chair"), ("open-24h", "Open 24 hours", "clock"),
+    ("accessible", "Step-free access", "accessible"),
+]
 DEFAULT_ACHIEVEMENTS = [
     ("first-rental", "First charge", "Complete your first rental", "rentals_completed", 1, 10, 1),
     ("regular", "Regular", "Complete 10 rentals", "rentals_completed", 10, 50, 2),
@@ -129,6 +134,7 @@ def default_content_rows(now) -> dict[type, list[dict]]:
             dict(title="First rental on us", image_url="https://example.org/banners/first-rental.png", link_url="powerbank://promotions", sort_order=1, is_active=True, created_at=now),
             dict(title="Return anywhere", image_url="https://example.org/banners/return-anywhere.png", link_url=None, sort_order=2, is_active=True, created_at=now),
         ],
+        StationAmenity: [dict(code=c, name=n, icon=i) for c, n, i in DEFAULT_AMENITIES],
         Achievement: [
             dict(code=c, name=n, description=d, metric=m, threshold=t, points=p, sort_order=o, is_active=True)
             for c, n, d, m, t, p, o in DEFAULT_ACHIEVEMENTS

@@ -2,7 +2,7 @@
 
 Revision ID: 0004_app_endpoints
 Revises: 0003_promotions
-Create Date: 2026-11-23 07:44:20.170996
+Create Date: 2026-11-23 07:53:30.092408
 
 """
 from typing import Sequence, Union
@@ -132,6 +132,14 @@ def upgrade() -> None:
     with op.batch_alter_table('faqs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_faqs_is_active_category_sort_order'), ['is_active', 'category', 'sort_order'], unique=False)
 
+    op.create_table('station_amenities',
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('code', sa.String(length=32), nullable=False),
+    sa.Column('name', sa.String(length=80), nullable=False),
+    sa.Column('icon', sa.String(length=64), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_station_amenities')),
+    sa.UniqueConstraint('code', name=op.f('uq_station_amenities_code'))
+    )
     op.create_table('media_uploads',
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('user_id', sa.Uuid(), nullable=True),
@@ -165,6 +173,34 @@ def upgrade() -> None:
     with op.batch_alter_table('notifications', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_notifications_user_id_created_at'), ['user_id', 'created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_notifications_user_id_read_at'), ['user_id', 'read_at'], unique=False)
+
+    op.create_table('station_amenity_mappings',
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('station_id', sa.Uuid(), nullable=False),
+    sa.Column('amenity_id', sa.Uuid(), nullable=False),
+    sa.Column('note', sa.String(length=120), nullable=True),
+    sa.ForeignKeyConstraint(['amenity_id'], ['station_amenities.id'], name=op.f('fk_station_amenity_mappings_amenity_id_station_amenities'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['station_id'], ['stations.id'], name=op.f('fk_station_amenity_mappings_station_id_stations'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_station_amenity_mappings')),
+    sa.UniqueConstraint('station_id', 'amenity_id', name=op.f('uq_station_amenity_mappings_station_id_amenity_id'))
+    )
+    with op.batch_alter_table('station_amenity_mappings', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_station_amenity_mappings_amenity_id'), ['amenity_id'], unique=False)
+
+    op.create_table('station_media',
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('station_id', sa.Uuid(), nullable=False),
+    sa.Column('kind', sa.String(length=8), nullable=False),
+    sa.Column('url', sa.String(length=500), nullable=False),
+    sa.Column('caption', sa.String(length=200), nullable=True),
+    sa.Column('sort_order', sa.Integer(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("kind IN ('image', 'video')", name=op.f('ck_station_media_kind_valid')),
+    sa.ForeignKeyConstraint(['station_id'], ['stations.id'], name=op.f('fk_station_media_station_id_stations'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_station_media'))
+    )
+    with op.batch_alter_table('station_media', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_station_media_station_id_sort_order'), ['station_id', 'sort_order'], unique=False)
 
     op.create_table('user_achievements',
     sa.Column('id', sa.Uuid(), nullable=False),
@@ -404,6 +440,14 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_user_achievements_achievement_id'))
 
     op.drop_table('user_achievements')
+    with op.batch_alter_table('station_media', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_station_media_station_id_sort_order'))
+
+    op.drop_table('station_media')
+    with op.batch_alter_table('station_amenity_mappings', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_station_amenity_mappings_amenity_id'))
+
+    op.drop_table('station_amenity_mappings')
     with op.batch_alter_table('notifications', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_notifications_user_id_read_at'))
         batch_op.drop_index(batch_op.f('ix_notifications_user_id_created_at'))
@@ -413,6 +457,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_media_uploads_user_id_created_at'))
 
     op.drop_table('media_uploads')
+    op.drop_table('station_amenities')
     with op.batch_alter_table('faqs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_faqs_is_active_category_sort_order'))
 
