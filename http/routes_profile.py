@@ -43,7 +43,6 @@ from powerbank.http.schemas_app import (
     UsageStats,
 )
 from powerbank.storage.models import (
-    LedgerAccount,
     LedgerTransfer,
     MediaUpload,
     Notification,

@@ -13,7 +13,7 @@ Awarding an achievement's points belongs to the Wallet actor and is not done her
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Literal
 
 from litestar import Controller, Request, get
