@@ -180,7 +180,7 @@ RECONCILE_INTERVAL_S = 300
 CARD_SWEEP_INTERVAL_S = 30
 
 
-async def run_payment_jobs(services: Services, lease) -> None:
+async def run_payment_jobs(services: Services, lease=None) -> None:
     """Reconciliation with the payment provider (repairs missed webhooks and unanswered refunds),
     the listener for provider work actors announce after commit (card rental holds, auto-refill
     after a debit), and the sweeps behind that listener (auto-refill, card rentals). All
@@ -188,6 +188,7 @@ async def run_payment_jobs(services: Services, lease) -> None:
     the scheduler's lease (scheduler.py)."""
     from powerbank import payment_flows
 
+    lease = lease or scheduler.SoleLease()
     gateway = payment_flows.build_gateway(services.settings)
     refill_every_s = services.settings.auto_refill_interval_s
     next_reconcile_s = next_refill_s = next_cards_s = time.monotonic()

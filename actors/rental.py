@@ -23,12 +23,12 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from powerbank.actors import payments, pricing
 from powerbank.actors.runtime import ActorContext, CommandRejected, Runtime, handles
 from powerbank.actors.wallet import load_money_config
-from powerbank.storage.models import PaymentIntent, PowerBank, Rental, RentalPackage, Station, User
+from powerbank.storage.models import PaymentIntent, PowerBank, Rental, RentalExtension, RentalPackage, Station, User
 
 QUICK_RETURN_S = pricing.QUICK_RETURN_S
 WAITING_STATUSES = ("pending", "ejecting")
@@ -245,10 +245,12 @@ async def bank_returned(ctx: ActorContext, rental_id: str, payload: dict[str, An
     config = await load_money_config(ctx.session)
     tariff = pricing.Tariff.of(package)
     used_s = _used_s(rental.started_at, returned_at)
-    rental.fee_minor = pricing.rental_fee_minor(tariff, used_s)
+    billed_s = billable_s(used_s, await extended_minutes(ctx.session, rental.id))
+    rental.fee_minor = pricing.rental_fee_minor(tariff, billed_s)
     rental.quick_return = pricing.is_quick_return(used_s, config.quick_return_s)
-    points = pricing.timely_return_points(
-        tariff, used_s, quick_return_s=config.quick_return_s, award_points=config.timely_return_points
+    # Quick by the time actually used; timely by the time billed (extensions included).
+    points = 0 if rental.quick_return else pricing.timely_return_points(
+        tariff, billed_s, quick_return_s=0, award_points=config.timely_return_points
     )
     await _charge(ctx, rental, points)
     _publish(ctx, rental, "returned")
@@ -431,3 +433,109 @@ async def mark_lost_rentals(runtime: Runtime, now: datetime) -> int:
     for rental_id in lost:
         await runtime.submit("rental", str(rental_id), "MarkLost", {"as_of": now.isoformat()}, f"lost:{rental_id}")
     return len(lost)
+
+
+# --- cancel and extend (the app's /api/rentals/{id}/cancel and /extend) --------------------------
+#
+# Cancel: only while the funds are still being held (status pending). Once the hold is placed the
+# station may already be releasing a bank (ejecting), and cancelling then could leave a bank out on
+# a cancelled rental; once the bank is out (active, overdue) it ends by being returned, which within
+# the quick-return window is flagged as a possibly faulty bank (SPEC).
+#
+# Extend: buy whole periods of the package's own duration at the package's price, while the bank is
+# out, up to the package's maximum duration. The HTTP layer pays first (Wallet SpendWallet,
+# idempotent by transfer id), then sends ExtendRental; a refused extension refunds that payment in
+# the same transaction that records the refusal. At return, extended minutes are not billed again
+# and the late fee counts from the extended due time (`billable_s`).
+
+CANCELLABLE_STATUSES = ("pending",)
+EXTENDABLE_STATUSES = OPEN_STATUSES
+
+
+def cancel_refusal(status: str) -> str | None:
+    if status in CANCELLABLE_STATUSES:
+        return None
+    if status == "ejecting":
+        return "eject_in_progress"
+    if status in OPEN_STATUSES:
+        return "bank_taken"
+    return "rental_closed"
+
+
+def extension_refusal(
+    status: str, started_at: datetime | None, due_at: datetime | None, max_duration_minutes: int, minutes: int
+) -> str | None:
+    if status not in EXTENDABLE_STATUSES or started_at is None or due_at is None:
+        return "rental_not_active"
+    if due_at + timedelta(minutes=minutes) > started_at + timedelta(minutes=max_duration_minutes):
+        return "beyond_maximum_duration"
+    return None
+
+
+def billable_s(used_s: float, extended_minutes: int) -> float:
+    """Time billed at the package tariff: extensions were paid when bought."""
+    return max(0.0, used_s - extended_minutes * 60)
+
+
+def extension_view(extension: RentalExtension) -> dict[str, Any]:
+    return {
+        "id": str(extension.id), "rental_id": str(extension.rental_id), "minutes": extension.minutes,
+        "price_minor": extension.price_minor, "currency": extension.currency,
+        "due_at_before": extension.due_at_before.isoformat(), "due_at_after": extension.due_at_after.isoformat(),
+        "created_at": extension.created_at.isoformat(),
+    }
+
+
+async def extended_minutes(session, rental_id: uuid.UUID) -> int:
+    total = await session.scalar(select(func.coalesce(func.sum(RentalExtension.minutes), 0)).where(RentalExtension.rental_id == rental_id))
+    return int(total or 0)
+
+
+@handles("rental", "CancelRental")
+async def cancel_rental(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The person cancels before any bank is on its way; the hold (placed or about to be: the
+    wallet applies PlaceHold before this VoidHold) is released."""
+    rental = await _load(ctx, rental_id)
+    if str(rental.user_id) != payload.get("user_id"):
+        raise CommandRejected("rental_not_found")
+    reason = cancel_refusal(rental.status)
+    if reason is not None:
+        raise CommandRejected(reason, status=rental.status)
+    rental.status, rental.cancel_reason = "cancelled", "cancelled_by_user"
+    await ctx.send("wallet", str(rental.user_id), "VoidHold", {"rental_id": rental_id}, f"void:{rental_id}")
+    return {"ok": True, "rental": _publish(ctx, rental, "cancelled")}
+
+
+@handles("rental", "ExtendRental")
+async def extend_rental(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    rental = await _load(ctx, rental_id)
+    extension_id = uuid.UUID(payload["extension_id"])
+    existing = await ctx.session.get(RentalExtension, extension_id)
+    if existing is not None:
+        return {"ok": True, "extension": extension_view(existing)}
+    package = await ctx.session.get(RentalPackage, rental.package_id)
+    reason = extension_refusal(rental.status, rental.started_at, rental.due_at, package.max_duration_minutes, payload["minutes"])
+    if reason is not None and payload.get("transfer_id") is None:
+        return {"ok": False, "reason": reason, "status": rental.status, "refunded": False}
+    if reason is not None:
+        # Paid already: the refund commits with this refusal, so the money cannot stay taken.
+        await ctx.send(
+            "wallet", str(rental.user_id), "RefundTransfer",
+            {"transfer_id": payload["transfer_id"], "refund_id": str(uuid.uuid5(extension_id, "refund")),
+             "amount_minor": payload["price_minor"]},
+            f"extend-refund:{extension_id}",
+        )
+        return {"ok": False, "reason": reason, "status": rental.status, "refunded": True}
+    extension = RentalExtension(
+        id=extension_id, rental_id=rental.id, minutes=payload["minutes"], price_minor=payload["price_minor"],
+        currency=rental.currency, transfer_id=uuid.UUID(payload["transfer_id"]) if payload.get("transfer_id") else None,
+        due_at_before=rental.due_at,
+        due_at_after=rental.due_at + timedelta(minutes=payload["minutes"]), created_at=ctx.now,
+    )
+    ctx.session.add(extension)
+    rental.due_at = extension.due_at_after
+    if rental.status == "overdue" and rental.due_at > ctx.now:
+        rental.status = "active"
+    await ctx.session.flush()
+    _publish(ctx, rental, "extended")
+    return {"ok": True, "extension": extension_view(extension)}

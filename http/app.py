@@ -30,11 +30,19 @@ from powerbank.http.routes_app import AppController, PaymentController
 from powerbank.http.routes_auth import AuthController
 from powerbank.http.routes_payment import PaymentFlowController, UserTransactionsController
 from powerbank.http.routes_promotions import AdminCouponController, PromotionController, ReferralController
-from powerbank.http.routes_rentals import RentalController, RentalStarter, start_rental_via_actor
+from powerbank.http.routes_rentals import RentalActionController, RentalController, RentalStarter, start_rental_via_actor
+from powerbank.http.cache import ReadCache
+from powerbank.http.routes_content import AppContentController, ContentController
+from powerbank.http.routes_media import MediaController
+from powerbank.http.routes_notifications import NotificationController
+from powerbank.http.routes_profile import DeviceController, ProfileController
+from powerbank.http.routes_social import SocialController
+from powerbank.http.routes_stations import StationController
 from powerbank.http.routes_wallet import PayDueController, PaymentOptionsController, PointsController, UserWalletController
 from powerbank.http.websocket import live_events
 from powerbank.payment_flows import build_gateway
 from powerbank.payment_gateway import PaymentGateway
+from powerbank.storage.media import MediaStore, build_media_store
 
 if TYPE_CHECKING:
     from powerbank.services import Services
@@ -72,6 +80,11 @@ def openapi_config() -> OpenAPIConfig:
             Tag(name="rentals", description="rent, follow, history"),
             Tag(name="promotions", description="referral codes and coupons"),
             Tag(name="admin", description="admin and superadmin only"),
+            Tag(name="content", description="terms, privacy, about, contact, FAQ, release notes (cached)"),
+            Tag(name="user", description="the caller's profile and usage"),
+            Tag(name="stations", description="favourite stations and issue reports"),
+            Tag(name="notifications", description="the caller's in-app inbox"),
+            Tag(name="social", description="leaderboard and achievements"),
         ],
         use_handler_docstrings=True,
     )
@@ -84,12 +97,16 @@ def create_app(
     otp_sender: OtpSender | None = None,
     start_rental: RentalStarter | None = None,
     payment_gateway: PaymentGateway | None = None,
+    media_store: MediaStore | None = None,
+    read_cache: ReadCache | None = None,
     debug: bool = False,
 ) -> Litestar:
     """Build the app. `auth_policy` defaults to the environment (POWERBANK_OTP_ECHO,
     OTP_RATE_PER_IP, ...), `otp_sender` to the log-only provider, `start_rental` to
     `powerbank.actors.rental.start_rental`, `payment_gateway` to Stripe when STRIPE_SECRET_KEY is set
-    (the app then closes it on shutdown). `services` may be None only to render OpenAPI."""
+    (the app then closes it on shutdown), `media_store` to `storage.media.build_media_store` (local
+disk under data_dir unless configured), `read_cache` to a fresh in-process `ReadCache` (admin
+writes invalidate it through `app.state.read_cache`). `services` may be None only to render OpenAPI."""
     owned_gateway = None
     if payment_gateway is None and services is not None:
         payment_gateway = owned_gateway = build_gateway(services.settings)
@@ -100,6 +117,9 @@ def create_app(
             "otp_sender": otp_sender or LogOtpSender(),
             "start_rental": start_rental or start_rental_via_actor,
             "payment_gateway": payment_gateway,
+            "media_store": media_store
+            or (build_media_store(services.settings.data_dir) if services is not None else None),
+            "read_cache": read_cache or ReadCache(),
         }
     )
     prometheus = PrometheusConfig(
@@ -124,6 +144,15 @@ def create_app(
             ReferralController,
             PromotionController,
             AdminCouponController,
+            AppContentController,
+            ContentController,
+            MediaController,
+            DeviceController,
+            ProfileController,
+            StationController,
+            NotificationController,
+            RentalActionController,
+            SocialController,
             live_events,
             metrics,
         ],

@@ -155,6 +155,8 @@ _DESCRIPTIONS = {
     403: "The caller's role may not do this (`forbidden`)",
     404: "Not found (`*_not_found`)",
     409: "Refused in the current state; `error` names the reason",
+    413: "Too large (`file_too_large`, with `max_bytes`)",
+    415: "A file type this endpoint does not take (`unsupported_media_type`, `content_mismatch`)",
     422: "Well-formed but not acceptable (for example an inactive package)",
     429: "Too many requests (`rate_limited`); see the Retry-After header",
     503: "A dependency is unavailable",

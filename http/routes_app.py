@@ -20,14 +20,25 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from powerbank.http.deps import Paging, provide_paging, services_of
 from powerbank.http.errors import ApiError, error_responses
 from powerbank.http.schemas import (
+    AmenityView,
     HealthView,
     PackageView,
     SlotView,
     StationDetail,
     StationPage,
+    StationMediaView,
     StationSummary,
 )
-from powerbank.storage.models import STATION_STATUSES, PowerBank, RentalPackage, Station, StationSlot
+from powerbank.storage.models import (
+    STATION_STATUSES,
+    PowerBank,
+    RentalPackage,
+    Station,
+    StationAmenity,
+    StationAmenityMapping,
+    StationMedia,
+    StationSlot,
+)
 from powerbank.storage.types import utcnow
 
 # Below this charge a bank is not offered: it would hardly charge a phone. The rental actor
@@ -169,7 +180,27 @@ async def station_detail(session: AsyncSession, serial: str) -> StationDetail:
     available = sum(1 for slot in slots if slot.rentable)
     empty = sum(1 for slot in slots if slot.status == "empty")
     base = summary(station, (available, empty))
-    return StationDetail(**{f: getattr(base, f) for f in base.__struct_fields__}, slots=slots)
+    media, amenities = await station_extras(session, station.id)
+    return StationDetail(**{f: getattr(base, f) for f in base.__struct_fields__}, slots=slots, media=media, amenities=amenities)
+
+
+async def station_extras(session: AsyncSession, station_id: uuid.UUID) -> tuple[list[StationMediaView], list[AmenityView]]:
+    """The station's photos and amenities, for its detail page."""
+    media = (
+        await session.execute(
+            select(StationMedia).where(StationMedia.station_id == station_id).order_by(StationMedia.sort_order, StationMedia.created_at)
+        )
+    ).scalars()
+    amenities = await session.execute(
+        select(StationAmenity, StationAmenityMapping.note)
+        .join(StationAmenityMapping, StationAmenityMapping.amenity_id == StationAmenity.id)
+        .where(StationAmenityMapping.station_id == station_id)
+        .order_by(StationAmenity.name)
+    )
+    return (
+        [StationMediaView(kind=m.kind, url=m.url, caption=m.caption) for m in media],
+        [AmenityView(code=a.code, name=a.name, icon=a.icon, note=note) for a, note in amenities],
+    )
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -226,7 +257,8 @@ class AppController(Controller):
 
     @get("/stations/{sn:str}", responses=error_responses(400, 404))
     async def station(self, state: State, sn: FromPath[str]) -> StationDetail:
-        """One station with every slot and each bank's charge (404 `station_not_found`)."""
+        """One station with every slot and each bank's charge, its photos and amenities
+        (404 `station_not_found`)."""
         async with services_of(state).readonly() as session:
             return await station_detail(session, sn)
 
@@ -245,7 +277,7 @@ class PaymentController(Controller):
     path = "/api/payment"
     tags = ["payment"]
 
-    @get("/packages", opt=PUBLIC)
+    @get("/packages", opt=PUBLIC, responses=error_responses(500))
     async def packages(self, state: State) -> list[PackageView]:
         """Active rental packages, in display order."""
         async with services_of(state).readonly() as session:

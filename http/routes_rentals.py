@@ -289,3 +289,166 @@ class RentalController(Controller):
             raise ApiError(404, "rental_not_found", f"no rental {rental_id}")
         return rental
 
+
+
+# --- cancel, extend, location, report issue ---------------------------------------------------
+#
+# Cancel and extend change the rental, so they are commands to its Rental actor (the decisions are
+# `cancel_refusal` and `extension_refusal` in actors/rental.py); a location fix or an issue report
+# only adds a row about the rental and is written here. Every route first finds the rental among
+# the caller's own: anyone else's is a 404 like a missing one.
+
+import msgspec  # noqa: E402
+
+from powerbank.http.routes_profile import own_media  # noqa: E402
+from powerbank.http.schemas_app import (  # noqa: E402
+    ExtendRentalRequest,
+    LocationRecorded,
+    LocationRequest,
+    RentalExtensionView,
+    RentalIssueRequest,
+    RentalIssueView,
+)
+from powerbank.storage.models import RentalIssue, RentalLocation  # noqa: E402
+from powerbank.storage.types import utcnow  # noqa: E402
+
+ACTION_TIMEOUT_S = 10.0
+LOCATION_STATUSES = ("active", "overdue")
+EXTENSION_NAMESPACE = uuid.UUID("0f3c9a52-7d0e-4f61-9b3a-5f6e2d8c1a47")
+
+ACTION_REFUSAL_TEXT = {
+    "eject_in_progress": "the station is releasing your power bank; it can no longer be cancelled",
+    "bank_taken": "the power bank is out: return it at any station to end the rental",
+    "rental_closed": "the rental has already ended",
+    "rental_not_active": "only a rental with the power bank out can be extended",
+    "beyond_maximum_duration": "that would go past the package's maximum rental time",
+    "insufficient_funds": "not enough money in your wallet for the extension",
+}
+
+
+def action_refused(result: dict[str, Any]) -> ApiError:
+    reason = str(result.get("reason") or "refused")
+    return ApiError(409, reason, ACTION_REFUSAL_TEXT.get(reason, f"refused: {reason}"))
+
+
+def extension_id_for(rental_id: uuid.UUID, user_id: uuid.UUID, idempotency_key: str | None) -> uuid.UUID:
+    if idempotency_key is None:
+        return uuid.uuid4()
+    return uuid.uuid5(EXTENSION_NAMESPACE, f"{rental_id}:{user_id}:{idempotency_key}")
+
+
+async def own_rental(session: AsyncSession, rental_id: uuid.UUID, user_id: uuid.UUID) -> Rental:
+    rental = (await session.execute(select(Rental).where(Rental.id == rental_id, Rental.user_id == user_id))).scalar_one_or_none()
+    if rental is None:
+        raise ApiError(404, "rental_not_found", f"no rental {rental_id}")
+    return rental
+
+
+async def call_actor(services, kind: str, entity_id: str, name: str, payload: dict[str, Any], command_id: str) -> dict[str, Any]:
+    try:
+        return await services.runtime.call(kind, entity_id, name, payload, command_id=command_id, timeout_s=ACTION_TIMEOUT_S)
+    except (TimeoutError, asyncio.TimeoutError) as exc:
+        raise ApiError(503, "actor_timeout", "accepted but not applied in time; read the rental again shortly") from exc
+
+
+class RentalActionController(Controller):
+    path = "/api/rentals"
+    tags = ["rentals"]
+    security = BEARER_SECURITY
+
+    @post("/{rental_id:uuid}/cancel", status_code=200, responses=error_responses(400, 401, 404, 409, 503))
+    async def cancel(self, state: State, request: Request, rental_id: FromPath[uuid.UUID]) -> RentalView:
+        """Cancel a rental before any power bank is on its way (status pending); the held money is
+        released. 409 `eject_in_progress`, `bank_taken` (return it instead) or `rental_closed`."""
+        services = services_of(state)
+        user_id = request.user.id
+        async with services.readonly() as session:
+            await own_rental(session, rental_id, user_id)
+        result = await call_actor(
+            services, "rental", str(rental_id), "CancelRental", {"user_id": str(user_id)}, f"cancel:{uuid.uuid4()}"
+        )
+        async with services.readonly() as session:
+            view = await load_rental(session, rental_id, user_id)
+        already_cancelled = view is not None and view.cancel_reason == "cancelled_by_user"
+        if not result.get("ok") and not already_cancelled:
+            raise action_refused(result)
+        return view
+
+    @post("/{rental_id:uuid}/extend", status_code=201, responses=error_responses(400, 401, 404, 409, 503))
+    async def extend(
+        self, state: State, request: Request, rental_id: FromPath[uuid.UUID], data: JSONBody[ExtendRentalRequest]
+    ) -> RentalExtensionView:
+        """Buy more time: `periods` times the package's duration at its price, paid now from the
+        wallet; the due time moves and no late fee runs for the extended time. Up to the package's
+        maximum. 409 `rental_not_active`, `beyond_maximum_duration`, `insufficient_funds`."""
+        from powerbank.actors.rental import extension_refusal
+
+        services = services_of(state)
+        user_id = request.user.id
+        async with services.readonly() as session:
+            rental = await own_rental(session, rental_id, user_id)
+            package = await session.get(RentalPackage, rental.package_id)
+        minutes, price_minor = package.duration_minutes * data.periods, package.price_minor * data.periods
+        # Checked here too so a plain refusal never moves money; the actor decides again.
+        reason = extension_refusal(rental.status, rental.started_at, rental.due_at, package.max_duration_minutes, minutes)
+        if reason is not None:
+            raise action_refused({"reason": reason})
+        extension_id = extension_id_for(rental_id, user_id, data.idempotency_key)
+        transfer_id = uuid.uuid5(extension_id, "payment") if price_minor else None
+        if transfer_id is not None:
+            paid = await call_actor(
+                services, "wallet", str(user_id), "SpendWallet",
+                {"transfer_id": str(transfer_id), "amount_minor": price_minor, "currency": rental.currency,
+                 "reason": f"extension of rental {rental_id}"},
+                f"extend-pay:{extension_id}",
+            )
+            if not paid.get("ok"):
+                raise action_refused(paid)
+        result = await call_actor(
+            services, "rental", str(rental_id), "ExtendRental",
+            {"extension_id": str(extension_id), "minutes": minutes, "price_minor": price_minor,
+             "transfer_id": str(transfer_id) if transfer_id else None},
+            f"extend:{extension_id}",
+        )
+        if not result.get("ok"):
+            raise action_refused(result)
+        return msgspec.convert(result["extension"], RentalExtensionView)
+
+    @post("/{rental_id:uuid}/location", status_code=201, responses=error_responses(400, 401, 404, 409))
+    async def location(
+        self, state: State, request: Request, rental_id: FromPath[uuid.UUID], data: JSONBody[LocationRequest]
+    ) -> LocationRecorded:
+        """Record where the phone (and so the power bank) is, while the bank is out."""
+        now = utcnow()
+        recorded_at = min(data.recorded_at or now, now)  # a phone clock ahead is not the future
+        async with services_of(state).sessions.begin() as session:
+            rental = await own_rental(session, rental_id, request.user.id)
+            if rental.status not in LOCATION_STATUSES:
+                raise ApiError(409, "rental_not_active", "locations are recorded only while the power bank is out")
+            session.add(
+                RentalLocation(
+                    rental_id=rental.id, latitude=data.latitude, longitude=data.longitude, accuracy_m=data.accuracy_m,
+                    recorded_at=recorded_at, received_at=now,
+                )
+            )
+        return LocationRecorded(rental_id=rental_id, recorded_at=recorded_at)
+
+    @post("/{rental_id:uuid}/report-issue", status_code=201, responses=error_responses(400, 401, 404))
+    async def report_issue(
+        self, state: State, request: Request, rental_id: FromPath[uuid.UUID], data: JSONBody[RentalIssueRequest]
+    ) -> RentalIssueView:
+        """Report a problem with a rental (faulty bank, wrong charge, ...), optionally with a photo
+        (an upload with purpose `rental_issue`)."""
+        async with services_of(state).sessions.begin() as session:
+            rental = await own_rental(session, rental_id, request.user.id)
+            await own_media(session, request.user.id, data.media_id, "rental_issue")
+            issue = RentalIssue(
+                rental_id=rental.id, kind=data.kind, description=data.description, media_id=data.media_id,
+                status="open", created_at=utcnow(),
+            )
+            session.add(issue)
+            await session.flush()
+            return RentalIssueView(
+                id=issue.id, rental_id=rental.id, kind=issue.kind, description=issue.description,
+                status=issue.status, created_at=issue.created_at,
+            )

@@ -130,8 +130,23 @@ class SlotView(Response):
     rentable: bool
 
 
+class StationMediaView(Response):
+    kind: str
+    url: str
+    caption: str | None
+
+
+class AmenityView(Response):
+    code: str
+    name: str
+    icon: str | None
+    note: str | None
+
+
 class StationDetail(StationSummary, kw_only=True):
     slots: list[SlotView]
+    media: list[StationMediaView] = msgspec.field(default_factory=list)
+    amenities: list[AmenityView] = msgspec.field(default_factory=list)
 
 
 class PackageView(Response):

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import secrets
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -46,8 +47,9 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def sign_up(client: httpx.AsyncClient, phone: str, **extra) -> dict:
-    """Register `phone` through the API (needs `otp_echo`); the register response body."""
+async def sign_up_body(client: httpx.AsyncClient, phone: str, **extra) -> dict:
+    """Register `phone` through the API (needs `otp_echo`); the whole register response body
+    (tokens, user). `sign_up` below gives just the header and the id."""
     code = (await client.post("/api/auth/get-otp", json={"phone": phone, "purpose": "register"})).json()["debug_code"]
     response = await client.post("/api/auth/register", json={"phone": phone, "code": code, **extra})
     assert response.status_code == 201, response.text
@@ -96,3 +98,53 @@ async def serve(app, host: str = "127.0.0.1") -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+# --- helpers for the app-endpoint tests (tests/test_http_*.py) ---------------------------------
+
+
+async def sign_up(client, phone: str) -> tuple[dict[str, str], "uuid.UUID"]:
+    """Register a person through the real OTP flow (the app must echo codes); returns their
+    Authorization header and id."""
+    code = (await client.post("/api/auth/get-otp", json={"phone": phone, "purpose": "register"})).json()["debug_code"]
+    response = await client.post("/api/auth/register", json={"phone": phone, "code": code})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    return bearer(body["access_token"]), uuid.UUID(body["user"]["id"])
+
+
+async def credit_wallet(services: Services, user_id: "uuid.UUID", amount_minor: int, currency: str = "NPR") -> None:
+    transfer_id = str(uuid.uuid4())
+    payload = {"amount_minor": amount_minor, "currency": currency, "transfer_id": transfer_id, "reason": "test"}
+    result = await services.runtime.call("wallet", str(user_id), "CreditWallet", payload, f"credit:{transfer_id}")
+    assert result["ok"], result
+
+
+async def insert_rental(services: Services, user_id: "uuid.UUID", *, status: str = "active", serial: str | None = None, **columns):
+    """A rental row in `status` at a new (or the named) station on the `hour-1` package, as if
+    the Rental actor had got it there. Returns the rental."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from powerbank.storage.models import Rental, RentalPackage, Station
+    from powerbank.storage.types import utcnow
+
+    async with services.sessions.begin() as session:
+        station = None
+        if serial is not None:
+            station = (await session.execute(select(Station).where(Station.serial == serial))).scalar_one_or_none()
+        if station is None:
+            station = Station(serial=serial or f"SN-{uuid.uuid4().hex[:8]}", name="test", latitude=27.7, longitude=85.3, slot_count=4, status="online")
+            session.add(station)
+            await session.flush()
+        package = (await session.execute(select(RentalPackage).where(RentalPackage.code == "hour-1"))).scalar_one()
+        now = utcnow()
+        defaults = dict(currency=package.currency, hold_minor=package.price_minor)
+        if status in ("active", "overdue", "completed", "lost"):
+            defaults.update(started_at=now - timedelta(minutes=10), due_at=now + timedelta(minutes=package.duration_minutes - 10))
+        if status == "completed":
+            defaults.update(returned_at=now, fee_minor=package.price_minor, charged_minor=package.price_minor)
+        rental = Rental(user_id=user_id, station_id=station.id, package_id=package.id, status=status, **{**defaults, **columns})
+        session.add(rental)
+    return rental

@@ -122,6 +122,10 @@ class UserProfile(Base):
     full_name: Mapped[str | None] = mapped_column(String(120))
     email: Mapped[str | None] = mapped_column(String(254))
     avatar_url: Mapped[str | None] = mapped_column(String(500))
+    # An upload (purpose avatar) the person chose as their picture.
+    avatar_media_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("media_uploads.id", ondelete="SET NULL"), index=True
+    )
     updated_at: Mapped[datetime] = updated_at_column()
 
 
@@ -939,3 +943,433 @@ class AdminActionLog(Base):
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
     ip: Mapped[str | None] = mapped_column(String(45))
     created_at: Mapped[datetime] = created_at_column()
+
+
+# --- app content (static tables, cached by http/cache.py) ---------------------------------------
+#
+# Admins write these rarely and every app start reads them, so the HTTP layer keeps them in
+# process memory; whoever writes one of these tables must call `ReadCache.invalidate` with the
+# key named next to the table (see http/cache.py).
+
+APP_PLATFORMS = ("ios", "android", "web", "other")
+CONTENT_SLUGS = ("terms-of-service", "privacy-policy", "about")
+CONTACT_KINDS = ("email", "phone", "whatsapp", "address", "website")
+
+
+class Country(Base):
+    """cache key: countries"""
+
+    __tablename__ = "countries"
+    __table_args__ = (
+        CheckConstraint("length(code) = 2", name="code_iso2"),
+        CheckConstraint("dial_code LIKE '+%'", name="dial_code_plus"),
+        Index(None, "is_active", "sort_order"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    # ISO 3166-1 alpha-2, upper case.
+    code: Mapped[str] = mapped_column(String(2), unique=True)
+    name: Mapped[str] = mapped_column(String(80))
+    dial_code: Mapped[str] = mapped_column(String(8))
+    flag: Mapped[str | None] = mapped_column(String(8))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    sort_order: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ContentPage(Base):
+    """Terms, privacy policy, about; one row per slug. cache key: content:<slug>"""
+
+    __tablename__ = "content_pages"
+    __table_args__ = (one_of("slug", CONTENT_SLUGS),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    slug: Mapped[str] = mapped_column(String(32), unique=True)
+    title: Mapped[str] = mapped_column(String(200))
+    # Markdown.
+    body: Mapped[str] = mapped_column(Text)
+    version: Mapped[str] = mapped_column(String(32), default="1")
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class ContactInfo(Base):
+    """cache key: contact"""
+
+    __tablename__ = "contact_info"
+    __table_args__ = (one_of("kind", CONTACT_KINDS), Index(None, "sort_order"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(80))
+    value: Mapped[str] = mapped_column(String(300))
+    sort_order: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class Faq(Base):
+    """cache key: faq"""
+
+    __tablename__ = "faqs"
+    __table_args__ = (Index(None, "is_active", "category", "sort_order"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    category: Mapped[str] = mapped_column(String(40), default="general")
+    question: Mapped[str] = mapped_column(String(300))
+    answer: Mapped[str] = mapped_column(Text)
+    sort_order: Mapped[int] = mapped_column(Integer, default=0)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class AppVersion(Base):
+    """The newest app build per platform and the oldest one still allowed. cache key: app_versions"""
+
+    __tablename__ = "app_versions"
+    __table_args__ = (one_of("platform", APP_PLATFORMS),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    platform: Mapped[str] = mapped_column(String(16), unique=True)
+    latest_version: Mapped[str] = mapped_column(String(32))
+    min_supported_version: Mapped[str] = mapped_column(String(32))
+    store_url: Mapped[str | None] = mapped_column(String(500))
+    release_notes: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class AppUpdate(Base):
+    """What changed in each release, for the app's "what's new". cache key: app_updates"""
+
+    __tablename__ = "app_updates"
+    __table_args__ = (Index(None, "released_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    version: Mapped[str] = mapped_column(String(32))
+    title: Mapped[str] = mapped_column(String(200))
+    notes: Mapped[str] = mapped_column(Text)
+    released_at: Mapped[datetime]
+
+
+class Banner(Base):
+    """A home-screen promotion, shown while active and inside its window. cache key: banners"""
+
+    __tablename__ = "banners"
+    __table_args__ = (
+        CheckConstraint("ends_at IS NULL OR starts_at IS NULL OR ends_at > starts_at", name="window_valid"),
+        Index(None, "is_active", "sort_order"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    title: Mapped[str] = mapped_column(String(120))
+    image_url: Mapped[str] = mapped_column(String(500))
+    link_url: Mapped[str | None] = mapped_column(String(500))
+    sort_order: Mapped[int] = mapped_column(Integer, default=0)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    starts_at: Mapped[datetime | None]
+    ends_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = created_at_column()
+
+
+# --- a person's own records ---------------------------------------------------------------------
+#
+# Written by HTTP requests directly (no actor owns them: one person writes their own rows, and
+# nothing else reads them to decide about money or banks). Everything here that describes a person
+# is erased when they delete their account (http/routes_profile.py, `erase_personal_data`).
+
+MEDIA_PURPOSES = ("avatar", "kyc", "station_issue", "rental_issue")
+KYC_STATUSES = ("pending", "approved", "rejected")
+KYC_DOCUMENT_TYPES = ("national_id", "passport", "driving_license", "citizenship")
+ISSUE_STATUSES = ("open", "acknowledged", "resolved", "dismissed")
+STATION_ISSUE_KINDS = ("no_bank_ejected", "station_offline", "damaged", "dirty", "slot_stuck", "other")
+RENTAL_ISSUE_KINDS = ("bank_faulty", "bank_not_charging", "not_ejected", "cannot_return", "wrong_charge", "other")
+
+
+class MediaUpload(Base):
+    """A file a person uploaded; the bytes live in the media store (local disk or S3-compatible)
+    under `storage_key`."""
+
+    __tablename__ = "media_uploads"
+    __table_args__ = (
+        one_of("purpose", MEDIA_PURPOSES),
+        CheckConstraint("size_bytes > 0", name="size_positive"),
+        Index(None, "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(16))
+    content_type: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(300), unique=True)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class UserKyc(Base):
+    """A person's identity check: submitted (pending), then approved or rejected by an admin."""
+
+    __tablename__ = "user_kyc"
+    __table_args__ = (
+        one_of("status", KYC_STATUSES),
+        one_of("document_type", KYC_DOCUMENT_TYPES),
+        Index(None, "status", "submitted_at"),
+        Index(None, "document_front_id"),
+        Index(None, "document_back_id"),
+        Index(None, "selfie_id"),
+        Index(None, "reviewed_by"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    document_type: Mapped[str] = mapped_column(String(24))
+    document_number: Mapped[str] = mapped_column(String(64))
+    full_name: Mapped[str] = mapped_column(String(120))
+    date_of_birth: Mapped[str | None] = mapped_column(String(10))
+    document_front_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("media_uploads.id", ondelete="SET NULL"))
+    document_back_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("media_uploads.id", ondelete="SET NULL"))
+    selfie_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("media_uploads.id", ondelete="SET NULL"))
+    rejection_reason: Mapped[str | None] = mapped_column(String(300))
+    reviewed_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    submitted_at: Mapped[datetime] = created_at_column()
+    reviewed_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class UserStationFavorite(Base):
+    __tablename__ = "user_station_favorites"
+    __table_args__ = (UniqueConstraint("user_id", "station_id"), Index(None, "station_id"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class StationIssue(Base):
+    """A problem a person reported at a station. The reporter is set null on account deletion so
+    the fleet keeps the report."""
+
+    __tablename__ = "station_issues"
+    __table_args__ = (
+        one_of("kind", STATION_ISSUE_KINDS),
+        one_of("status", ISSUE_STATUSES),
+        Index(None, "station_id", "created_at"),
+        Index(None, "user_id", "created_at"),
+        Index(None, "status"),
+        Index(None, "media_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    kind: Mapped[str] = mapped_column(String(24))
+    description: Mapped[str | None] = mapped_column(String(1000))
+    media_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("media_uploads.id", ondelete="SET NULL"))
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class Notification(Base):
+    """A message in a person's in-app inbox."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index(None, "user_id", "created_at"), Index(None, "user_id", "read_at"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # rental_overdue, topup_succeeded, promotion, ... (the template's code when one was used)
+    kind: Mapped[str] = mapped_column(String(40))
+    title: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str] = mapped_column(String(2000))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONDoc, default=dict)
+    read_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class UserAuditLog(Base):
+    """A sensitive action by a person. Survives their deletion: the actor is set null."""
+
+    __tablename__ = "user_audit_logs"
+    __table_args__ = (Index(None, "actor_id", "created_at"), Index(None, "action", "created_at"))
+
+    id: Mapped[int] = mapped_column(BigSerial, primary_key=True, autoincrement=True)
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    action: Mapped[str] = mapped_column(String(48))
+    target_type: Mapped[str | None] = mapped_column(String(32))
+    target_id: Mapped[str | None] = mapped_column(String(64))
+    ip: Mapped[str | None] = mapped_column(String(64))
+    # Which fields changed, never their values: the log must not keep what deletion erases.
+    details: Mapped[dict[str, Any]] = mapped_column(JSONDoc, default=dict)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+# --- rental extras ----------------------------------------------------------------------------
+
+
+class RentalExtension(Base):
+    """Time bought on top of a rental's package: moves `due_at` and is paid at once from the
+    wallet (the ledger transfer `transfer_id`). Written by the Rental actor."""
+
+    __tablename__ = "rental_extensions"
+    __table_args__ = (
+        CheckConstraint("minutes > 0", name="minutes_positive"),
+        CheckConstraint("price_minor >= 0", name="price_non_negative"),
+        CheckConstraint("length(currency) = 3", name="currency_iso"),
+        Index(None, "rental_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    rental_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("rentals.id", ondelete="CASCADE"))
+    minutes: Mapped[int] = mapped_column(Integer)
+    price_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    transfer_id: Mapped[uuid.UUID | None] = mapped_column(unique=True)
+    due_at_before: Mapped[datetime]
+    due_at_after: Mapped[datetime]
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class RentalLocation(Base):
+    """A GPS fix the app sent during a rental (to find lost banks). Erased with the account."""
+
+    __tablename__ = "rental_locations"
+    __table_args__ = (
+        CheckConstraint("latitude BETWEEN -90 AND 90", name="latitude_range"),
+        CheckConstraint("longitude BETWEEN -180 AND 180", name="longitude_range"),
+        CheckConstraint("accuracy_m IS NULL OR accuracy_m >= 0", name="accuracy_non_negative"),
+        Index(None, "rental_id", "recorded_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigSerial, primary_key=True, autoincrement=True)
+    rental_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("rentals.id", ondelete="CASCADE"))
+    latitude: Mapped[float] = mapped_column(Float)
+    longitude: Mapped[float] = mapped_column(Float)
+    accuracy_m: Mapped[float | None] = mapped_column(Float)
+    recorded_at: Mapped[datetime]
+    received_at: Mapped[datetime] = created_at_column()
+
+
+class RentalIssue(Base):
+    __tablename__ = "rental_issues"
+    __table_args__ = (
+        one_of("kind", RENTAL_ISSUE_KINDS),
+        one_of("status", ISSUE_STATUSES),
+        Index(None, "rental_id", "created_at"),
+        Index(None, "status"),
+        Index(None, "media_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    rental_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("rentals.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(24))
+    description: Mapped[str | None] = mapped_column(String(1000))
+    media_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("media_uploads.id", ondelete="SET NULL"))
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    created_at: Mapped[datetime] = created_at_column()
+
+
+# --- social ---------------------------------------------------------------------------------
+
+ACHIEVEMENT_METRICS = ("rentals_completed", "timely_returns", "stations_visited")
+LEADERBOARD_PERIODS = ("all_time", "month")
+
+
+class Achievement(Base):
+    """A goal: reach `threshold` of `metric` (counted from the person's rentals)."""
+
+    __tablename__ = "achievements"
+    __table_args__ = (
+        one_of("metric", ACHIEVEMENT_METRICS),
+        CheckConstraint("threshold > 0", name="threshold_positive"),
+        CheckConstraint("points >= 0", name="points_non_negative"),
+        Index(None, "is_active", "sort_order"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    code: Mapped[str] = mapped_column(String(40), unique=True)
+    name: Mapped[str] = mapped_column(String(80))
+    description: Mapped[str] = mapped_column(String(300))
+    metric: Mapped[str] = mapped_column(String(24))
+    threshold: Mapped[int] = mapped_column(Integer)
+    points: Mapped[int] = mapped_column(Integer, default=0)
+    sort_order: Mapped[int] = mapped_column(Integer, default=0)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class UserAchievement(Base):
+    __tablename__ = "user_achievements"
+    __table_args__ = (
+        UniqueConstraint("user_id", "achievement_id"),
+        CheckConstraint("progress >= 0", name="progress_non_negative"),
+        Index(None, "achievement_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    achievement_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("achievements.id", ondelete="CASCADE"))
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    unlocked_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class UserLeaderboard(Base):
+    """A ranking snapshot, recomputed from rentals when older than a few minutes
+    (http/routes_social.py): reads stay one indexed query however many rentals there are."""
+
+    __tablename__ = "user_leaderboard"
+    __table_args__ = (
+        UniqueConstraint("period", "user_id"),
+        one_of("period", LEADERBOARD_PERIODS),
+        CheckConstraint("rank >= 1", name="rank_positive"),
+        Index(None, "period", "rank"),
+        Index(None, "user_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    period: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    rank: Mapped[int] = mapped_column(Integer)
+    rentals_completed: Mapped[int] = mapped_column(Integer, default=0)
+    minutes_total: Mapped[int] = mapped_column(Integer, default=0)
+    computed_at: Mapped[datetime]
+
+
+# --- station media and amenities (station detail) ------------------------------------------------
+
+STATION_MEDIA_KINDS = ("image", "video")
+
+
+class StationMedia(Base):
+    """Photos (or a short video) of a station, shown on its detail page."""
+
+    __tablename__ = "station_media"
+    __table_args__ = (one_of("kind", STATION_MEDIA_KINDS), Index(None, "station_id", "sort_order"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(8), default="image")
+    url: Mapped[str] = mapped_column(String(500))
+    caption: Mapped[str | None] = mapped_column(String(200))
+    sort_order: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class StationAmenity(Base):
+    """A kind of amenity a station may offer (wifi, seating, 24 h access...)."""
+
+    __tablename__ = "station_amenities"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(80))
+    icon: Mapped[str | None] = mapped_column(String(64))
+
+
+class StationAmenityMapping(Base):
+    __tablename__ = "station_amenity_mappings"
+    __table_args__ = (UniqueConstraint("station_id", "amenity_id"), Index(None, "amenity_id"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
+    amenity_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("station_amenities.id", ondelete="CASCADE"))
+    note: Mapped[str | None] = mapped_column(String(120))

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from powerbank.storage.db import insert_unless_exists
-from powerbank.storage.models import AppConfig, RentalPackage
+from powerbank.storage.models import (
+    Achievement,
+    AppConfig,
+    AppUpdate,
+    AppVersion,
+    Banner,
+    ContactInfo,
+    ContentPage,
+    Country,
+    Faq,
+    RentalPackage,
+    StationAmenity,
+)
 from powerbank.storage.types import utcnow
 
 DEFAULT_CONFIG = {
@@ -36,13 +50,17 @@ def default_packages(currency: str) -> list[RentalPackage]:
 
 async def ensure_defaults(sessions: async_sessionmaker[AsyncSession], currency: str) -> None:
     """Insert what is missing. Several processes may start at once, so every insert yields to
-    a row that another one committed first."""
+    a row that another one committed first (sample content: see `ensure_content`)."""
     async with sessions.begin() as session:
         if (await session.execute(select(RentalPackage.id).limit(1))).first() is None:
             for package in default_packages(currency):
                 await _insert_missing(session, RentalPackage, _columns(package), "code")
         for key, (value, description) in DEFAULT_CONFIG.items():
             await _insert_missing(session, AppConfig, {"key": key, "value": value, "description": description}, "key")
+    try:
+        await ensure_content(sessions)
+    except IntegrityError:
+        pass  # another process seeded the same empty table at the same moment: its rows will do
 
 
 def _columns(row) -> dict:
@@ -54,3 +72,81 @@ def _columns(row) -> dict:
 
 async def _insert_missing(session: AsyncSession, model, values: dict, unique_column: str) -> None:
     await session.execute(insert_unless_exists(session.bind.dialect.name, model, values, [unique_column]))
+
+
+# --- app content: shown by the demo and by a fresh installation --------------------------------
+#
+# Each table is filled only while it is empty, so an operator's own content (or their deletion of
+# a sample row after adding their own) is never overwritten on the next start.
+
+DEFAULT_COUNTRIES = [
+    ("NP", "Nepal", "+977", "🇳🇵", 1), ("IN", "India", "+91", "🇮🇳", 2), ("BD", "Bangladesh", "+880", "🇧🇩", 3),
+    ("GB", "United Kingdom", "+44", "🇬🇧", 4), ("US", "United States", "+1", "🇺🇸", 5),
+]
+DEFAULT_PAGES = {
+    "terms-of-service": ("Terms of service", "# Terms of service\n\nRent a power bank at any station, return it at any station. "
+                         "The package price is held when you rent and charged when you return; late returns pay a late fee "
+                         "up to a daily cap, and a bank not returned by the package's maximum time is charged at its price."),
+    "privacy-policy": ("Privacy policy", "# Privacy policy\n\nWe keep your phone number to sign you in, your rentals and payments "
+                       "as the law requires, and your location only while a power bank is out. Deleting your account erases "
+                       "your phone, name, documents and locations; payment records stay, no longer linked to you."),
+    "about": ("About", "# About\n\nAn open-source network of power-bank stations: rent in seconds, return anywhere."),
+}
+DEFAULT_FAQ = [
+    ("rentals", "How do I rent a power bank?", "Open the map, pick a station with available banks, choose a package and tap Rent. The slot releases a charged bank."),
+    ("rentals", "Can I return it at another station?", "Yes, at any station with an empty slot. The rental ends the moment the bank clicks in."),
+    ("rentals", "What if I need it longer?", "Extend the rental from the app before it is due: each extension adds the package's time at its price."),
+    ("payments", "When am I charged?", "The package price is held when you rent and charged when you return; anything not used is released."),
+    ("account", "How do I delete my account?", "Profile, Delete account. Return any power bank and settle any dues first."),
+]
+DEFAULT_CONTACT = [
+    ("email", "Support", "support@example.org", 1), ("phone", "Hotline", "+9771000000000", 2),
+    ("website", "Website", "https://example.org", 3),
+]
+DEFAULT_AMENITIES = [
+    ("wifi", "Free Wi-Fi", "wifi"), ("seating", "Seating", "chair"), ("open-24h", "Open 24 hours", "clock"),
+    ("accessible", "Step-free access", "accessible"),
+]
+DEFAULT_ACHIEVEMENTS = [
+    ("first-rental", "First charge", "Complete your first rental", "rentals_completed", 1, 10, 1),
+    ("regular", "Regular", "Complete 10 rentals", "rentals_completed", 10, 50, 2),
+    ("on-time", "On time", "Return 5 power banks before they are due", "timely_returns", 5, 30, 3),
+    ("explorer", "Explorer", "Rent at 5 different stations", "stations_visited", 5, 30, 4),
+]
+
+
+def default_content_rows(now) -> dict[type, list[dict]]:
+    """Rows per table, as column dicts."""
+    return {
+        Country: [dict(code=c, name=n, dial_code=d, flag=f, is_active=True, sort_order=o) for c, n, d, f, o in DEFAULT_COUNTRIES],
+        ContentPage: [dict(slug=s, title=t, body=b, version="1", updated_at=now) for s, (t, b) in DEFAULT_PAGES.items()],
+        Faq: [dict(category=c, question=q, answer=a, sort_order=i, is_active=True, updated_at=now) for i, (c, q, a) in enumerate(DEFAULT_FAQ)],
+        ContactInfo: [dict(kind=k, label=l, value=v, sort_order=o, updated_at=now) for k, l, v, o in DEFAULT_CONTACT],
+        AppVersion: [
+            dict(platform=p, latest_version="1.2.0", min_supported_version="1.0.0", store_url=u, release_notes="Rental extensions and favourites.", updated_at=now)
+            for p, u in (("android", "https://play.google.com/store"), ("ios", "https://apps.apple.com"))
+        ],
+        AppUpdate: [
+            dict(version="1.2.0", title="Extend and favourite", notes="Extend a rental from the app; keep your favourite stations one tap away.", released_at=now),
+            dict(version="1.1.0", title="Points", notes="Earn points for on-time returns and spend them on rentals.", released_at=now - timedelta(days=30)),
+        ],
+        Banner: [
+            dict(title="First rental on us", image_url="https://example.org/banners/first-rental.png", link_url="powerbank://promotions", sort_order=1, is_active=True, created_at=now),
+            dict(title="Return anywhere", image_url="https://example.org/banners/return-anywhere.png", link_url=None, sort_order=2, is_active=True, created_at=now),
+        ],
+        StationAmenity: [dict(code=c, name=n, icon=i) for c, n, i in DEFAULT_AMENITIES],
+        Achievement: [
+            dict(code=c, name=n, description=d, metric=m, threshold=t, points=p, sort_order=o, is_active=True)
+            for c, n, d, m, t, p, o in DEFAULT_ACHIEVEMENTS
+        ],
+    }
+
+
+async def ensure_content(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Sample content for tables that are still empty (the demo shows it; operators replace it)."""
+    now = utcnow()
+    async with sessions.begin() as session:
+        for model, rows in default_content_rows(now).items():
+            if (await session.execute(select(model.id).limit(1))).first() is not None:
+                continue
+            session.add_all(model(id=uuid.uuid4(), **row) for row in rows)

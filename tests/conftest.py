@@ -68,3 +68,33 @@ async def runtime(engine):
     rt.test_dispatcher = dispatcher  # type: ignore[attr-defined]
     yield rt
     await dispatcher.settle()
+
+
+# --- the HTTP app on SQLite with reference data and sample content (tests/test_http_*.py) -------
+
+import httpx  # noqa: E402
+
+from powerbank.http.app import create_app  # noqa: E402
+from powerbank.http.auth import AuthPolicy  # noqa: E402
+from powerbank.http.testing import running_services, settings_for_tests  # noqa: E402
+from powerbank.storage.seed import ensure_defaults  # noqa: E402
+
+ECHO_POLICY = AuthPolicy(otp_echo=True, otp_rate_per_ip=1000)
+
+
+@pytest.fixture
+async def app_services(tmp_path):
+    async with running_services(settings_for_tests(tmp_path)) as services:
+        await ensure_defaults(services.sessions, "NPR")
+        yield services
+
+
+@pytest.fixture
+async def app(app_services):
+    return create_app(app_services, auth_policy=ECHO_POLICY)
+
+
+@pytest.fixture
+async def app_client(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        yield client

@@ -17,7 +17,7 @@ import powerbank.actors.wallet  # noqa: F401  (registers OpenWallet and CreditWa
 from powerbank.http.app import create_app, openapi_document
 from powerbank.http.auth import create_access_token, ensure_admin_token
 from powerbank.http.routes_app import bounding_box, distance_m, is_rentable
-from powerbank.http.testing import TEST_AUTH_POLICY, bearer, client_for, running_services, settings_for_tests, sign_up
+from powerbank.http.testing import TEST_AUTH_POLICY, bearer, client_for, running_services, settings_for_tests, sign_up_body
 from powerbank.storage.models import (
     LedgerAccount,
     PowerBank,
@@ -148,7 +148,7 @@ async def test_health_and_packages(client, services):
 
 
 async def test_wallet_reads_the_ledger_rows(client, services):
-    user = await sign_up(client, "+9779812000001")
+    user = await sign_up_body(client, "+9779812000001")
     token, user_id = user["access_token"], uuid.UUID(user["user"]["id"])
     assert (await client.get("/api/user/wallet", headers=bearer(token))).json() == {
         "currency": "NPR", "balance_minor": 0, "held_minor": 0, "available_minor": 0, "points": 0, "points_held": 0,
@@ -178,7 +178,7 @@ async def test_wallet_without_a_wallet_row_reads_zeros(client, services):
 
 
 async def test_admin_credit_is_refused_for_users_and_applied_for_admins(client, services):
-    rider = await sign_up(client, "+9779812000002")
+    rider = await sign_up_body(client, "+9779812000002")
     rider_id = rider["user"]["id"]
     credit = {"amount_minor": 5_000, "currency": "NPR", "reason": "welcome"}
 
@@ -194,7 +194,7 @@ async def test_admin_credit_is_refused_for_users_and_applied_for_admins(client, 
 
 
 async def test_admin_credit_is_idempotent_by_key(client, services):
-    rider = await sign_up(client, "+9779812000003")
+    rider = await sign_up_body(client, "+9779812000003")
     admin_token = await ensure_admin_token(services, "+9779800000001")
     credit = {"amount_minor": 700, "currency": "NPR", "reason": "refund", "idempotency_key": "ticket-42"}
     url = f"/api/admin/wallets/{rider['user']['id']}/credit"
@@ -207,7 +207,7 @@ async def test_admin_credit_is_idempotent_by_key(client, services):
 
 
 async def test_admin_credit_errors(client, services):
-    rider = await sign_up(client, "+9779812000004")
+    rider = await sign_up_body(client, "+9779812000004")
     admin_token = await ensure_admin_token(services, "+9779800000001")
     url = f"/api/admin/wallets/{rider['user']['id']}/credit"
 
@@ -224,7 +224,7 @@ async def test_admin_credit_errors(client, services):
 
 
 async def test_admin_role_needs_both_the_table_and_the_token(client, services):
-    rider = await sign_up(client, "+9779812000005")
+    rider = await sign_up_body(client, "+9779812000005")
     url = f"/api/admin/wallets/{rider['user']['id']}/credit"
     credit = {"amount_minor": 1, "currency": "NPR", "reason": "x"}
     # A validly signed token claiming admin for a plain user: the users table says no.
@@ -301,7 +301,7 @@ async def test_an_admin_issues_station_credentials_that_only_ever_exist_as_a_has
 
     station_id = await add_station(services, "ST-CRED-1", slots=[None])
     url = f"/api/admin/stations/{station_id}/mqtt-credentials"
-    rider = await sign_up(client, "+9779812000077")
+    rider = await sign_up_body(client, "+9779812000077")
     assert (await client.post(url, headers=bearer(rider["access_token"]))).status_code == 403
     admin_token = await ensure_admin_token(services, "+9779800000001")
     first = await client.post(url, headers=bearer(admin_token))
@@ -332,7 +332,7 @@ async def test_station_status_history_pages_newest_first_with_how_long_each_stat
                 changed_at=t0 + timedelta(seconds=at_s),
             ))
     url = f"/api/admin/stations/{station_id}/status-history"
-    rider = await sign_up(client, "+9779812000078")
+    rider = await sign_up_body(client, "+9779812000078")
     assert (await client.get(url, headers=bearer(rider["access_token"]))).status_code == 403
     admin = bearer(await ensure_admin_token(services, "+9779800000001"))
     first = (await client.get(url, params={"page_size": 2}, headers=admin)).json()

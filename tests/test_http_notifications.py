@@ -1,0 +1,66 @@
+"""The caller's notifications: list, read, mark all read, delete; another person's are 404."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from powerbank.http.testing import sign_up
+from powerbank.storage.models import Notification
+from powerbank.storage.types import utcnow
+
+
+async def notify(services, user_id, count: int) -> list[uuid.UUID]:
+    now = utcnow()
+    ids = []
+    async with services.sessions.begin() as session:
+        for index in range(count):
+            row = Notification(user_id=user_id, kind="rental_overdue", title=f"n{index}", body="b", data={"i": index},
+                               created_at=now + timedelta(seconds=index))
+            session.add(row)
+            await session.flush()
+            ids.append(row.id)
+    return ids
+
+
+async def test_list_read_and_mark_all(app_client, app_services):
+    alice, alice_id = await sign_up(app_client, "+9779818000001")
+    bob, bob_id = await sign_up(app_client, "+9779818000002")
+    ids = await notify(app_services, alice_id, 3)
+    await notify(app_services, bob_id, 1)
+
+    page = (await app_client.get("/api/user/notifications", headers=alice)).json()
+    assert [n["title"] for n in page["items"]] == ["n2", "n1", "n0"]
+    assert (page["total"], page["unread"]) == (3, 3) and page["items"][0]["data"] == {"i": 2}
+
+    read = await app_client.post(f"/api/user/notification/{ids[0]}", headers=alice)
+    assert read.status_code == 200 and read.json()["read"] is True
+    assert (await app_client.post(f"/api/user/notification/{ids[0]}", headers=alice)).json()["read_at"] == read.json()["read_at"]
+    unread = (await app_client.get("/api/user/notifications", headers=alice, params={"unread_only": True})).json()
+    assert unread["total"] == 2 and unread["unread"] == 2
+
+    marked = (await app_client.post("/api/user/notifications/mark-all-read", headers=alice)).json()
+    assert marked == {"marked": 2, "unread": 0}
+    assert (await app_client.get("/api/user/notifications", headers=bob)).json()["unread"] == 1  # Bob's untouched
+
+
+async def test_someone_elses_notification_is_404_and_unchanged(app_client, app_services):
+    alice, alice_id = await sign_up(app_client, "+9779818000003")
+    bob, _ = await sign_up(app_client, "+9779818000004")
+    (alices,) = await notify(app_services, alice_id, 1)
+
+    for response in (
+        await app_client.post(f"/api/user/notification/{alices}", headers=bob),
+        await app_client.delete(f"/api/user/notification/{alices}", headers=bob),
+        await app_client.delete(f"/api/user/notification/{uuid.uuid4()}", headers=alice),
+    ):
+        assert response.status_code == 404 and response.json()["error"] == "notification_not_found"
+    async with app_services.sessions() as session:
+        row = await session.get(Notification, alices)
+        assert row is not None and row.read_at is None
+
+    assert (await app_client.delete(f"/api/user/notification/{alices}", headers=alice)).status_code == 204
+    async with app_services.sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(Notification)) == 0
