@@ -116,6 +116,7 @@ class Jobs:
 def default_jobs() -> Jobs:
     from powerbank.actors.rental import mark_lost_rentals, mark_overdue_rentals
     from powerbank.actors.station import expire_overdue_ejects, mark_silent_stations_offline
+    from powerbank.actors.user_events import prune_user_events
 
     async def ring_stalled(runtime: Runtime, now: datetime) -> int:
         return await runtime.ring_stalled()
@@ -125,7 +126,7 @@ def default_jobs() -> Jobs:
 
     return Jobs(
         every_tick=(expire_overdue_ejects,),
-        slow=(mark_silent_stations_offline, mark_overdue_rentals, mark_lost_rentals, ring_stalled, flush_outbox),
+        slow=(mark_silent_stations_offline, mark_overdue_rentals, mark_lost_rentals, ring_stalled, flush_outbox, prune_user_events),
     )
 
 

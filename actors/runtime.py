@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from powerbank.actors import mailbox, metrics
+from powerbank.actors import mailbox, metrics, user_events
 from powerbank.actors.mailbox import Envelope, Pending
 from powerbank.storage.db import insert_unless_exists
 from powerbank.storage.models import ActorCommand, OutboxMessage
@@ -380,7 +380,10 @@ class Runtime:
         if results is None or (ctx.outbox_ids and self.outbox_sink is None):
             return None
         self._settle_run(ctx, [row], results, time.perf_counter() - started)
-        return ctx if await mailbox.insert_applied(session, row) else None
+        if not await mailbox.insert_applied(session, row):
+            return None
+        await user_events.record(session, ctx.notifications, ctx.now)
+        return ctx
 
     async def _await_result(self, subscription, kind: str, command_id: str, timeout_s: float):
         try:
@@ -505,6 +508,7 @@ class Runtime:
                 except _NeedsSavepoints:
                     await session.rollback()
                     return _REDO
+                await user_events.record(session, ctx.notifications, ctx.now)
                 await session.commit()
             finally:
                 if kind is not None:

@@ -1373,3 +1373,32 @@ class StationAmenityMapping(Base):
     station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
     amenity_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("station_amenities.id", ondelete="CASCADE"))
     note: Mapped[str | None] = mapped_column(String(120))
+
+
+# --- live events a person's apps can catch up on ---------------------------------------------
+#
+# Every event an actor publishes on a person's channel (`user:<id>`) is also kept here, numbered
+# per person in commit order, so an app that was offline asks for what came after the last number
+# it saw (docs/websocket.md). The counter row is updated by the transaction that publishes, which
+# holds its lock until commit: numbers are handed out in the order the events become true.
+
+
+class UserEventCounter(Base):
+    # No foreign keys here: these rows are written on the hot path of every actor that tells a
+    # person something, and they only ever name people the actor already holds; old events are
+    # pruned by age (actors/user_events.py).
+    __tablename__ = "user_event_counters"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UserEvent(Base):
+    __tablename__ = "user_events"
+    __table_args__ = (Index(None, "created_at"),)
+
+    user_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    type: Mapped[str] = mapped_column(String(48))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = created_at_column()

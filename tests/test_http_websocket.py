@@ -47,7 +47,7 @@ async def test_forwards_what_is_published_on_the_users_channel(base_url, service
     user_id = body["user"]["id"]
     async with websockets.connect(f"{ws_url(base_url)}?token={body['access_token']}") as socket:
         hello = json.loads(await asyncio.wait_for(socket.recv(), 5))
-        assert hello == {"type": "hello", "user_id": user_id}
+        assert (hello["type"], hello["user_id"]) == ("hello", user_id) and isinstance(hello["cursor"], int)
         # Someone else's event must not arrive here; ours must, as sent.
         await services.bus.publish(user_channel(uuid.uuid4()), {"type": "rental.updated", "rental": {"id": "other"}})
         event = {"type": "rental.updated", "rental": {"id": "r1", "status": "active"}}
@@ -93,3 +93,59 @@ async def test_disconnect_releases_the_subscription(base_url, services):
             break
         await asyncio.sleep(0.02)
     assert channel not in services.bus._subscribers
+
+
+async def credit(services, user_id: str, amount_minor: int) -> None:
+    transfer_id = str(uuid.uuid4())
+    payload = {"amount_minor": amount_minor, "currency": "NPR", "transfer_id": transfer_id, "reason": "test"}
+    assert (await services.runtime.call("wallet", user_id, "CreditWallet", payload, f"credit:{transfer_id}"))["ok"]
+
+
+async def received(socket, count: int) -> list[dict]:
+    return [json.loads(await asyncio.wait_for(socket.recv(), 5)) for _ in range(count)]
+
+
+async def test_a_client_back_with_its_cursor_gets_every_missed_event_once_then_the_live_ones(base_url, services):
+    body = await sign_up(base_url, "+9779814000005")
+    user_id, url = body["user"]["id"], f"{ws_url(base_url)}?token={body['access_token']}"
+    async with websockets.connect(url) as socket:
+        cursor = json.loads(await asyncio.wait_for(socket.recv(), 5))["cursor"]
+        await credit(services, user_id, 100)
+        [seen] = await received(socket, 1)
+        assert (seen["type"], seen["seq"], seen["wallet"]["balance_minor"]) == ("wallet.updated", cursor + 1, 100)
+    # Away: three changes happen.
+    for amount in (200, 300, 400):
+        await credit(services, user_id, amount)
+    async with websockets.connect(f"{url}&cursor={seen['seq']}") as socket:
+        hello, *missed = await received(socket, 4)
+        assert hello["cursor"] == seen["seq"] + 3
+        assert [(e["seq"], e["wallet"]["balance_minor"]) for e in missed] == [(seen["seq"] + 1, 300), (seen["seq"] + 2, 600), (seen["seq"] + 3, 1000)]
+        await credit(services, user_id, 500)
+        [live] = await received(socket, 1)
+        assert (live["seq"], live["wallet"]["balance_minor"]) == (seen["seq"] + 4, 1500)
+        await socket.send("ping")
+        assert await received(socket, 1) == [{"type": "pong"}]  # nothing sent twice in between
+
+
+async def test_a_cursor_older_than_what_is_kept_asks_for_a_resync(base_url, services):
+    from sqlalchemy import delete
+
+    from powerbank.actors import user_events
+    from powerbank.storage.models import UserEvent
+
+    body = await sign_up(base_url, "+9779814000006")
+    user_id = body["user"]["id"]
+    for amount in (100, 200, 300):
+        await credit(services, user_id, amount)
+    async with services.sessions.begin() as session:  # as if all but the latest were pruned
+        latest = await user_events.last_seq(session, uuid.UUID(user_id))
+        await session.execute(delete(UserEvent).where(UserEvent.user_id == uuid.UUID(user_id), UserEvent.seq < latest))
+    async with websockets.connect(f"{ws_url(base_url)}?token={body['access_token']}&cursor=0") as socket:
+        hello, resync, kept = await received(socket, 3)
+    assert hello["cursor"] == latest >= 3
+    assert resync["type"] == "resync"
+    assert (kept["seq"], kept["wallet"]["balance_minor"]) == (latest, 600)
+    async with websockets.connect(f"{ws_url(base_url)}?token={body['access_token']}&cursor=abc") as socket:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.recv(), 5)
+    assert closed.value.rcvd.code == 4400
