@@ -23,6 +23,7 @@ load rows, call them and write the result.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -159,6 +160,22 @@ def status_after_maintenance(last_seen_at: datetime | None, heartbeat_interval_s
     next message (which brings it online)."""
     allowed = timedelta(seconds=MISSED_HEARTBEATS_BEFORE_OFFLINE * heartbeat_interval_s)
     return "online" if last_seen_at is not None and now - last_seen_at <= allowed else "offline"
+
+
+# The map's areas: a station announces its availability on its own channel and on its grid
+# cell's, so a map subscribes to the few cells its viewport covers instead of to every station.
+AREA_CELL_DEG = 0.05  # about 5.5 km north-south
+
+
+def area_cell(latitude: float, longitude: float) -> str:
+    return f"area:{math.floor(latitude / AREA_CELL_DEG)}:{math.floor(longitude / AREA_CELL_DEG)}"
+
+
+def cells_covering(min_lat: float, max_lat: float, min_lng: float, max_lng: float) -> list[str]:
+    """Every cell a bounding box touches."""
+    rows = range(math.floor(min_lat / AREA_CELL_DEG), math.floor(max_lat / AREA_CELL_DEG) + 1)
+    columns = range(math.floor(min_lng / AREA_CELL_DEG), math.floor(max_lng / AREA_CELL_DEG) + 1)
+    return [f"area:{row}:{column}" for row in rows for column in columns]
 
 
 def estimate_clock_offset_ms(received_at: datetime, station_ts_ms: int) -> int:
@@ -319,19 +336,21 @@ async def _load_or_reject(ctx: ActorContext, station_id: str) -> Loaded:
 
 
 def _notify(ctx: ActorContext, loaded: Loaded) -> None:
+    """Tell the maps: on the station's channel and on its area's (http/station_stream.py)."""
     available, empty = availability(loaded.views(), policy().min_eject_charge_percent)
     station = loaded.station
-    ctx.notify(
-        f"station:{station.id}",
-        {
-            "type": "station.updated",
-            "station_id": str(station.id),
-            "serial": station.serial,
-            "status": station.status,
-            "available": available,
-            "empty_slots": empty,
-        },
-    )
+    update = {
+        "type": "station.updated",
+        "station_id": str(station.id),
+        "serial": station.serial,
+        "status": station.status,
+        "available": available,
+        "empty_slots": empty,
+        "latitude": station.latitude,
+        "longitude": station.longitude,
+    }
+    ctx.notify(f"station:{station.id}", update)
+    ctx.notify(area_cell(station.latitude, station.longitude), update)
 
 
 # --- recording events -------------------------------------------------------------------------

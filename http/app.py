@@ -39,6 +39,7 @@ from powerbank.http.routes_profile import DeviceController, ProfileController
 from powerbank.http.routes_social import SocialController
 from powerbank.http.routes_stations import StationController
 from powerbank.http.routes_wallet import PayDueController, PaymentOptionsController, PointsController, UserWalletController
+from powerbank.http.station_stream import station_stream
 from powerbank.http.websocket import live_events
 from powerbank.payment_flows import build_gateway
 from powerbank.payment_gateway import PaymentGateway
@@ -63,7 +64,9 @@ def openapi_config() -> OpenAPIConfig:
         description=(
             "Real-time backend for shared power-bank rental networks. Every error body is "
             '`{"error": "<machine_code>", "detail": "..."}`; validation errors add `fields`. '
-            "Live events: websocket `GET /api/ws?token=<access token>`."
+            "Live events: websocket `GET /api/ws?token=<access token>[&cursor=<seq>]`; station "
+            "availability for the map: websocket `GET /api/ws/stations?stations=<ids>` or "
+            "`?lat=&lng=&radius_m=` (docs/websocket.md)."
         ),
         path="/schema",
         render_plugins=[SwaggerRenderPlugin()],
@@ -154,6 +157,7 @@ writes invalidate it through `app.state.read_cache`). `services` may be None onl
             RentalActionController,
             SocialController,
             live_events,
+            station_stream,
             metrics,
         ],
         state=state,

@@ -149,3 +149,57 @@ async def test_a_cursor_older_than_what_is_kept_asks_for_a_resync(base_url, serv
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(socket.recv(), 5)
     assert closed.value.rcvd.code == 4400
+
+
+# --- the map's station stream ----------------------------------------------------------------
+
+
+async def add_station(services, serial: str, lat: float, lng: float) -> str:
+    from powerbank.storage.models import PowerBank, Station, StationSlot
+    from powerbank.storage.types import utcnow
+
+    async with services.sessions.begin() as session:
+        station = Station(serial=serial, name=serial, latitude=lat, longitude=lng, status="online", slot_count=2, last_seen_at=utcnow())
+        session.add(station)
+        await session.flush()
+        bank = PowerBank(serial=f"{serial}-B1", charge_percent=90, status="in_slot", currency="NPR", station_id=station.id)
+        session.add(bank)
+        await session.flush()
+        session.add_all([
+            StationSlot(station_id=station.id, slot_number=1, status="occupied", power_bank_id=bank.id),
+            StationSlot(station_id=station.id, slot_number=2, status="empty"),
+        ])
+        return str(station.id)
+
+
+def stations_url(base_url: str, query: str) -> str:
+    return base_url.replace("http://", "ws://") + "/api/ws/stations?" + query
+
+
+async def test_a_map_gets_a_snapshot_then_changes_of_the_stations_in_its_area(base_url, services):
+    import powerbank.actors.station  # noqa: F401  (registers SetMaintenance)
+
+    near = await add_station(services, "ST-NEAR", 27.7000, 85.3000)
+    other = await add_station(services, "ST-OTHER", 27.7100, 85.3100)  # about 1.5 km away
+    far = await add_station(services, "ST-FAR", 27.9000, 85.3000)  # 22 km north
+    async with websockets.connect(stations_url(base_url, "lat=27.7&lng=85.3&radius_m=1000")) as area, \
+            websockets.connect(stations_url(base_url, f"stations={far}")) as one:
+        snapshot = json.loads(await asyncio.wait_for(area.recv(), 5))
+        assert snapshot["type"] == "stations.snapshot"
+        assert [(s["serial"], s["available"], s["empty_slots"]) for s in snapshot["stations"]] == [("ST-NEAR", 1, 1)]
+        assert [s["serial"] for s in json.loads(await asyncio.wait_for(one.recv(), 5))["stations"]] == ["ST-FAR"]
+        for station_id in (other, far, near):  # changes outside the circle must not arrive there
+            await services.runtime.call("station", station_id, "SetMaintenance", {"maintenance": True}, f"park-{station_id}")
+        update = json.loads(await asyncio.wait_for(area.recv(), 5))
+        assert (update["type"], update["serial"], update["status"]) == ("station.updated", "ST-NEAR", "maintenance")
+        assert json.loads(await asyncio.wait_for(one.recv(), 5))["serial"] == "ST-FAR"
+        await area.send("ping")
+        assert json.loads(await asyncio.wait_for(area.recv(), 5)) == {"type": "pong"}
+
+
+async def test_a_bad_station_subscription_is_refused(base_url):
+    for query in ("", "stations=not-an-id", "lat=27.7&lng=85.3&radius_m=50000", "lat=100&lng=0"):
+        async with websockets.connect(stations_url(base_url, query)) as socket:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(socket.recv(), 5)
+        assert closed.value.rcvd.code == 4400, query

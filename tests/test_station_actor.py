@@ -487,13 +487,22 @@ async def test_a_late_older_event_does_not_undo_a_newer_inventory(rt):
 
 async def test_station_update_is_announced_on_the_bus(rt):
     station_id = await make_station(rt, "ST-BUS", [("PB-1", 90), ("PB-2", 10), None], slot_count=3)
-    async with rt.bus.subscribe(f"station:{station_id}") as subscription:
+    async with rt.bus.subscribe(f"station:{station_id}") as by_station, rt.bus.subscribe(station_actor.area_cell(27.7, 85.3)) as by_area:
         await apply(rt, station_id, "BankInserted", event(1, slot=3, bank="PB-3", charge=50))
-        _, message = await subscription.get(2)
-    assert message == {
+        _, message = await by_station.get(2)
+        _, in_area = await by_area.get(2)
+    assert message == in_area == {
         "type": "station.updated", "station_id": station_id, "serial": "ST-BUS", "status": "online",
-        "available": 2, "empty_slots": 0,
+        "available": 2, "empty_slots": 0, "latitude": 27.7, "longitude": 85.3,
     }
+
+
+def test_area_cells_cover_a_box_and_hold_the_stations_inside():
+    cell = station_actor.area_cell(27.71, 85.32)
+    assert cell in station_actor.cells_covering(27.70, 27.72, 85.31, 85.33)
+    assert station_actor.cells_covering(27.71, 27.71, 85.32, 85.32) == [cell]
+    assert len(station_actor.cells_covering(27.0, 27.2, 85.0, 85.2)) == 25  # 0.05 degree cells
+    assert station_actor.area_cell(-0.01, -0.01) != station_actor.area_cell(0.01, 0.01)
 
 
 async def test_a_return_before_the_rental_heard_of_its_eject_still_closes_it(rt):
