@@ -168,7 +168,11 @@ def _cmd_stripe_emulator(args: argparse.Namespace) -> int:
     ))
 
 
-BENCH_SUITES = {"actors": "powerbank.simulators.bench_actors", "stations": "powerbank.simulators.bench_stations"}
+BENCH_SUITES = {
+    "actors": "powerbank.simulators.bench_actors",
+    "fanout": "powerbank.simulators.bench_fanout",
+    "stations": "powerbank.simulators.bench_stations",
+}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
