@@ -50,6 +50,8 @@ class Settings:
     refresh_token_ttl_s: int = 30 * 24 * 3600
     otp_ttl_s: int = 300
     eject_timeout_ms: int = 8000
+    # How long a reserved bank is held for the person who reserved it.
+    reservation_hold_s: int = 600
     rental_start_timeout_ms: int = 20000
     heartbeat_interval_s: int = 30
     currency: str = "NPR"
@@ -100,6 +102,7 @@ def load_settings() -> Settings:
         refresh_token_ttl_s=_env_int("REFRESH_TOKEN_TTL_S", 30 * 24 * 3600),
         otp_ttl_s=_env_int("OTP_TTL_S", 300),
         eject_timeout_ms=_env_int("EJECT_TIMEOUT_MS", 8000),
+        reservation_hold_s=_env_int("RESERVATION_HOLD_S", 600),
         rental_start_timeout_ms=_env_int("RENTAL_START_TIMEOUT_MS", 20000),
         heartbeat_interval_s=_env_int("HEARTBEAT_INTERVAL_S", 30),
         currency=os.environ.get("CURRENCY", "NPR"),

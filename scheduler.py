@@ -115,7 +115,7 @@ class Jobs:
 
 def default_jobs() -> Jobs:
     from powerbank.actors.rental import mark_lost_rentals, mark_overdue_rentals
-    from powerbank.actors.station import expire_overdue_ejects, mark_silent_stations_offline
+    from powerbank.actors.station import expire_overdue_ejects, expire_reservations, mark_silent_stations_offline
     from powerbank.actors.user_events import prune_user_events
 
     async def ring_stalled(runtime: Runtime, now: datetime) -> int:
@@ -125,7 +125,7 @@ def default_jobs() -> Jobs:
         return await runtime.flush_outbox()
 
     return Jobs(
-        every_tick=(expire_overdue_ejects,),
+        every_tick=(expire_overdue_ejects, expire_reservations),
         slow=(mark_silent_stations_offline, mark_overdue_rentals, mark_lost_rentals, ring_stalled, flush_outbox, prune_user_events),
     )
 

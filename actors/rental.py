@@ -128,6 +128,7 @@ async def start(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> d
         hold_minor=hold_amount_minor(package),
         payment_mode=payment_mode,
         card_intent_id=card_intent.id if card_intent else None,
+        reservation_id=uuid.UUID(payload["reservation_id"]) if payload.get("reservation_id") else None,
         created_at=ctx.now,
     )
     ctx.session.add(rental)
@@ -182,7 +183,8 @@ async def hold_placed(ctx: ActorContext, rental_id: str, payload: dict[str, Any]
         "station",
         str(rental.station_id),
         "ReserveAndEject",
-        {"rental_id": rental_id, "user_id": str(rental.user_id)},
+        {"rental_id": rental_id, "user_id": str(rental.user_id),
+         **({"reservation_id": str(rental.reservation_id)} if rental.reservation_id else {})},
         f"eject:{rental_id}",
     )
     _publish(ctx, rental, "funds_held")
@@ -354,9 +356,11 @@ async def start_rental(
     timeout_s: float,
     payment_mode: str = "wallet",
     card_intent_id: uuid.UUID | None = None,
+    reservation_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
     """Start a rental and wait until it is active or cancelled, or the deadline passes; returns
-    the rental's latest view. Safe to repeat with the same rental id."""
+    the rental's latest view. Safe to repeat with the same rental id. With `reservation_id` the
+    bank held for that reservation is the one ejected."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with runtime.bus.subscribe(f"rental:{rental_id}") as subscription:
@@ -365,7 +369,8 @@ async def start_rental(
             str(rental_id),
             "StartRental",
             {"user_id": str(user_id), "station_id": str(station_id), "package_id": str(package_id),
-             "payment_mode": payment_mode, "card_intent_id": str(card_intent_id) if card_intent_id else None},
+             "payment_mode": payment_mode, "card_intent_id": str(card_intent_id) if card_intent_id else None,
+             "reservation_id": str(reservation_id) if reservation_id else None},
             command_id=f"start:{rental_id}",
             timeout_s=timeout_s,
         )

@@ -44,7 +44,7 @@ from powerbank.broker.protocol import (
     from_epoch_ms,
     to_payload,
 )
-from powerbank.storage.models import PowerBank, Rental, Station, StationEvent, StationSlot, StationStatusChange
+from powerbank.storage.models import PowerBank, Rental, Reservation, Station, StationEvent, StationSlot, StationStatusChange
 from powerbank.storage.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class StationPolicy:
     eject_timeout_ms: int = 8000
     heartbeat_interval_s: int = 30
     min_eject_charge_percent: int = MIN_EJECT_CHARGE_PERCENT
+    reservation_hold_s: int = 600
     currency: str = "NPR"
     topics: Topics = field(default_factory=lambda: Topics.from_env())
 
@@ -83,6 +84,7 @@ def configure(settings=None, **overrides: Any) -> StationPolicy:
             base,
             eject_timeout_ms=settings.eject_timeout_ms,
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            reservation_hold_s=getattr(settings, "reservation_hold_s", base.reservation_hold_s),
             currency=settings.currency,
         )
     _policy = replace(base, **overrides)
@@ -110,6 +112,7 @@ class SlotView:
     bank_status: str | None = None
     charge: int | None = None
     last_event_seq: int = 0  # the seq of the newest event (or inventory) that set this slot
+    reserved_for: str | None = None  # the reservation its bank is held for
 
 
 def is_ejectable(slot: SlotView, min_charge_percent: int = MIN_EJECT_CHARGE_PERCENT) -> bool:
@@ -130,19 +133,25 @@ def choose_eject_slot(
     exclude: Iterable[int] = (),
 ) -> SlotView | None:
     """The slot whose bank has the highest charge; ties go to the lowest slot number so the
-    choice is deterministic."""
+    choice is deterministic. A bank held for a reservation is not for anyone else."""
     excluded = set(exclude)
-    candidates = [s for s in slots if s.number not in excluded and is_ejectable(s, min_charge_percent)]
+    candidates = [
+        s for s in slots if s.number not in excluded and s.reserved_for is None and is_ejectable(s, min_charge_percent)
+    ]
     return max(candidates, key=lambda s: (s.charge, -s.number), default=None)
 
 
 def availability(slots: Iterable[SlotView], min_charge_percent: int = MIN_EJECT_CHARGE_PERCENT) -> tuple[int, int]:
-    """(banks ready to rent, empty slots ready for a return)."""
+    """(banks ready to rent, empty slots ready for a return); a reserved bank is not on offer."""
     slots = list(slots)
     return (
-        sum(1 for s in slots if is_ejectable(s, min_charge_percent)),
+        sum(1 for s in slots if s.reserved_for is None and is_ejectable(s, min_charge_percent)),
         sum(1 for s in slots if s.status == "empty"),
     )
+
+
+def reservation_expired(expires_at: datetime | None, now: datetime) -> bool:
+    return expires_at is not None and expires_at <= now
 
 
 def slot_status_after_failed_eject(code: str) -> str:
@@ -301,6 +310,7 @@ class Loaded:
             bank_status=bank.status if bank else None,
             charge=bank.charge_percent if bank else None,
             last_event_seq=slot.last_event_seq or 0,
+            reserved_for=str(slot.reserved_for_id) if slot.reserved_for_id else None,
         )
 
     def views(self) -> list[SlotView]:
@@ -916,12 +926,110 @@ async def reserve_and_eject(ctx: ActorContext, station_id: str, payload: dict[st
     for slot in loaded.slots.values():
         if slot.status == "ejecting" and str(slot.ejecting_rental_id) == rental_id:
             return {"ok": True, "already_ejecting": slot.slot_number}
-    choice = choose_eject_slot(loaded.views(), min_charge_percent=policy().min_eject_charge_percent)
-    if choice is None:
-        return await _fail_rental(ctx, rental_id, "no_bank_available")
-    result = await _start_eject(ctx, loaded, loaded.slots[choice.number], uuid.UUID(rental_id), attempt=1)
+    await _release_expired_reservations(ctx, loaded)
+    slot = await _claim_reservation(ctx, loaded, payload, rental_id)
+    if slot is None:
+        choice = choose_eject_slot(loaded.views(), min_charge_percent=policy().min_eject_charge_percent)
+        if choice is None:
+            return await _fail_rental(ctx, rental_id, "no_bank_available")
+        slot = loaded.slots[choice.number]
+    result = await _start_eject(ctx, loaded, slot, uuid.UUID(rental_id), attempt=1)
     _notify(ctx, loaded)
     return result
+
+
+# --- handlers: reservations -------------------------------------------------------------------
+
+
+@handles(KIND, "ReserveSlot")
+async def reserve_slot(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Hold the best bank here for a pending reservation until `hold_s` from now (confirmed), or
+    cancel the reservation when there is nothing to hold. Never refuses by exception: the
+    reservation row always ends in a definite state."""
+    reservation = await ctx.session.get(Reservation, uuid.UUID(payload["reservation_id"]))
+    if reservation is None or reservation.status != "pending":
+        return {"ok": reservation is not None and reservation.status == "confirmed", "status": reservation.status if reservation else None}
+    loaded = await _load(ctx, station_id)
+    if loaded is None or loaded.station.status != "online":
+        return _close_reservation(reservation, "cancelled", "station_offline")
+    await _release_expired_reservations(ctx, loaded)
+    choice = choose_eject_slot(loaded.views(), min_charge_percent=policy().min_eject_charge_percent)
+    if choice is None:
+        return _close_reservation(reservation, "cancelled", "no_bank_available")
+    slot = loaded.slots[choice.number]
+    until = ctx.now + timedelta(seconds=payload.get("hold_s") or policy().reservation_hold_s)
+    slot.reserved_for_id, slot.reserved_until = reservation.id, until
+    reservation.status, reservation.slot_number, reservation.expires_at = "confirmed", slot.slot_number, until
+    reservation.power_bank_id = slot.power_bank_id
+    _notify(ctx, loaded)
+    return {"ok": True, "status": "confirmed", "slot": slot.slot_number, "expires_at": until.isoformat()}
+
+
+@handles(KIND, "CancelReservation")
+async def cancel_reservation(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    reservation = await ctx.session.get(Reservation, uuid.UUID(payload["reservation_id"]))
+    if reservation is None or str(reservation.user_id) != payload.get("user_id"):
+        raise CommandRejected("reservation_not_found")
+    if reservation.status not in ("pending", "confirmed"):
+        return {"ok": True, "status": reservation.status, "unchanged": True}
+    loaded = await _load_or_reject(ctx, station_id)
+    _release_slot_of(loaded, reservation.id)
+    _notify(ctx, loaded)
+    return _close_reservation(reservation, "cancelled", "cancelled_by_user")
+
+
+@handles(KIND, "ExpireReservation")
+async def expire_reservation(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler saw a hold past its time; acts only if it is still held and past it by the
+    scheduler's clock (`as_of`)."""
+    reservation = await ctx.session.get(Reservation, uuid.UUID(payload["reservation_id"]))
+    as_of = datetime.fromisoformat(payload["as_of"]) if payload.get("as_of") else ctx.now
+    if reservation is None or reservation.status != "confirmed" or not reservation_expired(reservation.expires_at, as_of):
+        return {"ok": True, "ignored": True}
+    loaded = await _load_or_reject(ctx, station_id)
+    _release_slot_of(loaded, reservation.id)
+    _notify(ctx, loaded)
+    return _close_reservation(reservation, "expired", "expired")
+
+
+def _close_reservation(reservation: Reservation, status: str, reason: str) -> dict[str, Any]:
+    reservation.status, reservation.cancel_reason = status, reason if status != "completed" else None
+    return {"ok": status == "completed", "status": status, "reason": reason}
+
+
+def _release_slot_of(loaded: Loaded, reservation_id: uuid.UUID) -> None:
+    for slot in loaded.slots.values():
+        if slot.reserved_for_id == reservation_id:
+            slot.reserved_for_id = slot.reserved_until = None
+
+
+async def _release_expired_reservations(ctx: ActorContext, loaded: Loaded) -> None:
+    """Holds past their time free their banks here and now; the scheduler's sweep only does the
+    same for stations nobody asks anything of."""
+    for slot in loaded.slots.values():
+        if slot.reserved_for_id is not None and reservation_expired(slot.reserved_until, ctx.now):
+            reservation = await ctx.session.get(Reservation, slot.reserved_for_id)
+            slot.reserved_for_id = slot.reserved_until = None
+            if reservation is not None and reservation.status == "confirmed":
+                _close_reservation(reservation, "expired", "expired")
+
+
+async def _claim_reservation(ctx: ActorContext, loaded: Loaded, payload: dict[str, Any], rental_id: str) -> StationSlot | None:
+    """The slot held for this rental's reservation (the same person's, at this station), if it is
+    still held and its bank can go: the reservation is then completed by this rental. None:
+    choose as for any rental."""
+    if not payload.get("reservation_id"):
+        return None
+    reservation = await ctx.session.get(Reservation, uuid.UUID(payload["reservation_id"]))
+    if reservation is None or reservation.status != "confirmed" or str(reservation.user_id) != payload.get("user_id"):
+        return None
+    slot = next((s for s in loaded.slots.values() if s.reserved_for_id == reservation.id), None)
+    if slot is not None:
+        slot.reserved_for_id = slot.reserved_until = None
+    reservation.status, reservation.rental_id = "completed", uuid.UUID(rental_id)
+    if slot is None or not is_ejectable(loaded.view(slot), policy().min_eject_charge_percent):
+        return None
+    return slot
 
 
 @handles(KIND, "ExpireEject")
@@ -1064,3 +1172,18 @@ async def mark_silent_stations_offline(runtime: Runtime, now: datetime | None = 
         )
     return len(silent)
 
+
+async def expire_reservations(runtime: Runtime, now: datetime | None = None) -> int:
+    """Submit ExpireReservation for every confirmed reservation past its time; how many. The
+    command id is the reservation's, so a repeat is a duplicate."""
+    now = now or utcnow()
+    async with runtime.sessions() as session:
+        rows = (await session.execute(
+            select(Reservation.id, Reservation.station_id).where(Reservation.status == "confirmed", Reservation.expires_at <= now)
+        )).all()
+    for reservation_id, station_id in rows:
+        await runtime.submit(
+            KIND, str(station_id), "ExpireReservation", {"reservation_id": str(reservation_id), "as_of": now.isoformat()},
+            command_id=f"expire-reservation:{reservation_id}",
+        )
+    return len(rows)

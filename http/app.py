@@ -25,6 +25,7 @@ from powerbank.http.auth import BEARER_SCHEME, AuthPolicy, JwtAuthMiddleware, Lo
 from powerbank.http.errors import EXCEPTION_HANDLERS
 from powerbank.http.routes_admin import AdminController
 from powerbank.http.routes_staff import StaffController
+from powerbank.http.routes_reservations import ReservationController
 from powerbank.http.routes_analytics import AnalyticsController
 from powerbank.http.routes_app import AppController, PaymentController
 from powerbank.http.routes_auth import AuthController
@@ -143,6 +144,7 @@ writes invalidate it through `app.state.read_cache`). `services` may be None onl
             RentalController,
             AdminController,
             StaffController,
+            ReservationController,
             AnalyticsController,
             ReferralController,
             PromotionController,

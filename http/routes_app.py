@@ -14,7 +14,7 @@ from litestar import Controller, get
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, QueryParameter
-from sqlalchemy import and_, case, func, select, text
+from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from powerbank.http.deps import Paging, provide_paging, services_of
@@ -91,6 +91,8 @@ async def availability(session: AsyncSession, station_ids: list[uuid.UUID]) -> d
         StationSlot.status == "occupied",
         PowerBank.status == "in_slot",
         PowerBank.charge_percent >= MIN_RENTABLE_CHARGE_PERCENT,
+        # A bank held for someone's reservation is not on offer (until its hold runs out).
+        or_(StationSlot.reserved_for_id.is_(None), StationSlot.reserved_until <= utcnow()),
     )
     rows = await session.execute(
         select(
@@ -162,20 +164,22 @@ async def station_detail(session: AsyncSession, serial: str) -> StationDetail:
     if station is None:
         raise ApiError(404, "station_not_found", f"no station with serial {serial!r}")
     rows = await session.execute(
-        select(StationSlot.slot_number, StationSlot.status, PowerBank.serial, PowerBank.status, PowerBank.charge_percent)
+        select(StationSlot.slot_number, StationSlot.status, PowerBank.serial, PowerBank.status, PowerBank.charge_percent,
+               StationSlot.reserved_for_id, StationSlot.reserved_until)
         .outerjoin(PowerBank, PowerBank.id == StationSlot.power_bank_id)
         .where(StationSlot.station_id == station.id)
         .order_by(StationSlot.slot_number)
     )
+    now = utcnow()
     slots = [
         SlotView(
             slot_number=number,
             status=slot_status,
             power_bank_serial=bank_serial,
             charge_percent=charge,
-            rentable=is_rentable(slot_status, bank_status, charge),
+            rentable=is_rentable(slot_status, bank_status, charge) and (held_for is None or (held_until is not None and held_until <= now)),
         )
-        for number, slot_status, bank_serial, bank_status, charge in rows
+        for number, slot_status, bank_serial, bank_status, charge, held_for, held_until in rows
     ]
     available = sum(1 for slot in slots if slot.rentable)
     empty = sum(1 for slot in slots if slot.status == "empty")

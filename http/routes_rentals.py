@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -27,8 +28,18 @@ from sqlalchemy.orm import aliased
 from powerbank.http.auth import BEARER_SECURITY
 from powerbank.http.deps import Paging, provide_paging, services_of
 from powerbank.http.errors import ApiError, error_responses
+from powerbank.http.routes_profile import own_media
 from powerbank.http.schemas import RentalPage, RentalRefused, RentalView, StartRentalRequest
-from powerbank.storage.models import PowerBank, Rental, RentalPackage, Station
+from powerbank.http.schemas_app import (
+    ExtendRentalRequest,
+    LocationRecorded,
+    LocationRequest,
+    RentalExtensionView,
+    RentalIssueRequest,
+    RentalIssueView,
+)
+from powerbank.storage.models import PowerBank, Rental, RentalIssue, RentalLocation, RentalPackage, Reservation, Station
+from powerbank.storage.types import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +165,17 @@ async def validate_start(session: AsyncSession, data: StartRentalRequest) -> tup
     return station, package
 
 
+async def validate_reservation(session: AsyncSession, reservation_id: uuid.UUID, user_id: uuid.UUID, station: Station) -> None:
+    """A reservation a start may use: this person's, at this station, still holding its bank."""
+    reservation = await session.get(Reservation, reservation_id)
+    if reservation is None or reservation.user_id != user_id:
+        raise ApiError(404, "reservation_not_found", f"no reservation {reservation_id}")
+    if reservation.station_id != station.id:
+        raise ApiError(409, "reservation_elsewhere", "the reservation holds a bank at another station")
+    if reservation.status != "confirmed":
+        raise ApiError(409, "reservation_not_held", f"the reservation is {reservation.status}")
+
+
 # --- routes -----------------------------------------------------------------------------------
 
 
@@ -185,9 +207,13 @@ class RentalController(Controller):
         user_id: uuid.UUID = request.user.id
         async with services.readonly() as session:
             station, package = await validate_start(session, data)
+            if data.reservation_id is not None:
+                await validate_reservation(session, data.reservation_id, user_id, station)
         rental_id = rental_id_for(user_id, data.idempotency_key)
         started = time.perf_counter()
         payment = await self._authorise_card(state, data, user_id, rental_id, package)
+        if data.reservation_id is not None:
+            payment["reservation_id"] = data.reservation_id
         view = await self._run_starter(state, rental_id, user_id, station.id, package.id, payment)
         RENTAL_START_SECONDS.observe(time.perf_counter() - started)
         async with services.readonly() as session:
@@ -297,20 +323,6 @@ class RentalController(Controller):
 # `cancel_refusal` and `extension_refusal` in actors/rental.py); a location fix or an issue report
 # only adds a row about the rental and is written here. Every route first finds the rental among
 # the caller's own: anyone else's is a 404 like a missing one.
-
-import msgspec  # noqa: E402
-
-from powerbank.http.routes_profile import own_media  # noqa: E402
-from powerbank.http.schemas_app import (  # noqa: E402
-    ExtendRentalRequest,
-    LocationRecorded,
-    LocationRequest,
-    RentalExtensionView,
-    RentalIssueRequest,
-    RentalIssueView,
-)
-from powerbank.storage.models import RentalIssue, RentalLocation  # noqa: E402
-from powerbank.storage.types import utcnow  # noqa: E402
 
 ACTION_TIMEOUT_S = 10.0
 LOCATION_STATUSES = ("active", "overdue")

@@ -332,6 +332,8 @@ class StartRentalRequest(Request):
     idempotency_key: IdempotencyKey | None = None
     # "wallet": the price is held from the wallet (and points); "card": authorised on the saved card.
     payment_mode: RentalPaymentMode = "wallet"
+    # Take the bank held by this (confirmed) reservation of yours at this station.
+    reservation_id: uuid.UUID | None = None
 
 
 class RentalView(Response):
@@ -370,3 +372,22 @@ class RentalRefused(Response):
     error: str
     detail: str
     rental: RentalView | None = None
+
+
+# --- reservations ---------------------------------------------------------------------------
+
+
+class ReserveRequest(Request):
+    station_sn: Annotated[str, Meta(min_length=1, max_length=32)]
+
+
+class ReservationView(Response):
+    id: uuid.UUID
+    status: str
+    station_id: uuid.UUID
+    station_sn: str
+    slot_number: int | None
+    expires_at: datetime | None
+    rental_id: uuid.UUID | None
+    cancel_reason: str | None
+    created_at: datetime

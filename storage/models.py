@@ -340,6 +340,10 @@ class StationSlot(Base):
     eject_deadline_at: Mapped[datetime | None]
     # 1 for the first eject of a rental at this station, 2 for the one retry.
     eject_attempt: Mapped[int | None] = mapped_column(Integer)
+    # The reservation this slot's bank is held for, until when (the Station actor releases it at
+    # that time, or the scheduler's sweep does).
+    reserved_for_id: Mapped[uuid.UUID | None]
+    reserved_until: Mapped[datetime | None]
     # Seq of the newest station event that set this slot; an older event arriving late (reordered)
     # is recorded but does not move the slot back in time.
     last_event_seq: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -449,6 +453,8 @@ class Rental(Base):
     )
     quick_return: Mapped[bool] = mapped_column(Boolean, default=False)
     cancel_reason: Mapped[str | None] = mapped_column(String(64))
+    # The reservation this rental takes its bank from, if it began as one.
+    reservation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("reservations.id", ondelete="SET NULL"))
     started_at: Mapped[datetime | None]
     due_at: Mapped[datetime | None]
     returned_at: Mapped[datetime | None]
@@ -1402,3 +1408,37 @@ class UserEvent(Base):
     type: Mapped[str] = mapped_column(String(48))
     payload: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = created_at_column()
+
+
+# --- reservations -------------------------------------------------------------------------------
+#
+# Seed 004's booking states applied to holding a bank: pending (asked; the HTTP request inserts
+# the row) -> confirmed (the Station actor held a slot's bank until `expires_at`) -> completed (a
+# rental took that bank) | cancelled (by the person, or nothing to hold) | expired. One open
+# reservation per person is a database fact (the partial unique index).
+
+RESERVATION_STATUSES = ("pending", "confirmed", "completed", "cancelled", "expired")
+OPEN_RESERVATION_STATUSES = ("pending", "confirmed")
+
+
+class Reservation(Base):
+    __tablename__ = "reservations"
+    __table_args__ = (
+        one_of("status", RESERVATION_STATUSES),
+        Index(None, "user_id", unique=True, postgresql_where=text("status IN ('pending', 'confirmed')"),
+              sqlite_where=text("status IN ('pending', 'confirmed')")),
+        Index(None, "status", "expires_at"),
+        Index(None, "station_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="RESTRICT"))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    slot_number: Mapped[int | None] = mapped_column(Integer)
+    power_bank_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("power_banks.id", ondelete="SET NULL"))
+    expires_at: Mapped[datetime | None]
+    rental_id: Mapped[uuid.UUID | None]
+    cancel_reason: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()

@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from powerbank.actors import station as station_actor
 from powerbank.actors.bus import LocalBus
@@ -32,6 +32,7 @@ from powerbank.storage.models import (
     PowerBank,
     Rental,
     RentalPackage,
+    Reservation,
     Station,
     StationEvent,
     StationSlot,
@@ -562,3 +563,92 @@ async def test_an_eject_in_flight_is_published_again_after_the_stations_next_inv
         slot.eject_deadline_at = utcnow() - timedelta(seconds=1)
     result = await apply(rt, station_id, "Inventory", {**report, "seq": 8})
     assert "ejects_resent" not in result and len(await outbox(rt, "eject")) == 2
+
+
+# --- reservations ------------------------------------------------------------------------------
+
+
+async def reservation_for(rt, station_id: str) -> str:
+    async with rt.sessions.begin() as db:
+        user = User(phone=f"+9779{uuid.uuid4().int % 10**9:09d}", referral_code=uuid.uuid4().hex[:10])
+        db.add(user)
+        await db.flush()
+        reservation = Reservation(user_id=user.id, station_id=uuid.UUID(station_id), status="pending")
+        db.add(reservation)
+    return str(reservation.id)
+
+
+async def reservation(rt, reservation_id: str) -> Reservation:
+    async with rt.sessions() as db:
+        return await db.get(Reservation, uuid.UUID(reservation_id))
+
+
+async def test_a_reservation_holds_the_best_bank_for_its_holder_only(rt):
+    station_id = await make_station(rt, "ST-RES", [("PB-LOW", 40), ("PB-TOP", 95), ("PB-MID", 70), None])
+    first = await reservation_for(rt, station_id)
+    held = await apply(rt, station_id, "ReserveSlot", {"reservation_id": first})
+    assert (held["status"], held["slot"]) == ("confirmed", 2)
+    confirmed = await reservation(rt, first)
+    assert confirmed.status == "confirmed" and confirmed.slot_number == 2 and confirmed.expires_at > utcnow()
+    # Someone else renting here gets the next best bank; the held one stays put.
+    other_rental = str(uuid.uuid4())
+    assert (await apply(rt, station_id, "ReserveAndEject", {"rental_id": other_rental, "user_id": "u"}))["slot"] == 3
+    # The holder's rental takes the held bank and completes the reservation.
+    holder = str(confirmed.user_id)
+    mine = str(uuid.uuid4())
+    taken = await apply(rt, station_id, "ReserveAndEject", {"rental_id": mine, "user_id": holder, "reservation_id": first})
+    assert taken["slot"] == 2
+    done = await reservation(rt, first)
+    assert (done.status, str(done.rental_id)) == ("completed", mine)
+    assert all(s.reserved_for_id is None for s in await slots_of(rt, station_id))
+
+
+async def test_with_every_bank_held_there_is_nothing_to_reserve_or_rent(rt):
+    station_id = await make_station(rt, "ST-FULL", [("PB-ONE", 90)], slot_count=1)
+    first, second = await reservation_for(rt, station_id), await reservation_for(rt, station_id)
+    assert (await apply(rt, station_id, "ReserveSlot", {"reservation_id": first}))["status"] == "confirmed"
+    refused = await apply(rt, station_id, "ReserveSlot", {"reservation_id": second})
+    assert (refused["status"], refused["reason"]) == ("cancelled", "no_bank_available")
+    assert (await reservation(rt, second)).cancel_reason == "no_bank_available"
+    await apply(rt, station_id, "ReserveAndEject", {"rental_id": str(uuid.uuid4()), "user_id": "u"})
+    [failed] = await rental_commands(rt, "EjectFailed")
+    assert failed.payload == {"reason": "no_bank_available"}
+
+
+async def test_a_reservation_expires_on_the_schedulers_clock_and_frees_its_bank(rt):
+    station_id = await make_station(rt, "ST-EXP", [("PB-E", 90)], slot_count=1)
+    held = await reservation_for(rt, station_id)
+    await apply(rt, station_id, "ReserveSlot", {"reservation_id": held, "hold_s": 300})
+    assert await station_actor.expire_reservations(rt, now=utcnow() + timedelta(seconds=290)) == 0
+    later = utcnow() + timedelta(seconds=301)
+    for _ in range(2):  # a repeated sweep is a duplicate
+        assert await station_actor.expire_reservations(rt, now=later) == 1
+    await rt.drain("station", station_id)
+    assert (await reservation(rt, held)).status == "expired"
+    assert [s.reserved_for_id for s in await slots_of(rt, station_id)] == [None]
+    assert await station_actor.expire_reservations(rt, now=later) == 0
+    async with rt.sessions() as db:
+        expiries = await db.scalar(select(func.count()).select_from(ActorCommand).where(ActorCommand.name == "ExpireReservation"))
+    assert expiries == 1
+
+
+async def test_a_hold_past_its_time_is_freed_by_the_next_request_without_the_scheduler(rt):
+    station_id = await make_station(rt, "ST-LAZY", [("PB-L", 90)], slot_count=1)
+    held = await reservation_for(rt, station_id)
+    await apply(rt, station_id, "ReserveSlot", {"reservation_id": held, "hold_s": 300})
+    async with rt.sessions.begin() as db:  # as if five minutes went by
+        slot = (await db.execute(select(StationSlot).where(StationSlot.station_id == uuid.UUID(station_id)))).scalar_one()
+        slot.reserved_until = utcnow() - timedelta(seconds=1)
+    assert (await apply(rt, station_id, "ReserveAndEject", {"rental_id": str(uuid.uuid4()), "user_id": "u"}))["slot"] == 1
+    assert (await reservation(rt, held)).status == "expired"
+
+
+async def test_only_the_holder_cancels_and_a_cancelled_hold_frees_the_bank(rt):
+    station_id = await make_station(rt, "ST-CXL", [("PB-C", 90)], slot_count=1)
+    held = await reservation_for(rt, station_id)
+    await apply(rt, station_id, "ReserveSlot", {"reservation_id": held})
+    stranger = await apply(rt, station_id, "CancelReservation", {"reservation_id": held, "user_id": str(uuid.uuid4())})
+    assert stranger == {"ok": False, "reason": "reservation_not_found"}
+    owner = str((await reservation(rt, held)).user_id)
+    assert (await apply(rt, station_id, "CancelReservation", {"reservation_id": held, "user_id": owner}))["status"] == "cancelled"
+    assert [s.reserved_for_id for s in await slots_of(rt, station_id)] == [None]
