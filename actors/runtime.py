@@ -52,6 +52,8 @@ PUMP_BATCH_FACTOR = 4
 # scheduler and the web process queue behind the pump's transaction. A thousand station boots
 # in one transaction held it for many seconds under a login storm.
 MAX_PUMP_TRANSACTION_S = 0.25
+# A single writer's doorbell not answered within this long is taken as lost and rung again.
+PUMP_DOORBELL_OVERDUE_S = 1.0
 # How soon a drainer that found the entity locked by another process asks again.
 LOCK_RETRY_DELAY_S = 0.01
 
@@ -268,6 +270,7 @@ class Runtime:
         self._calls_in_flight: dict[tuple[str, str], int] = {}
         self._pumping = False
         self._pump_dirty = False
+        self._pump_rung_at: float | None = None  # when the outstanding pump doorbell was sent
         self._pump_read_limit = self.batch_size * PUMP_BATCH_FACTOR
         self._draining: set[tuple[str, str]] = set()
         self._drain_again: set[tuple[str, str]] = set()
@@ -415,8 +418,27 @@ class Runtime:
         return CommandOutcome(status=row.status, result=row.result, duplicate=True)
 
     def ring(self, kind: str, entity_id: str) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.ring(kind, entity_id)
+        if self.dispatcher is None or (self.single_writer and not self._pump_needs_doorbell()):
+            return
+        self.dispatcher.ring(kind, entity_id)
+
+    def _pump_needs_doorbell(self) -> bool:
+        """On a single writer every doorbell runs the same pump over every mailbox, so one is
+        enough: while the pump runs it is told to look again, and while a doorbell is on its
+        way no other is sent (unless it is overdue: it may have been lost).
+
+        One doorbell per submit was a Dramatiq message each (JSON-encoded, a uuid, a queue
+        hop) that found a running pump and returned; at 3,000 booting stations they and the
+        scheduler's sweep of stalled mailboxes (a doorbell per entity) took a tenth of the
+        event loop (`powerbank bench stations`, py-spy)."""
+        if self._pumping:
+            self._pump_dirty = True
+            return False
+        now_s = time.monotonic()
+        if self._pump_rung_at is not None and now_s - self._pump_rung_at < PUMP_DOORBELL_OVERDUE_S:
+            return False
+        self._pump_rung_at = now_s
+        return True
 
     # --- the applying side -----------------------------------------------------------------
 
@@ -462,6 +484,7 @@ class Runtime:
                 return applied
 
     async def _pump_all(self) -> int:
+        self._pump_rung_at = None  # the doorbell arrived; the next submit rings again
         if self._pumping:
             # The running pump may have read the mailboxes before this command committed.
             self._pump_dirty = True

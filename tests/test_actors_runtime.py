@@ -366,3 +366,38 @@ async def test_the_single_writer_pump_keeps_each_transaction_short_and_applies_e
     transactions = len({context for context, _ in _CONTEXTS_SEEN})
     assert 3 <= transactions < len(entities)
     await engine.dispose()
+
+
+class _CountingDispatcher:
+    def __init__(self) -> None:
+        self.rings: list[tuple[str, str]] = []
+
+    def ring(self, kind: str, entity_id: str) -> None:
+        self.rings.append((kind, entity_id))
+
+
+async def test_a_single_writer_sends_one_pump_doorbell_at_a_time_and_rings_again_when_one_is_overdue(tmp_path, monkeypatch):
+    """Every doorbell runs the same pump over every mailbox: one outstanding is enough, a ring
+    while the pump runs makes it look again, and a doorbell overdue (lost) is rung again."""
+    from powerbank.actors import runtime as runtime_module
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'bells.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    dispatcher = _CountingDispatcher()
+    pump = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=None, single_writer=True)
+    _CONTEXTS_SEEN.clear()
+    entities = [f"bell-{n}" for n in range(20)]
+    await asyncio.gather(*(pump.submit("wallet", e, "TestSlow", {}, f"bell:{e}") for e in entities))
+    assert len(dispatcher.rings) == 1
+    late = asyncio.ensure_future(pump.submit("wallet", "bell-late", "TestSlow", {}, "bell:late"))
+    assert await pump.drain(*dispatcher.rings[0]) == len(entities) + 1  # the late one made it look again
+    await late
+    assert len(dispatcher.rings) == 1 and sorted(e for _, e in _CONTEXTS_SEEN) == sorted([*entities, "bell-late"])
+    await pump.submit("wallet", "bell-after", "TestSlow", {}, "bell:after")
+    assert len(dispatcher.rings) == 2  # the pump had stopped: a new doorbell
+    monkeypatch.setattr(runtime_module, "PUMP_DOORBELL_OVERDUE_S", 0.0)
+    await pump.submit("wallet", "bell-lost", "TestSlow", {}, "bell:lost")
+    assert len(dispatcher.rings) == 3  # the previous one never arrived: rung again
+    assert await pump.drain(*dispatcher.rings[-1]) == 2
+    await engine.dispose()
