@@ -299,3 +299,42 @@ async def test_a_sweep_forgets_finished_deliveries_behind_a_slow_one_and_reads_t
     assert next_sweep_at == embedded.DELIVERY_TASKS_SWEEP_AT
     assert embedded._sweep_finished(running, next_sweep_at) == next_sweep_at and list(running) == [slow]
     slow.cancel()
+
+
+async def test_logins_wait_while_the_bridge_is_behind_are_let_in_in_order_and_refused_after_a_while():
+    """5,000 to 10,000 stations logging in at once buried the bridge under boots; acks came
+    late and stations booted again and again. Logins now wait for room (see embedded.Admission)."""
+    backlog = [0]
+    admission = embedded.Admission(lambda: backlog[0], backlog_max=10, wait_max_s=0.5)
+    assert await admission.enter()  # room: at once
+    backlog[0] = 11
+    order = []
+
+    async def login(n):
+        if await admission.enter():
+            order.append(n)
+            backlog[0] += 1  # an admitted station boots: one more message for the bridge
+        else:
+            order.append(-n)
+
+    waiting = [asyncio.ensure_future(login(n)) for n in range(1, 4)]
+    await asyncio.sleep(0.15)
+    assert order == []  # the bridge is behind: everyone waits
+    backlog[0] = 8  # room for two
+    await asyncio.sleep(0.15)
+    assert order == [1, 2]
+    await asyncio.gather(*waiting)
+    assert order == [1, 2, -3]  # the third waited its time out: refused, it comes back later
+    admission.close()
+
+
+async def test_a_station_login_is_refused_as_busy_when_the_bridge_stays_behind(stack, monkeypatch):
+    a = stack.specs[0]
+    authority = stack.embedded.authority
+    monkeypatch.setattr(authority.admission, "backlog", lambda: embedded.ADMISSION_BACKLOG_MAX + 1)
+    monkeypatch.setattr(authority.admission, "wait_max_s", 0.2)
+    assert await refused(login(stack, a.serial, a.password), a.serial)
+    assert authority.refusals[embedded.REFUSED_BUSY] == 1
+    monkeypatch.setattr(authority.admission, "backlog", lambda: 0)
+    assert not await refused(login(stack, a.serial, a.password), a.serial)
+    assert stack.embedded.broker.backlog() >= 0
