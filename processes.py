@@ -103,6 +103,7 @@ class Backend:
         if self.worker is not None:
             # Worker threads may be waiting on this loop; join them from another thread.
             await asyncio.to_thread(self.worker.stop)
+        await self.services.runtime.close()
         if self.bridge is not None:
             await self.bridge.stop()
         if self.broker_handle is not None:
