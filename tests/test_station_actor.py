@@ -531,3 +531,31 @@ async def test_an_eject_in_flight_is_published_again_after_the_stations_next_inv
         slot.eject_deadline_at = utcnow() - timedelta(seconds=1)
     result = await apply(rt, station_id, "Inventory", {**report, "seq": 8})
     assert "ejects_resent" not in result and len(await outbox(rt, "eject")) == 2
+
+
+async def test_a_heartbeat_reads_the_slots_only_when_it_brings_the_station_back_online(rt, engine):
+    """Heartbeats are most of a fleet's commands: an online station's costs no slot or bank
+    read; one that comes back online still announces its availability."""
+    from sqlalchemy import event as sa_event
+
+    station_id = await make_station(rt, "ST-BEAT", [("PB-B1", 90), None], slot_count=2, status="offline")
+    statements = []
+
+    def remember(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    sa_event.listen(engine.sync_engine, "before_cursor_execute", remember)
+    try:
+        async with rt.bus.subscribe(f"station:{station_id}") as subscription:
+            await apply(rt, station_id, "Heartbeat", event(1))
+            _, message = await subscription.get(2)
+        assert (message["status"], message["available"], message["empty_slots"]) == ("online", 1, 1)
+        assert any("FROM station_slots" in s for s in statements)
+        statements.clear()
+        await apply(rt, station_id, "Heartbeat", event(2))
+        assert not any("station_slots" in s or "power_banks" in s for s in statements)
+    finally:
+        sa_event.remove(engine.sync_engine, "before_cursor_execute", remember)
+    async with rt.sessions() as db:
+        station = await db.get(Station, uuid.UUID(station_id))
+    assert station.status == "online" and station.last_event_seq == 2
