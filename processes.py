@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -33,6 +34,25 @@ from powerbank.storage import migrate, seed
 log = logging.getLogger(__name__)
 ALL_ROLES = frozenset({"web", "worker", "mqtt", "scheduler"})
 WORKER_THREADS = 8
+# Python's cyclic garbage collector, tuned for a long-running server process (see tune_gc).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> tuple[int, int, int]:
+    """Collect the young generation every 50,000 allocations instead of 700, and move what
+    exists at start-up out of the collector's way (`gc.freeze`). Returns the old thresholds.
+
+    Why: a backend holding thousands of MQTT connections has millions of long-lived objects
+    (sessions, handlers, their tasks and futures), and at 700 allocations per young collection
+    every future still waiting for I/O survived into the old generations; full collections,
+    each a walk of the whole heap, then ran every few seconds. Measured by `powerbank bench
+    stations` at 3,000 stations: 27 s of 75 s in the collector, which slowed the loop, which
+    made more objects survive: the collapse past ~1,500 stations. Reference cycles are still
+    collected, only in bigger, rarer batches (at most ~50,000 objects wait for it)."""
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    return old
 
 
 def import_actors() -> None:
@@ -83,6 +103,7 @@ class Backend:
         if self.worker is not None:
             # Worker threads may be waiting on this loop; join them from another thread.
             await asyncio.to_thread(self.worker.stop)
+        await self.services.runtime.close()
         if self.bridge is not None:
             await self.bridge.stop()
         if self.broker_handle is not None:
@@ -243,6 +264,7 @@ async def wait_for_stop(duration_s: float | None = None) -> None:
 
 async def run_roles(settings: Settings, roles: Iterable[str], *, migrate_first: bool) -> None:
     backend = await start_backend(settings, roles, migrate_first=migrate_first)
+    tune_gc()
     log.info("running %s", ", ".join(sorted(backend.roles)))
     try:
         await wait_for_stop()

@@ -52,6 +52,11 @@ PUMP_BATCH_FACTOR = 4
 # scheduler and the web process queue behind the pump's transaction. A thousand station boots
 # in one transaction held it for many seconds under a login storm.
 MAX_PUMP_TRANSACTION_S = 0.25
+# Outbox rows delivered per statement by the single writer's background delivery (flush_outbox
+# reads at most 500 at a time).
+OUTBOX_DELIVERY_BATCH = 500
+# A single writer's doorbell not answered within this long is taken as lost and rung again.
+PUMP_DOORBELL_OVERDUE_S = 1.0
 # How soon a drainer that found the entity locked by another process asks again.
 LOCK_RETRY_DELAY_S = 0.01
 
@@ -268,6 +273,9 @@ class Runtime:
         self._calls_in_flight: dict[tuple[str, str], int] = {}
         self._pumping = False
         self._pump_dirty = False
+        self._outbox_queue: list[int] = []  # committed outbox rows for the background delivery
+        self._outbox_deliverer: asyncio.Task | None = None
+        self._pump_rung_at: float | None = None  # when the outstanding pump doorbell was sent
         self._pump_read_limit = self.batch_size * PUMP_BATCH_FACTOR
         self._draining: set[tuple[str, str]] = set()
         self._drain_again: set[tuple[str, str]] = set()
@@ -418,8 +426,27 @@ class Runtime:
         return CommandOutcome(status=row.status, result=row.result, duplicate=True)
 
     def ring(self, kind: str, entity_id: str) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.ring(kind, entity_id)
+        if self.dispatcher is None or (self.single_writer and not self._pump_needs_doorbell()):
+            return
+        self.dispatcher.ring(kind, entity_id)
+
+    def _pump_needs_doorbell(self) -> bool:
+        """On a single writer every doorbell runs the same pump over every mailbox, so one is
+        enough: while the pump runs it is told to look again, and while a doorbell is on its
+        way no other is sent (unless it is overdue: it may have been lost).
+
+        One doorbell per submit was a Dramatiq message each (JSON-encoded, a uuid, a queue
+        hop) that found a running pump and returned; at 3,000 booting stations they and the
+        scheduler's sweep of stalled mailboxes (a doorbell per entity) took a tenth of the
+        event loop (`powerbank bench stations`, py-spy)."""
+        if self._pumping:
+            self._pump_dirty = True
+            return False
+        now_s = time.monotonic()
+        if self._pump_rung_at is not None and now_s - self._pump_rung_at < PUMP_DOORBELL_OVERDUE_S:
+            return False
+        self._pump_rung_at = now_s
+        return True
 
     # --- the applying side -----------------------------------------------------------------
 
@@ -465,6 +492,7 @@ class Runtime:
                 return applied
 
     async def _pump_all(self) -> int:
+        self._pump_rung_at = None  # the doorbell arrived; the next submit rings again
         if self._pumping:
             # The running pump may have read the mailboxes before this command committed.
             self._pump_dirty = True
@@ -602,10 +630,48 @@ class Runtime:
         results = [(result_channel(row.kind, row.command_id), row.result) for row in ctx.settled]
         await self.bus.publish_many(results + ctx.notifications)
         if ctx.outbox_ids and self.outbox_sink is not None:
+            if self.single_writer:
+                self._deliver_in_background(ctx.outbox_ids)
+                return
             try:
                 await self.flush_outbox(ctx.outbox_ids)
             except Exception as error:  # the rows stay unsent; the scheduler publishes them later
                 log.warning("outbox delivery deferred: %r", error)
+
+    def _deliver_in_background(self, outbox_ids: list[int]) -> None:
+        """The single writer's pump does not wait for MQTT: its commits' outbox rows queue here
+        and one task delivers them, batch after batch in commit order (so a station's messages
+        keep their order), while the pump goes on applying. Waiting for every PUBACK held the
+        one pump, and with it every station's boot, for about a second per transaction at 5,000
+        booting stations (`powerbank bench stations`). Rows not delivered stay unsent and the
+        scheduler's flush publishes them, as before."""
+        self._outbox_queue.extend(outbox_ids)
+        if self._outbox_deliverer is None or self._outbox_deliverer.done():
+            self._outbox_deliverer = asyncio.get_running_loop().create_task(self._deliver_queued())
+
+    async def _deliver_queued(self) -> None:
+        while self._outbox_queue:
+            ids = self._outbox_queue[:OUTBOX_DELIVERY_BATCH]
+            del self._outbox_queue[:OUTBOX_DELIVERY_BATCH]
+            try:
+                await self.flush_outbox(ids)
+            except Exception as error:  # the rows stay unsent; the scheduler publishes them later
+                log.warning("outbox delivery deferred: %r", error)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Give the background delivery `timeout_s` to finish, then stop it (what it had not
+        published stays unsent in the outbox for the next flush)."""
+        deliverer = self._outbox_deliverer
+        if deliverer is None or deliverer.done():
+            return
+        await asyncio.wait([deliverer], timeout=timeout_s)
+        deliverer.cancel()
+        await asyncio.gather(deliverer, return_exceptions=True)
+
+    async def wait_delivered(self) -> None:
+        """Until the background delivery (single writer) has nothing queued."""
+        while self._outbox_deliverer is not None and not self._outbox_deliverer.done():
+            await asyncio.shield(self._outbox_deliverer)
 
     def _ring_later(self, kind: str, entity_id: str, delay_s: float = LOCK_RETRY_DELAY_S) -> None:
         """Ask again shortly: another drainer holds the entity and may have looked at the
@@ -648,6 +714,10 @@ class Runtime:
                 return False
             await self.ring_stalled(older_than_s=0.5)
             await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self.wait_delivered(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            return False
         return True
 
     async def ring_stalled(self, older_than_s: float = 2.0) -> int:

@@ -161,6 +161,9 @@ def raise_open_files_limit() -> int:
 def fleet_child_main(argv: list[str]) -> int:
     """A fleet process: `SPEC_FILE`. Status lines (JSON) on stdout; commands on stdin."""
     raise_open_files_limit()
+    from powerbank.processes import tune_gc
+
+    tune_gc()  # thousands of simulated stations are as many long-lived objects as the backend's
     return asyncio.run(_fleet_child(json.loads(Path(argv[0]).read_text())))
 
 
@@ -364,7 +367,7 @@ class Backend:
 async def start_backend_for(work_dir: Path, broker: str, options: BenchOptions, database_url: str | None = None) -> Backend:
     from powerbank.config import Settings
     from powerbank.demo import free_port
-    from powerbank.processes import ALL_ROLES, start_backend
+    from powerbank.processes import ALL_ROLES, start_backend, tune_gc
 
     work_dir.mkdir(parents=True, exist_ok=True)
     topic_root = "pb" if broker == "embedded" else f"pbbench{uuid.uuid4().hex[:8]}"
@@ -382,6 +385,7 @@ async def start_backend_for(work_dir: Path, broker: str, options: BenchOptions, 
         heartbeat_interval_s=options.heartbeat_interval_s,
     )
     handle = await start_backend(settings, ALL_ROLES, migrate_first=True)
+    tune_gc()  # as `powerbank serve` does
     url = f"mqtt://127.0.0.1:{mqtt_port}" if broker == "embedded" else options.mosquitto_url
     return Backend(handle, settings, url, topic_root)
 

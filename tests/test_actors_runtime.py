@@ -14,7 +14,7 @@ from powerbank.actors.bus import LocalBus
 from powerbank.actors.runtime import AdvisoryLocks, CommandRejected, Runtime, handles, handles_batch
 from powerbank.storage.db import create_engine, session_factory
 from powerbank.storage.models import Base
-from powerbank.storage.models import ActorCommand, AppConfig
+from powerbank.storage.models import ActorCommand, AppConfig, OutboxMessage
 
 
 @handles("wallet", "TestAppend")
@@ -365,4 +365,84 @@ async def test_the_single_writer_pump_keeps_each_transaction_short_and_applies_e
     assert [entity for _, entity in _CONTEXTS_SEEN] == entities
     transactions = len({context for context, _ in _CONTEXTS_SEEN})
     assert 3 <= transactions < len(entities)
+    await engine.dispose()
+
+
+class _CountingDispatcher:
+    def __init__(self) -> None:
+        self.rings: list[tuple[str, str]] = []
+
+    def ring(self, kind: str, entity_id: str) -> None:
+        self.rings.append((kind, entity_id))
+
+
+async def test_a_single_writer_sends_one_pump_doorbell_at_a_time_and_rings_again_when_one_is_overdue(tmp_path, monkeypatch):
+    """Every doorbell runs the same pump over every mailbox: one outstanding is enough, a ring
+    while the pump runs makes it look again, and a doorbell overdue (lost) is rung again."""
+    from powerbank.actors import runtime as runtime_module
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'bells.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    dispatcher = _CountingDispatcher()
+    pump = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=None, single_writer=True)
+    _CONTEXTS_SEEN.clear()
+    entities = [f"bell-{n}" for n in range(20)]
+    await asyncio.gather(*(pump.submit("wallet", e, "TestSlow", {}, f"bell:{e}") for e in entities))
+    assert len(dispatcher.rings) == 1
+    late = asyncio.ensure_future(pump.submit("wallet", "bell-late", "TestSlow", {}, "bell:late"))
+    assert await pump.drain(*dispatcher.rings[0]) == len(entities) + 1  # the late one made it look again
+    await late
+    assert len(dispatcher.rings) == 1 and sorted(e for _, e in _CONTEXTS_SEEN) == sorted([*entities, "bell-late"])
+    await pump.submit("wallet", "bell-after", "TestSlow", {}, "bell:after")
+    assert len(dispatcher.rings) == 2  # the pump had stopped: a new doorbell
+    monkeypatch.setattr(runtime_module, "PUMP_DOORBELL_OVERDUE_S", 0.0)
+    await pump.submit("wallet", "bell-lost", "TestSlow", {}, "bell:lost")
+    assert len(dispatcher.rings) == 3  # the previous one never arrived: rung again
+    assert await pump.drain(*dispatcher.rings[-1]) == 2
+    await engine.dispose()
+
+
+@handles("wallet", "TestPublish")
+async def _publish(ctx, entity_id, payload):
+    await ctx.publish_mqtt(f"test/{entity_id}", {"n": payload["n"]})
+    return {"ok": True}
+
+
+class _SlowSink:
+    def __init__(self) -> None:
+        self.delivered: list[tuple[str, int]] = []
+        self.gate = asyncio.Event()
+
+    async def deliver(self, messages) -> None:
+        await self.gate.wait()
+        self.delivered.extend((m.topic, m.payload["n"]) for m in messages)
+
+
+async def test_a_single_writers_pump_does_not_wait_for_mqtt_and_its_rows_leave_in_commit_order(tmp_path, monkeypatch):
+    """The pump applied every station's boot, and waited for every PUBACK of the configs it
+    wrote before the next transaction. Now the rows leave from a background task, batch after
+    batch in commit order; wait_idle also waits for them."""
+    from powerbank.actors import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "OUTBOX_DELIVERY_BATCH", 2)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    sink = _SlowSink()
+    pump = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=None, locks=None, single_writer=True, outbox_sink=sink)
+    for n in range(3):
+        await pump.submit("wallet", "pub-a", "TestPublish", {"n": n}, f"pub:a:{n}")
+    assert await asyncio.wait_for(pump.drain("wallet", "pub-a"), 5) == 3  # the sink has not answered yet
+    for n in range(3, 5):
+        await pump.submit("wallet", "pub-a", "TestPublish", {"n": n}, f"pub:a:{n}")
+    assert await asyncio.wait_for(pump.drain("wallet", "pub-a"), 5) == 2
+    assert sink.delivered == [] and not await pump.wait_idle(timeout_s=0.2)
+    sink.gate.set()
+    assert await pump.wait_idle(timeout_s=5)
+    assert sink.delivered == [("test/pub-a", n) for n in range(5)]
+    async with pump.sessions() as session:
+        unsent = await session.scalar(select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at.is_(None)))
+    assert unsent == 0
+    await pump.close()
     await engine.dispose()

@@ -29,6 +29,7 @@ from powerbank.broker.testing import broker_reachable, station_stack
 from powerbank.simulators.stations import FaultKnobs, Fleet, provision_fleet
 from powerbank.storage.models import (
     ActorCommand,
+    OutboxMessage,
     PowerBank,
     Rental,
     RentalPackage,
@@ -305,3 +306,36 @@ async def test_a_publish_only_bridge_delivers_the_outbox_and_takes_no_station_me
     finally:
         stack.runtime.outbox_sink = stack.bridge
         await publisher.stop()
+
+
+async def test_the_outbox_leaves_in_commit_order_per_station_and_stations_at_once(stack):
+    """One publish at a time, each waiting for its PUBACK, held the single writer's pump for
+    seconds per batch at fleet scale. Now each topic's rows go one after another (a station
+    gets config before the eject committed after it) and different topics at once; a row
+    that cannot be published stops its own topic and fails the batch (it stays unsent)."""
+    bridge = StationBridge(stack.settings, stack.runtime, stack.sessions, url=stack.bridge.url, subscribe=False)
+    bridge._connected.set()
+    started, in_flight, most_in_flight = [], set(), [0]
+    refuse = set()
+
+    async def publish(topic, data):
+        started.append((topic, json.loads(data)["n"]))
+        in_flight.add(topic)
+        most_in_flight[0] = max(most_in_flight[0], len(in_flight))
+        assert len([t for t in in_flight if t == topic]) == 1
+        await asyncio.sleep(0.01)
+        in_flight.discard(topic)
+        return json.loads(data)["n"] not in refuse
+
+    bridge._publish = publish
+    rows = [OutboxMessage(id=n, channel="mqtt", topic=f"pb/S{n % 3}/commands", payload={"n": n}) for n in range(12)]
+    await bridge.deliver(rows)
+    assert most_in_flight[0] == 3
+    for station in range(3):
+        assert [n for topic, n in started if topic == f"pb/S{station}/commands"] == list(range(station, 12, 3))
+    started.clear()
+    refuse.add(4)
+    with pytest.raises(ConnectionError, match="4"):
+        await bridge.deliver(rows)
+    assert [n for topic, n in started if topic == "pb/S1/commands"] == [1, 4]  # 7 and 10 wait behind 4
+    assert len(started) == 2 + 4 + 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 
 import pytest
@@ -239,16 +240,101 @@ async def test_a_broadcast_walks_only_the_filters_that_can_match_and_a_leaver_on
 def test_the_subscription_table_keeps_its_wildcard_index_through_every_change():
     table = embedded._Subscriptions(has_retained=lambda: False)
     table["a/b"], table["a/+"], table["#"] = [], [], []
-    table.announce("a/b")
+    assert sorted(table.candidates("a/b")) == ["#", "a/+", "a/b"]
+    assert sorted(table.candidates("x/y")) == ["#", "a/+"]
     assert sorted(key for key, _ in table.items()) == ["#", "a/+", "a/b"]
-    table.announce("x/y")
-    assert sorted(key for key, _ in table.items()) == ["#", "a/+"]
-    assert sorted(key for key, _ in table.items()) == ["#", "a/+", "a/b"]  # unannounced: everything
     del table["a/+"]
     table.pop("#")
-    table.announce("a/c")
-    assert table.items() == []
+    assert table.candidates("a/c") == []
     assert list(table) == []  # no retained message: nothing for a connect to replay
     retaining = embedded._Subscriptions(has_retained=lambda: True)
     retaining["a/b"] = []
     assert list(retaining) == ["a/b"]
+
+
+async def test_one_fan_out_turn_takes_every_queued_message_and_delivers_each_in_order(stack, monkeypatch):
+    """amqtt spent several turns of the event loop on every message (a task, `asyncio.wait`,
+    the plugin manager's `gather` per subscriber); at fleet scale its queue only grew. A
+    backlog now leaves in a few turns, in queue order, the ACL still asked per subscriber."""
+    broker = stack.embedded.broker
+    turns, asked = [], []
+    real_next, real_filtering = broker._next_broadcast, broker._topic_filtering
+
+    async def counting_next():
+        turns.append(broker._broadcast_queue.qsize())
+        return await real_next()
+
+    async def counting_filtering(session, topic, action):
+        asked.append((topic, action))
+        return await real_filtering(session, topic, action)
+
+    bridge_login = login(stack, stack.settings.bridge_username, stack.settings.bridge_password)
+    sent = 300
+    async with connected(bridge_login, "burst-reader") as reader:
+        await reader.subscribe([("burst/+", 1)])
+        monkeypatch.setattr(broker, "_next_broadcast", counting_next)
+        monkeypatch.setattr(broker, "_topic_filtering", counting_filtering)
+        await broker._broadcast_queue.put({"session": None, "topic": "wake/up", "data": b""})  # re-enter with counting
+        await asyncio.sleep(0.1)
+        turns.clear()
+        for n in range(sent):  # no await in between: all queued before the loop wakes
+            broker._broadcast_queue.put_nowait({"session": None, "topic": f"burst/{n}", "data": str(n).encode()})
+        received = [(await reader.deliver_message(timeout_duration=5)).data for _ in range(sent)]
+    assert received == [str(n).encode() for n in range(sent)]
+    assert 1 <= len(turns) <= 1 + sent // embedded.BROADCAST_BATCH_MAX + 1
+    assert sum(1 for topic, action in asked if topic.startswith("burst/") and action == Action.RECEIVE) == sent
+
+
+async def test_a_sweep_forgets_finished_deliveries_behind_a_slow_one_and_reads_their_errors():
+    loop = asyncio.get_running_loop()
+    slow = loop.create_future()
+    finished = [loop.create_future() for _ in range(embedded.DELIVERY_TASKS_SWEEP_AT)]
+    for future in finished:
+        future.set_result(None)
+    finished[3] = loop.create_future()
+    finished[3].set_exception(TimeoutError("no PUBACK"))
+    running = collections.deque([slow, *finished])
+    next_sweep_at = embedded._sweep_finished(running, embedded.DELIVERY_TASKS_SWEEP_AT)
+    assert list(running) == [slow]
+    assert next_sweep_at == embedded.DELIVERY_TASKS_SWEEP_AT
+    assert embedded._sweep_finished(running, next_sweep_at) == next_sweep_at and list(running) == [slow]
+    slow.cancel()
+
+
+async def test_logins_wait_while_the_bridge_is_behind_are_let_in_in_order_and_refused_after_a_while():
+    """5,000 to 10,000 stations logging in at once buried the bridge under boots; acks came
+    late and stations booted again and again. Logins now wait for room (see embedded.Admission)."""
+    backlog = [0]
+    admission = embedded.Admission(lambda: backlog[0], backlog_max=10, wait_max_s=0.5)
+    assert await admission.enter()  # room: at once
+    backlog[0] = 11
+    order = []
+
+    async def login(n):
+        if await admission.enter():
+            order.append(n)
+            backlog[0] += 1  # an admitted station boots: one more message for the bridge
+        else:
+            order.append(-n)
+
+    waiting = [asyncio.ensure_future(login(n)) for n in range(1, 4)]
+    await asyncio.sleep(0.15)
+    assert order == []  # the bridge is behind: everyone waits
+    backlog[0] = 8  # room for two
+    await asyncio.sleep(0.15)
+    assert order == [1, 2]
+    await asyncio.gather(*waiting)
+    assert order == [1, 2, -3]  # the third waited its time out: refused, it comes back later
+    admission.close()
+
+
+async def test_a_station_login_is_refused_as_busy_when_the_bridge_stays_behind(stack, monkeypatch):
+    a = stack.specs[0]
+    authority = stack.embedded.authority
+    monkeypatch.setattr(authority.admission, "backlog", lambda: embedded.ADMISSION_BACKLOG_MAX + 1)
+    monkeypatch.setattr(authority.admission, "wait_max_s", 0.2)
+    assert await refused(login(stack, a.serial, a.password), a.serial)
+    assert authority.refusals[embedded.REFUSED_BUSY] == 1
+    monkeypatch.setattr(authority.admission, "backlog", lambda: 0)
+    assert not await refused(login(stack, a.serial, a.password), a.serial)
+    assert stack.embedded.broker.backlog() >= 0

@@ -652,3 +652,31 @@ async def test_only_the_holder_cancels_and_a_cancelled_hold_frees_the_bank(rt):
     owner = str((await reservation(rt, held)).user_id)
     assert (await apply(rt, station_id, "CancelReservation", {"reservation_id": held, "user_id": owner}))["status"] == "cancelled"
     assert [s.reserved_for_id for s in await slots_of(rt, station_id)] == [None]
+
+
+async def test_a_heartbeat_reads_the_slots_only_when_it_brings_the_station_back_online(rt, engine):
+    """Heartbeats are most of a fleet's commands: an online station's costs no slot or bank
+    read; one that comes back online still announces its availability."""
+    from sqlalchemy import event as sa_event
+
+    station_id = await make_station(rt, "ST-BEAT", [("PB-B1", 90), None], slot_count=2, status="offline")
+    statements = []
+
+    def remember(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    sa_event.listen(engine.sync_engine, "before_cursor_execute", remember)
+    try:
+        async with rt.bus.subscribe(f"station:{station_id}") as subscription:
+            await apply(rt, station_id, "Heartbeat", event(1))
+            _, message = await subscription.get(2)
+        assert (message["status"], message["available"], message["empty_slots"]) == ("online", 1, 1)
+        assert any("FROM station_slots" in s for s in statements)
+        statements.clear()
+        await apply(rt, station_id, "Heartbeat", event(2))
+        assert not any("station_slots" in s or "power_banks" in s for s in statements)
+    finally:
+        sa_event.remove(engine.sync_engine, "before_cursor_execute", remember)
+    async with rt.sessions() as db:
+        station = await db.get(Station, uuid.UUID(station_id))
+    assert station.status == "online" and station.last_event_seq == 2
