@@ -17,6 +17,9 @@ import powerbank.actors.wallet  # noqa: E402,F401
 import powerbank.actors.wallet_payments  # noqa: E402,F401
 import powerbank.actors.wallet_rewards  # noqa: E402,F401
 from powerbank.storage.testing import create_postgres_database, drop_postgres_database  # noqa: E402
+from powerbank.http.app import create_app  # noqa: E402
+from powerbank.http.testing import TEST_AUTH_POLICY, client_for, running_services, settings_for_tests  # noqa: E402
+from powerbank.storage.seed import ensure_defaults  # noqa: E402
 
 
 @pytest.fixture
@@ -70,20 +73,12 @@ async def runtime(engine):
     await dispatcher.settle()
 
 
-# --- the HTTP app on SQLite with reference data and sample content (tests/test_http_*.py) -------
-
-import httpx  # noqa: E402
-
-from powerbank.http.app import create_app  # noqa: E402
-from powerbank.http.auth import AuthPolicy  # noqa: E402
-from powerbank.http.testing import running_services, settings_for_tests  # noqa: E402
-from powerbank.storage.seed import ensure_defaults  # noqa: E402
-
-ECHO_POLICY = AuthPolicy(otp_echo=True, otp_rate_per_ip=1000)
+# --- the HTTP app with reference data and sample content (tests/test_http_*.py) ----------------
 
 
 @pytest.fixture
 async def app_services(tmp_path):
+    """Services on SQLite (the embedded default) with the seeded packages, config and content."""
     async with running_services(settings_for_tests(tmp_path)) as services:
         await ensure_defaults(services.sessions, "NPR")
         yield services
@@ -91,10 +86,24 @@ async def app_services(tmp_path):
 
 @pytest.fixture
 async def app(app_services):
-    return create_app(app_services, auth_policy=ECHO_POLICY)
+    return create_app(app_services, auth_policy=TEST_AUTH_POLICY)
 
 
 @pytest.fixture
 async def app_client(app):
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+    async with client_for(app) as client:
+        yield client
+
+
+@pytest.fixture
+async def both_app_services(database_url, tmp_path):
+    """As `app_services`, once on SQLite and once (marked) on PostgreSQL."""
+    async with running_services(settings_for_tests(tmp_path, database_url)) as services:
+        await ensure_defaults(services.sessions, "NPR")
+        yield services
+
+
+@pytest.fixture
+async def both_app_client(both_app_services):
+    async with client_for(create_app(both_app_services, auth_policy=TEST_AUTH_POLICY)) as client:
         yield client

@@ -9,35 +9,23 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from powerbank.http.app import create_app
 from powerbank.http.auth import create_access_token, ensure_admin_token
 from powerbank.http.routes_analytics import check_window, utilisation
 from powerbank.http.errors import ApiError
-from powerbank.http.testing import TEST_AUTH_POLICY, bearer, client_for, running_services, settings_for_tests
+from powerbank.http.testing import bearer
 from powerbank.storage.models import Rental, RentalPackage, Station, Tenant, User
 
 T0 = datetime(2026, 11, 2, 8, 0, tzinfo=timezone.utc)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def services(request, tmp_path):
-    url = None
-    if request.param == "postgres":
-        from powerbank.storage.testing import create_postgres_database, drop_postgres_database
-
-        name, url = await create_postgres_database()
-    try:
-        async with running_services(settings_for_tests(tmp_path, url)) as services:
-            yield services
-    finally:
-        if request.param == "postgres":
-            await drop_postgres_database(name)
+@pytest.fixture
+async def services(both_app_services):
+    return both_app_services
 
 
 @pytest.fixture
-async def client(services):
-    async with client_for(create_app(services, auth_policy=TEST_AUTH_POLICY)) as client:
-        yield client
+async def client(both_app_client):
+    return both_app_client
 
 
 def test_the_window_defaults_to_a_day_and_is_bounded():

@@ -5,43 +5,24 @@ from __future__ import annotations
 
 import uuid
 
-import httpx
 import pytest
 from sqlalchemy import func, select
 
 import powerbank.actors.rental  # noqa: F401  (registers the Rental handlers)
 import powerbank.actors.wallet  # noqa: F401
-from powerbank.http.app import create_app
-from powerbank.http.auth import AuthPolicy
-from powerbank.http.testing import running_services, settings_for_tests
 from powerbank.storage.ledger import ledger_discrepancies
 from powerbank.storage.models import ActorCommand, LedgerTransfer, Rental, RentalPackage, Station
-from powerbank.storage.seed import ensure_defaults
-
-POLICY = AuthPolicy(otp_echo=True, otp_rate_per_ip=1000)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def services(request, tmp_path):
-    url = None
-    if request.param == "postgres":
-        from powerbank.storage.testing import create_postgres_database, drop_postgres_database
-
-        name, url = await create_postgres_database()
-    try:
-        async with running_services(settings_for_tests(tmp_path, url)) as services:
-            await ensure_defaults(services.sessions, "NPR")  # the points ratio: 10 points = 100 minor
-            yield services
-    finally:
-        if request.param == "postgres":
-            await drop_postgres_database(name)
 
 
 @pytest.fixture
-async def client(services):
-    app = create_app(services, auth_policy=POLICY)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        yield client
+async def services(both_app_services):
+    """Seeded defaults include the points ratio: 10 points = 100 minor."""
+    return both_app_services
+
+
+@pytest.fixture
+async def client(both_app_client):
+    return both_app_client
 
 
 async def sign_up(client, phone: str) -> tuple[dict[str, str], uuid.UUID]:

@@ -12,22 +12,19 @@ from sqlalchemy import select
 
 import powerbank.actors.station  # noqa: F401  (registers SetMaintenance)
 import powerbank.actors.wallet  # noqa: F401  (registers CreditWallet)
-from powerbank.http.app import create_app
 from powerbank.http.auth import create_access_token, ensure_admin_token
-from powerbank.http.testing import TEST_AUTH_POLICY, bearer, client_for, running_services, settings_for_tests
+from powerbank.http.testing import bearer
 from powerbank.storage.models import AdminActionLog, Station, StationStatusChange, User
 from powerbank.storage.types import utcnow
 
 @pytest.fixture
-async def services(tmp_path):
-    async with running_services(settings_for_tests(tmp_path)) as services:
-        yield services
+async def services(app_services):
+    return app_services
 
 
 @pytest.fixture
-async def client(services):
-    async with client_for(create_app(services, auth_policy=TEST_AUTH_POLICY)) as client:
-        yield client
+async def client(app_client):
+    return app_client
 
 
 async def person(services, role: str = "user", tenant_id=None) -> tuple[uuid.UUID, dict[str, str]]:
