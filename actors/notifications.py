@@ -27,6 +27,8 @@ from typing import Any, Protocol
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from powerbank.actors import user_events
+from powerbank.actors.runtime import ActorContext
 from powerbank.storage.models import (
     Notification,
     NotificationDelivery,
@@ -35,6 +37,7 @@ from powerbank.storage.models import (
     NotificationTemplate,
     SmsFcmLog,
     Station,
+    StationIssue,
     User,
     UserDevice,
 )
@@ -254,6 +257,31 @@ async def notify_money(ctx, user_id, kind: str, event_id, amount_minor: int, cur
     """A top-up or refund notification, once per `event_id` (the intent or the refund)."""
     data = {"amount": format_money(amount_minor, currency), "amount_minor": int(amount_minor), "currency": currency}
     return await notify_person(ctx, user_id, kind, data, dedupe_key=f"{kind}:{event_id}")
+
+
+async def set_station_issue_status(runtime, issue_id: uuid.UUID, status: str) -> StationIssue | None:
+    """Staff move a reported issue along (acknowledged, resolved, dismissed); the reporter hears
+    of a resolution in the same transaction. Issues have no actor (nothing races on them but
+    staff), so this is a plain transaction with an actor-like context; like the runtime, it keeps
+    the person's event (user_events, for catch-up) in the transaction and publishes it after the
+    commit. None: no such issue."""
+
+    async with runtime.sessions.begin() as session:
+        issue = await session.get(StationIssue, issue_id)
+        if issue is None:
+            return None
+        ctx = ActorContext(session=session, now=utcnow())
+        if issue.status != status:
+            issue.status = status
+            if status == "resolved" and issue.user_id is not None:
+                station = await session.get(Station, issue.station_id)
+                data = {"issue_id": str(issue.id), "station_name": station.name if station else "", "issue_kind": issue.kind}
+                await notify_person(ctx, issue.user_id, "station_issue_resolved", data,
+                                    dedupe_key=f"station_issue_resolved:{issue.id}")
+        await user_events.record(session, ctx.notifications, ctx.now)
+    if ctx.notifications:
+        await runtime.bus.publish_many(ctx.notifications)
+    return issue
 
 
 # --- delivery ------------------------------------------------------------------------------------
