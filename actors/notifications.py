@@ -207,7 +207,7 @@ def notification_view(row: Notification) -> dict[str, Any]:
 
 
 async def notify_person(
-    ctx, user_id: uuid.UUID | str, kind: str, data: dict[str, Any], *, dedupe_key: str
+    ctx: ActorContext, user_id: uuid.UUID | str, kind: str, data: dict[str, Any], *, dedupe_key: str
 ) -> dict[str, Any] | None:
     """Store the notification, queue its push/SMS deliveries and announce it on the person's
     websocket after commit. `ctx` is the actor's context: all of it commits with the change that
@@ -239,7 +239,7 @@ async def notify_person(
     return view
 
 
-async def notify_rental(ctx, rental, kind: str, **extra: Any) -> dict[str, Any] | None:
+async def notify_rental(ctx: ActorContext, rental, kind: str, **extra: Any) -> dict[str, Any] | None:
     """A rental's notification, once per rental and kind (`extra` adds to the template data)."""
     station = await ctx.session.get(Station, rental.station_id)
     back = await ctx.session.get(Station, rental.return_station_id) if rental.return_station_id else None
@@ -253,7 +253,7 @@ async def notify_rental(ctx, rental, kind: str, **extra: Any) -> dict[str, Any] 
     return await notify_person(ctx, rental.user_id, kind, data, dedupe_key=f"{kind}:{rental.id}")
 
 
-async def notify_money(ctx, user_id, kind: str, event_id, amount_minor: int, currency: str) -> dict[str, Any] | None:
+async def notify_money(ctx: ActorContext, user_id, kind: str, event_id, amount_minor: int, currency: str) -> dict[str, Any] | None:
     """A top-up or refund notification, once per `event_id` (the intent or the refund)."""
     data = {"amount": format_money(amount_minor, currency), "amount_minor": int(amount_minor), "currency": currency}
     return await notify_person(ctx, user_id, kind, data, dedupe_key=f"{kind}:{event_id}")
