@@ -66,6 +66,8 @@ class Settings:
     stripe_api_base: str | None = None
     # Auto-refill: how often the scheduler looks for wallets below their threshold (0 = never).
     auto_refill_interval_s: int = 60
+    # The ending-soon reminder goes out this long before a rental is due.
+    ending_soon_minutes: int = 10
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -112,6 +114,7 @@ def load_settings() -> Settings:
         stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
         stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
         auto_refill_interval_s=_env_int("AUTO_REFILL_INTERVAL_S", 60),
+        ending_soon_minutes=_env_int("ENDING_SOON_MINUTES", 10),
     )
 
 

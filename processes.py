@@ -143,7 +143,8 @@ async def start_backend(settings: Settings, roles: Iterable[str] = ALL_ROLES, *,
     backend.tasks.append(asyncio.create_task(run_mailbox_sampler(services.readonly)))
     if "scheduler" in roles:
         lease = scheduler.lease_for(services.engine)
-        backend.tasks.append(asyncio.create_task(scheduler.run_scheduler(services.runtime, lease)))
+        backend.tasks.append(asyncio.create_task(scheduler.run_scheduler(
+            services.runtime, lease, jobs=scheduler.default_jobs(settings.ending_soon_minutes))))
         if settings.stripe_secret_key:
             backend.tasks.append(asyncio.create_task(run_payment_jobs(services, lease)))
     if "web" in roles:

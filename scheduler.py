@@ -113,7 +113,9 @@ class Jobs:
     slow: tuple[Job, ...]
 
 
-def default_jobs() -> Jobs:
+def default_jobs(ending_soon_minutes: int | None = None) -> Jobs:
+    from powerbank.actors import rental
+    from powerbank.actors.notifications import deliver_notifications
     from powerbank.actors.rental import mark_lost_rentals, mark_overdue_rentals
     from powerbank.actors.station import expire_overdue_ejects, expire_reservations, mark_silent_stations_offline
     from powerbank.actors.user_events import prune_user_events
@@ -124,9 +126,14 @@ def default_jobs() -> Jobs:
     async def flush_outbox(runtime: Runtime, now: datetime) -> int:
         return await runtime.flush_outbox()
 
+    async def remind_rentals_ending_soon(runtime: Runtime, now: datetime) -> int:
+        return await rental.remind_rentals_ending_soon(runtime, now, ending_soon_minutes)
+
+    # Deliveries every tick: a push saying the rental started is useless a minute late.
     return Jobs(
-        every_tick=(expire_overdue_ejects, expire_reservations),
-        slow=(mark_silent_stations_offline, mark_overdue_rentals, mark_lost_rentals, ring_stalled, flush_outbox, prune_user_events),
+        every_tick=(expire_overdue_ejects, expire_reservations, deliver_notifications),
+        slow=(mark_silent_stations_offline, mark_overdue_rentals, mark_lost_rentals, remind_rentals_ending_soon,
+              ring_stalled, flush_outbox, prune_user_events),
     )
 
 

@@ -26,13 +26,16 @@ from typing import Any
 from sqlalchemy import func, select
 
 from powerbank.actors import payments, pricing
+from powerbank.actors.notifications import notify_rental
 from powerbank.actors.runtime import ActorContext, CommandRejected, Runtime, handles
 from powerbank.actors.wallet import load_money_config
-from powerbank.storage.models import PaymentIntent, PowerBank, Rental, RentalExtension, RentalPackage, Station, User
+from powerbank.storage.models import ActorCommand, PaymentIntent, PowerBank, Rental, RentalExtension, RentalPackage, Station, User
 
 QUICK_RETURN_S = pricing.QUICK_RETURN_S
 WAITING_STATUSES = ("pending", "ejecting")
 OPEN_STATUSES = ("active", "overdue")
+# How long before its due time a rental's ending-soon reminder goes out (the scheduler's default).
+ENDING_SOON_MINUTES = 10
 
 
 # --- pure decisions ---------------------------------------------------------------------------
@@ -215,6 +218,7 @@ async def bank_ejected(ctx: ActorContext, rental_id: str, payload: dict[str, Any
     rental.started_at = ctx.now
     rental.due_at = ctx.now + timedelta(minutes=package.duration_minutes)
     _publish(ctx, rental, "started")
+    await notify_rental(ctx, rental, "rental_started")
     return {"ok": True}
 
 
@@ -256,6 +260,7 @@ async def bank_returned(ctx: ActorContext, rental_id: str, payload: dict[str, An
     )
     await _charge(ctx, rental, points)
     _publish(ctx, rental, "returned")
+    await notify_rental(ctx, rental, "rental_returned")
     return {"ok": True}
 
 
@@ -300,6 +305,7 @@ async def mark_overdue(ctx: ActorContext, rental_id: str, payload: dict[str, Any
         return {"ok": True, "ignored": rental.status}
     rental.status = "overdue"
     _publish(ctx, rental, "overdue")
+    await notify_rental(ctx, rental, "rental_overdue")
     return {"ok": True, "status": "overdue"}
 
 
@@ -320,6 +326,7 @@ async def mark_lost(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) 
     rental.fee_minor = pricing.lost_charge_minor(tariff, bank.price_minor if bank else 0)
     await _charge(ctx, rental, 0)
     _publish(ctx, rental, "lost")
+    await notify_rental(ctx, rental, "rental_lost")
     return {"ok": True}
 
 
@@ -329,6 +336,7 @@ async def charge_settled(ctx: ActorContext, rental_id: str, payload: dict[str, A
     rental.charged_minor = payload["charged_minor"]
     rental.due_minor = payload["due_minor"]
     _publish(ctx, rental, "charged")
+    await notify_rental(ctx, rental, "rental_charged")
     return {"ok": True}
 
 
@@ -341,6 +349,20 @@ async def due_paid(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -
     rental.charged_minor += paid_minor
     _publish(ctx, rental, "due_paid")
     return {"ok": True, "due_minor": rental.due_minor}
+
+
+@handles("rental", "RemindEndingSoon")
+async def remind_ending_soon(ctx: ActorContext, rental_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Tell the person their rental is about to end, before a late fee can start. Sent by the
+    scheduler's sweep; a rental returned, extended or already due by the sweep's clock is left
+    alone, and the notification's dedupe key keeps it to one reminder per rental."""
+    rental = await _load(ctx, rental_id)
+    as_of = _as_of(ctx, payload)
+    within = timedelta(minutes=payload.get("within_minutes", ENDING_SOON_MINUTES))
+    if rental.status != "active" or rental.due_at is None or not as_of < rental.due_at <= as_of + within:
+        return {"ok": True, "ignored": rental.status}
+    sent = await notify_rental(ctx, rental, "rental_ending_soon")
+    return {"ok": True, "reminded": sent is not None}
 
 
 # --- the caller's side ------------------------------------------------------------------------
@@ -423,6 +445,26 @@ async def mark_overdue_rentals(runtime: Runtime, now: datetime) -> int:
     for rental_id in ids:
         await runtime.submit("rental", str(rental_id), "MarkOverdue", {"as_of": now.isoformat()}, f"overdue:{rental_id}")
     return len(ids)
+
+
+async def remind_rentals_ending_soon(runtime: Runtime, now: datetime, within_minutes: int | None = None) -> int:
+    """Submit RemindEndingSoon for every active rental due within `within_minutes` (default
+    ENDING_SOON_MINUTES) that has not been sent one; how many. The command id is the rental's,
+    so a repeat (or a second scheduler) is a duplicate; rentals already asked are skipped so a
+    rental in its window is not re-submitted every sweep."""
+    within = timedelta(minutes=ENDING_SOON_MINUTES if within_minutes is None else within_minutes)
+    async with runtime.sessions() as session:
+        ids = [str(rental_id) for rental_id in (await session.execute(
+            select(Rental.id).where(Rental.status == "active", Rental.due_at > now, Rental.due_at <= now + within)
+        )).scalars()]
+        asked = set((await session.execute(select(ActorCommand.entity_id).where(
+            ActorCommand.kind == "rental", ActorCommand.command_id.in_([f"ending-soon:{i}" for i in ids])
+        ))).scalars()) if ids else set()
+    due = [rental_id for rental_id in ids if rental_id not in asked]
+    payload = {"as_of": now.isoformat(), "within_minutes": within.total_seconds() / 60}
+    for rental_id in due:
+        await runtime.submit("rental", rental_id, "RemindEndingSoon", payload, f"ending-soon:{rental_id}")
+    return len(due)
 
 
 async def mark_lost_rentals(runtime: Runtime, now: datetime) -> int:

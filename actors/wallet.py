@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, select
 
 from powerbank.actors import payments, pricing
+from powerbank.actors.notifications import notify_money
 from powerbank.actors.runtime import ActorContext, CommandRejected, handles
 from powerbank.storage import ledger
 from powerbank.storage.ledger import LedgerError
@@ -592,5 +593,7 @@ async def refund_transfer(ctx: ActorContext, user_id: str, payload: dict[str, An
     left = await post_refund(ctx, original, transfer_id=refund_id, amount_minor=amount)
     if repeat:
         return {"ok": True, "refund_id": str(refund_id), "amount_minor": amount, "repeat": True}
+    if original.debit_account_id == wallet.account_id:  # money back (a points refund is not announced)
+        await notify_money(ctx, user_id, "refund_succeeded", refund_id, amount, wallet.currency)
     return {"ok": True, "refund_id": str(refund_id), "amount_minor": amount,
             "refundable_minor": left, "wallet": await notify_wallet(ctx, user_id, wallet)}

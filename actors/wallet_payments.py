@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 
 from powerbank.actors import payments
+from powerbank.actors.notifications import notify_money
 from powerbank.actors.runtime import ActorContext, CommandRejected, handles
 from powerbank.actors.wallet import (
     load_wallet_and_account,
@@ -72,6 +73,7 @@ async def _credit_topup(ctx: ActorContext, user_id: str, intent: PaymentIntent, 
     transaction_type = "auto_refill" if intent.purpose == "auto_refill" else "topup"
     await _post_received(ctx, intent, amount, account, kind="topup", transaction_type=transaction_type)
     await notify_wallet(ctx, user_id, wallet)
+    await notify_money(ctx, user_id, "topup_succeeded", intent.id, amount, intent.currency)
     return amount
 
 
@@ -185,6 +187,7 @@ async def settle_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any]
         refund.status = "succeeded"
         refund.provider_refund_id = payload.get("provider_refund_id")
         await _mark_refunded(ctx, txn)
+        await notify_money(ctx, user_id, "refund_succeeded", refund.id, refund.amount_minor, refund.currency)
     else:
         await _reverse_refund(ctx, user_id, refund, txn)
         refund.status = "failed"
@@ -261,6 +264,7 @@ async def apply_provider_refund(ctx: ActorContext, user_id: str, payload: dict[s
     ))
     await ctx.session.flush()
     await _mark_refunded(ctx, txn)
+    await notify_money(ctx, user_id, "refund_succeeded", refund_id, amount, txn.currency)
     wallet = (await ctx.session.execute(select(Wallet).where(Wallet.user_id == intent.user_id))).scalar_one_or_none()
     if wallet is not None:
         await notify_wallet(ctx, user_id, wallet)

@@ -20,6 +20,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from powerbank.actors.notifications import set_station_issue_status
 from powerbank.broker.embedded import HASH_CACHE_TTL_S, provision_station_password
 from powerbank.broker.protocol import Topics
 from powerbank.http.access import StaffScope, require_staff, scope_of
@@ -29,14 +30,17 @@ from powerbank.http.deps import Paging, provide_paging, services_of
 from powerbank.http.errors import ApiError, error_responses
 from powerbank.http.routes_app import StatusFilter
 from powerbank.http.schemas import StationCredentials, StationStatusHistory, StatusChangeView
+from powerbank.http.routes_stations import issue_view
+from powerbank.http.schemas_app import StationIssueView
 from powerbank.http.schemas_staff import (
     AdminActionPage,
     AdminActionView,
+    IssueStatusChange,
     MaintenanceChange,
     StaffStationPage,
     StaffStationView,
 )
-from powerbank.storage.models import AdminActionLog, Station, StationStatusChange
+from powerbank.storage.models import AdminActionLog, Station, StationIssue, StationStatusChange
 from powerbank.storage.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -196,6 +200,27 @@ class StaffController(Controller):
             await record_admin_action(services.sessions, admin_action(request, action, "station", station_id, tenant_id=tenant_id, details=details))
         async with services.readonly() as session:
             return staff_station_view(await session.get(Station, station_id))
+
+    @put("/station-issues/{issue_id:uuid}/status", responses=error_responses(400, 401, 403, 404))
+    async def set_issue_status(
+        self, state: State, request: Request, issue_id: FromPath[uuid.UUID], data: JSONBody[IssueStatusChange]
+    ) -> StationIssueView:
+        """Move a reported station issue along; resolving it notifies the person who reported it."""
+        services = services_of(state)
+        async with services.readonly() as session:
+            issue = await session.get(StationIssue, issue_id)
+            station = await session.get(Station, issue.station_id) if issue else None
+            if station is None or not scope_of(request.user).covers(station.tenant_id):
+                raise ApiError(404, "issue_not_found", f"no station issue {issue_id}")
+        before = issue.status
+        issue = await set_station_issue_status(services.runtime, issue_id, data.status)
+        if issue is None:
+            raise ApiError(404, "issue_not_found", f"no station issue {issue_id}")
+        if before != issue.status:
+            details = {"from": before, "to": issue.status}
+            await record_admin_action(services.sessions, admin_action(
+                request, "station_issue_status", "station_issue", issue_id, tenant_id=station.tenant_id, details=details))
+        return issue_view(issue, station.serial)
 
     @get("/action-logs", responses=error_responses(400, 401, 403))
     async def action_logs(

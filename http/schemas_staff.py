@@ -61,6 +61,10 @@ class UserRoleView(Response):
     tenant_id: uuid.UUID | None
 
 
+class IssueStatusChange(Request):
+    status: Literal["open", "acknowledged", "resolved", "dismissed"]
+
+
 class MaintenanceChange(Request):
     maintenance: bool
     reason: StatusReason | None = None

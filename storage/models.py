@@ -1192,6 +1192,82 @@ class Notification(Base):
     created_at: Mapped[datetime] = created_at_column()
 
 
+NOTIFICATION_CHANNELS = ("push", "sms")  # the external ones; the in-app inbox is the Notification row
+DELIVERY_STATUSES = ("queued", "sent", "failed")
+
+
+class NotificationTemplate(Base):
+    """The words of one kind of notification in one language. Placeholders are named
+    (`{station_name}`) and filled only from the data the event provides (actors/notifications.py)."""
+
+    __tablename__ = "notification_templates"
+    __table_args__ = (UniqueConstraint("code", "language"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    code: Mapped[str] = mapped_column(String(40))
+    language: Mapped[str] = mapped_column(String(8), default="en")
+    title_template: Mapped[str] = mapped_column(String(200))
+    body_template: Mapped[str] = mapped_column(String(2000))
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class NotificationRule(Base):
+    """Where one kind of notification goes, and whether it is critical: a critical one is sent on
+    its channels even when the person muted them (an overdue fee, a lost bank)."""
+
+    __tablename__ = "notification_rules"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(40), unique=True)
+    in_app: Mapped[bool] = mapped_column(Boolean, default=True)
+    push: Mapped[bool] = mapped_column(Boolean, default=False)
+    sms: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_critical: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class NotificationPreference(Base):
+    """A person's choices (seed 001); no row means the defaults: push and SMS on, nothing muted,
+    English."""
+
+    __tablename__ = "notification_preferences"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    push_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    sms_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Kinds whose push and SMS the person silenced; the inbox still gets them.
+    muted_kinds: Mapped[list[str]] = mapped_column(JSONDoc, default=list)
+    language: Mapped[str] = mapped_column(String(8), default="en")
+    updated_at: Mapped[datetime] = updated_at_column()
+
+
+class NotificationDelivery(Base):
+    """One notification on one external channel, queued in the transaction that created the
+    notification and sent later by the scheduler (`deliver_notifications`), with retries."""
+
+    __tablename__ = "notification_deliveries"
+    __table_args__ = (
+        UniqueConstraint("notification_id", "channel"),
+        one_of("channel", NOTIFICATION_CHANNELS),
+        one_of("status", DELIVERY_STATUSES),
+        CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        Index(None, "status", "next_attempt_at"),
+        Index(None, "user_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    notification_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("notifications.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    last_error: Mapped[str | None] = mapped_column(String(200))
+    provider_message_id: Mapped[str | None] = mapped_column(String(200))
+    sent_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = created_at_column()
+
+
 class UserAuditLog(Base):
     """A sensitive action by a person. Survives their deletion: the actor is set null."""
 

@@ -20,6 +20,8 @@ from powerbank.storage.models import (
     ContentPage,
     Country,
     Faq,
+    NotificationRule,
+    NotificationTemplate,
     RentalPackage,
     StationAmenity,
 )
@@ -57,10 +59,32 @@ async def ensure_defaults(sessions: async_sessionmaker[AsyncSession], currency: 
                 await _insert_missing(session, RentalPackage, _columns(package), "code")
         for key, (value, description) in DEFAULT_CONFIG.items():
             await _insert_missing(session, AppConfig, {"key": key, "value": value, "description": description}, "key")
-    try:
-        await ensure_content(sessions)
-    except IntegrityError:
-        pass  # another process seeded the same empty table at the same moment: its rows will do
+    for ensure in (ensure_content, ensure_notification_defaults):
+        try:
+            await ensure(sessions)
+        except IntegrityError:
+            pass  # another process seeded the same empty table at the same moment: its rows will do
+
+
+async def ensure_notification_defaults(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """The built-in rules and English templates (actors/notifications.py), each table filled only
+    while it is empty, so an operator's edits survive restarts."""
+    from powerbank.actors.notifications import DEFAULT_RULES, DEFAULT_TEMPLATES
+
+    now = utcnow()
+    async with sessions.begin() as session:
+        if (await session.execute(select(NotificationRule.id).limit(1))).first() is None:
+            session.add_all(
+                NotificationRule(id=uuid.uuid4(), kind=r.kind, in_app=r.in_app, push=r.push, sms=r.sms,
+                                 is_critical=r.is_critical, updated_at=now)
+                for r in DEFAULT_RULES.values()
+            )
+        if (await session.execute(select(NotificationTemplate.id).limit(1))).first() is None:
+            session.add_all(
+                NotificationTemplate(id=uuid.uuid4(), code=code, language="en", title_template=title,
+                                     body_template=body, updated_at=now)
+                for code, (title, body) in DEFAULT_TEMPLATES.items()
+            )
 
 
 def _columns(row) -> dict:

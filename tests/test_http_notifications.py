@@ -64,3 +64,34 @@ async def test_someone_elses_notification_is_404_and_unchanged(app_client, app_s
     assert (await app_client.delete(f"/api/user/notification/{alices}", headers=alice)).status_code == 204
     async with app_services.sessions() as session:
         assert await session.scalar(select(func.count()).select_from(Notification)) == 0
+
+
+async def test_resolving_a_station_issue_notifies_its_reporter_once(app_client, app_services):
+    from powerbank.http.auth import ensure_admin_token
+    from powerbank.http.testing import bearer
+    from powerbank.storage.models import Station, StationIssue, UserEvent
+
+    alice, alice_id = await sign_up(app_client, "+9779818000003")
+    admin = bearer(await ensure_admin_token(app_services, "+9779800000001"))
+    async with app_services.sessions.begin() as session:
+        station = Station(serial="SN-ISSUE-1", name="Mall atrium", latitude=27.7, longitude=85.3, slot_count=4)
+        session.add(station)
+        await session.flush()
+        issue = StationIssue(station_id=station.id, user_id=alice_id, kind="dirty", status="open")
+        session.add(issue)
+    path = f"/api/admin/station-issues/{issue.id}/status"
+    acknowledged = await app_client.put(path, json={"status": "acknowledged"}, headers=admin)
+    assert acknowledged.status_code == 200 and acknowledged.json()["status"] == "acknowledged"
+    assert (await app_client.get("/api/user/notifications", headers=alice)).json()["total"] == 0
+    for _ in range(2):  # resolving twice (a double click) tells the reporter once
+        resolved = await app_client.put(path, json={"status": "resolved"}, headers=admin)
+        assert resolved.status_code == 200 and resolved.json()["status"] == "resolved"
+    page = (await app_client.get("/api/user/notifications", headers=alice)).json()
+    assert [(n["kind"], n["body"]) for n in page["items"]] == [
+        ("station_issue_resolved", "The issue you reported at Mall atrium is resolved. Thank you!")]
+    async with app_services.sessions() as session:  # kept for a reconnecting app, like an actor's events
+        kept = (await session.execute(select(UserEvent.type).where(UserEvent.user_id == alice_id))).scalars().all()
+    assert kept.count("notification.created") == 1
+    assert (await app_client.put(path, json={"status": "open"}, headers=alice)).status_code == 403
+    missing = await app_client.put(f"/api/admin/station-issues/{uuid.uuid4()}/status", json={"status": "resolved"}, headers=admin)
+    assert missing.status_code == 404

@@ -179,3 +179,18 @@ async def test_killing_the_leader_hands_the_lease_over_within_seconds(postgres_u
         leader.stdout.close()
         await follower.release()
         await engine.dispose()
+
+
+async def test_the_default_jobs_remind_with_the_configured_lead_and_deliver_every_tick(runtime):
+    from powerbank.storage.models import Notification
+
+    assert "deliver_notifications" in [job.__name__ for job in scheduler.default_jobs().every_tick]
+    rental_id = await open_rental(runtime, started_at=T0, duration_minutes=60)
+    twenty_before = T0 + timedelta(minutes=40)
+    assert (await scheduler.run_jobs(runtime, scheduler.default_jobs().slow, twenty_before))["remind_rentals_ending_soon"] == 0
+    assert (await scheduler.run_jobs(runtime, scheduler.default_jobs(30).slow, twenty_before))["remind_rentals_ending_soon"] == 1
+    await runtime.test_dispatcher.settle()
+    assert await commands(runtime, "RemindEndingSoon", rental_id) == 1
+    async with runtime.sessions() as session:
+        kinds = (await session.execute(select(Notification.kind))).scalars().all()
+    assert kinds == ["rental_ending_soon"]
