@@ -203,3 +203,118 @@ async def test_a_bad_station_subscription_is_refused(base_url):
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(socket.recv(), 5)
         assert closed.value.rcvd.code == 4400, query
+
+
+# --- the Procfile's shape: web, worker and mqtt as separate processes -------------------------
+
+
+PROCESS_REDIS_DB = 14
+LIVE_EVENT_BUDGET_S = 1.0
+
+
+def _start_role(role: str, env: dict, log_path) -> "subprocess.Popen":
+    import subprocess
+    import sys
+
+    with open(log_path, "w") as output:
+        return subprocess.Popen([sys.executable, "-m", "powerbank.cli", role], env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+async def _events_until(socket, wanted: str, seen: list) -> None:
+    """Collect rental events (with their arrival time) until one named `wanted`."""
+    import time
+
+    while True:
+        message = json.loads(await asyncio.wait_for(socket.recv(), 10))
+        if message.get("type") == "rental.updated":
+            seen.append((message["event"], message["rental"]["status"], time.monotonic()))
+            if message["event"] == wanted:
+                return
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_a_riders_websocket_sees_its_rental_live_across_processes(tmp_path):
+    """Web, worker and mqtt in separate processes on PostgreSQL + Redis, a simulated station on
+    real MQTT: the rider's socket gets requested, started (active), returned and charged, in
+    order, each within a second of what caused it (the tap, or the bank going back in)."""
+    import os
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from powerbank.demo import free_port
+    from powerbank.http.auth import ensure_admin_token
+    from powerbank.http.testing import settings_for_tests
+    from powerbank.services import build_services
+    from powerbank.simulators.stations import StationSimulator, provision_fleet
+    from powerbank.storage.testing import create_postgres_database, drop_postgres_database, isolated_redis_url
+
+    name, database_url = await create_postgres_database()
+    http_port, mqtt_port, secret = free_port(), free_port(), secrets.token_urlsafe(32)
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": isolated_redis_url(PROCESS_REDIS_DB),
+           "PORT": str(http_port), "MQTT_PORT": str(mqtt_port), "JWT_SECRET": secret, "MQTT_BRIDGE_PASSWORD": secret,
+           "POWERBANK_DATA_DIR": str(tmp_path), "POWERBANK_OTP_ECHO": "1", "OTP_RATE_PER_IP": "10000"}
+    processes, station = [], None
+    services = build_services(settings_for_tests(tmp_path, database_url, redis_url=env["REDIS_URL"], jwt_secret=secret))
+    try:
+        assert subprocess.run([sys.executable, "-m", "powerbank.cli", "migrate"], env=env, capture_output=True, timeout=120).returncode == 0
+        processes = [_start_role(role, env, tmp_path / f"{role}.log") for role in ("web", "worker", "mqtt")]
+        base_url = f"http://127.0.0.1:{http_port}"
+        async with httpx.AsyncClient(base_url=base_url, timeout=20) as http:
+            for _ in range(200):
+                try:
+                    if (await http.get("/api/app/health")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+            [spec] = await provision_fleet(services.sessions, 1, 4, 2, serial_prefix=f"LIVE{secrets.token_hex(2).upper()}")
+            station = StationSimulator(spec, f"mqtt://127.0.0.1:{mqtt_port}", heartbeat_interval_s=30)
+            await station.start(wait_s=20)
+            for _ in range(100):
+                if (await http.get(f"/api/app/stations/{spec.serial}")).json().get("status") == "online":
+                    break
+                await asyncio.sleep(0.1)
+            body = await sign_up(base_url, "+9779814000077")
+            rider = {"Authorization": f"Bearer {body['access_token']}"}
+            admin = {"Authorization": f"Bearer {await ensure_admin_token(services, '+9779800000077')}"}
+            credit = await http.post(f"/api/admin/wallets/{body['user']['id']}/credit", json={"amount_minor": 100_000, "currency": "NPR", "reason": "test"}, headers=admin)
+            assert credit.status_code == 200, credit.text
+            package_id = (await http.get("/api/payment/packages")).json()[0]["id"]
+
+            seen: list = []
+            async with websockets.connect(f"{ws_url(base_url)}?token={body['access_token']}") as socket:
+                await asyncio.wait_for(socket.recv(), 10)  # hello
+                tapped_at = time.monotonic()
+                started = await http.post("/api/rentals/start", json={"station_sn": spec.serial, "package_id": package_id}, headers=rider)
+                assert started.status_code == 201, started.text
+                await _events_until(socket, "started", seen)
+                [bank] = station.handed_out
+                returned_at = time.monotonic()
+                await station.insert_bank(bank)
+                await _events_until(socket, "charged", seen)
+    finally:
+        if station is not None:
+            await station.stop()
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        await services.close()
+        await drop_postgres_database(name)
+
+    events = [event for event, _, _ in seen]
+    for first, then in (("requested", "started"), ("started", "returned"), ("returned", "charged")):
+        assert events.index(first) < events.index(then), events
+    arrival = {event: (status, at) for event, status, at in seen}
+    assert arrival["started"][0] == "active" and arrival["returned"][0] == "completed"
+    for event, cause in (("requested", tapped_at), ("started", tapped_at), ("returned", returned_at), ("charged", returned_at)):
+        assert arrival[event][1] - cause <= LIVE_EVENT_BUDGET_S, (event, round(arrival[event][1] - cause, 3), events)
+    print({event: round(at - (tapped_at if event in ("requested", "started") else returned_at), 3) for event, (_, at) in arrival.items()})

@@ -194,3 +194,66 @@ async def test_the_default_jobs_remind_with_the_configured_lead_and_deliver_ever
     async with runtime.sessions() as session:
         kinds = (await session.execute(select(Notification.kind))).scalars().all()
     assert kinds == ["rental_ending_soon"]
+
+
+async def pending_reservation_held(runtime, *, hold_s: int) -> str:
+    """A station with one bank, and a reservation holding it for `hold_s` from now."""
+    import powerbank.actors.station  # noqa: F401  (registers ReserveSlot)
+    from powerbank.storage.models import Reservation, StationSlot
+
+    async with runtime.sessions.begin() as session:
+        user = User(phone=f"+9779{uuid.uuid4().int % 10**9:09d}", referral_code=uuid.uuid4().hex[:10])
+        station = Station(serial=uuid.uuid4().hex[:12], name="s", latitude=0, longitude=0, slot_count=1, status="online",
+                          last_seen_at=T0)
+        session.add_all([user, station])
+        await session.flush()
+        bank = PowerBank(serial=uuid.uuid4().hex[:12], status="in_slot", currency="NPR", charge_percent=90, station_id=station.id)
+        session.add(bank)
+        await session.flush()
+        session.add(StationSlot(station_id=station.id, slot_number=1, status="occupied", power_bank_id=bank.id))
+        reservation = Reservation(user_id=user.id, station_id=station.id, status="pending")
+        session.add(reservation)
+    await runtime.call("station", str(station.id), "ReserveSlot", {"reservation_id": str(reservation.id), "hold_s": hold_s}, f"hold:{reservation.id}")
+    return str(reservation.id)
+
+
+@pytest.mark.postgres
+async def test_every_timed_job_acts_once_with_two_schedulers_and_survives_losing_the_leader(pg_runtime):
+    """Overdue, the ending-soon reminder, lost-bank conversion and reservation expiry, on a clock
+    the test moves, with two schedulers running the real jobs; the leader stops half-way."""
+    from powerbank.storage.models import Notification, Reservation
+
+    runtime = pg_runtime
+    now = datetime.now(timezone.utc)
+    reminded = await open_rental(runtime, started_at=now - timedelta(minutes=55), duration_minutes=60)
+    overdue = await open_rental(runtime, started_at=now - timedelta(minutes=70), duration_minutes=60)
+    lost = await open_rental(runtime, started_at=now - timedelta(hours=30), duration_minutes=60, max_minutes=24 * 60)
+    reservation_id = await pending_reservation_held(runtime, hold_s=600)
+    clock = [now]
+    engine = runtime.sessions.kw["bind"]
+    leases = [scheduler.AdvisoryLease(engine, "all-jobs"), scheduler.AdvisoryLease(engine, "all-jobs")]
+    tasks = [asyncio.create_task(scheduler.run_scheduler(runtime, lease, clock=lambda: clock[0], tick_s=0.02)) for lease in leases]
+    try:
+        await asyncio.sleep(1.0)  # slow jobs run every 10 ticks
+        leader = 0 if leases[0].held else 1
+        assert leases[leader].held and not leases[1 - leader].held
+        tasks[leader].cancel()
+        await asyncio.gather(tasks[leader], return_exceptions=True)
+        clock[0] = now + timedelta(minutes=11)  # the reservation's hold has run out
+        await asyncio.sleep(1.0)
+        assert leases[1 - leader].held
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await runtime.test_dispatcher.settle()
+
+    assert (await status_of(runtime, reminded), await status_of(runtime, overdue), await status_of(runtime, lost)) == ("overdue", "overdue", "lost")
+    for name, rental_id in (("RemindEndingSoon", reminded), ("MarkOverdue", overdue), ("MarkOverdue", reminded), ("MarkLost", lost)):
+        assert await commands(runtime, name, rental_id) == 1, (name, rental_id)
+    async with runtime.sessions() as session:
+        assert (await session.get(Reservation, uuid.UUID(reservation_id))).status == "expired"
+        expiries = await session.scalar(select(func.count()).select_from(ActorCommand).where(ActorCommand.name == "ExpireReservation"))
+        reminders = await session.scalar(select(func.count()).select_from(Notification).where(Notification.kind.like("%ending%")))
+    assert expiries == 1
+    assert reminders == 1
