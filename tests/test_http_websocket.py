@@ -318,3 +318,25 @@ async def test_a_riders_websocket_sees_its_rental_live_across_processes(tmp_path
     for event, cause in (("requested", tapped_at), ("started", tapped_at), ("returned", returned_at), ("charged", returned_at)):
         assert arrival[event][1] - cause <= LIVE_EVENT_BUDGET_S, (event, round(arrival[event][1] - cause, 3), events)
     print({event: round(at - (tapped_at if event in ("requested", "started") else returned_at), 3) for event, (_, at) in arrival.items()})
+
+
+@pytest.mark.slow
+async def test_away_for_thirty_seconds_a_client_catches_up_on_everything_once(base_url, services):
+    """The issue's case as stated: away 30 s while things keep happening, then back with the
+    cursor; every missed event once, in order, and the live stream after it."""
+    body = await sign_up(base_url, "+9779814000008")
+    user_id, url = body["user"]["id"], f"{ws_url(base_url)}?token={body['access_token']}"
+    async with websockets.connect(url) as socket:
+        cursor = json.loads(await asyncio.wait_for(socket.recv(), 5))["cursor"]
+    away_started = asyncio.get_running_loop().time()
+    for amount in (100, 200, 300, 400, 500, 600):
+        await credit(services, user_id, amount)
+        await asyncio.sleep(5)
+    assert asyncio.get_running_loop().time() - away_started >= 30
+    async with websockets.connect(f"{url}&cursor={cursor}") as socket:
+        hello, *missed = await received(socket, 7)
+        assert [e["seq"] for e in missed] == list(range(cursor + 1, cursor + 7))
+        assert [e["wallet"]["balance_minor"] for e in missed] == [100, 300, 600, 1000, 1500, 2100]
+        await credit(services, user_id, 700)
+        [live] = await received(socket, 1)
+        assert (live["seq"], live["wallet"]["balance_minor"]) == (cursor + 7, 2800)
