@@ -119,6 +119,7 @@ def default_jobs(ending_soon_minutes: int | None = None) -> Jobs:
     from powerbank.actors.rental import mark_lost_rentals, mark_overdue_rentals
     from powerbank.actors.station import expire_overdue_ejects, expire_reservations, mark_silent_stations_offline
     from powerbank.actors.user_events import prune_user_events
+    from powerbank.actors.wallet import expire_orphaned_holds
 
     async def ring_stalled(runtime: Runtime, now: datetime) -> int:
         return await runtime.ring_stalled()
@@ -129,11 +130,24 @@ def default_jobs(ending_soon_minutes: int | None = None) -> Jobs:
     async def remind_rentals_ending_soon(runtime: Runtime, now: datetime) -> int:
         return await rental.remind_rentals_ending_soon(runtime, now, ending_soon_minutes)
 
+    async def recompute_leaderboards(runtime: Runtime, now: datetime) -> int:
+        """The boards are snapshots a read would otherwise refresh when stale; refreshing them
+        here keeps reads a plain indexed query."""
+        from powerbank.http.routes_social import LEADERBOARD_PERIODS, leaderboard_is_stale, recompute_leaderboard
+
+        refreshed = 0
+        for period in LEADERBOARD_PERIODS:
+            async with runtime.sessions.begin() as session:
+                if await leaderboard_is_stale(session, period, now):
+                    await recompute_leaderboard(session, period, now)
+                    refreshed += 1
+        return refreshed
+
     # Deliveries every tick: a push saying the rental started is useless a minute late.
     return Jobs(
         every_tick=(expire_overdue_ejects, expire_reservations, deliver_notifications),
         slow=(mark_silent_stations_offline, mark_overdue_rentals, mark_lost_rentals, remind_rentals_ending_soon,
-              ring_stalled, flush_outbox, prune_user_events),
+              ring_stalled, flush_outbox, prune_user_events, expire_orphaned_holds, recompute_leaderboards),
     )
 
 

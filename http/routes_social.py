@@ -34,6 +34,7 @@ from powerbank.storage.types import utcnow
 LEADERBOARD_TTL_S = 300
 LEADERBOARD_SIZE = 50
 Period = Literal["all_time", "month"]
+LEADERBOARD_PERIODS = ("all_time", "month")
 
 
 # --- pure decisions ---------------------------------------------------------------------------
@@ -99,18 +100,24 @@ async def recompute_leaderboard(session: AsyncSession, period: str, now: datetim
     )
 
 
-async def fresh_leaderboard(state: State, period: str) -> None:
-    services = services_of(state)
-    now = utcnow()
-    async with services.readonly() as session:
-        computed_at = await session.scalar(select(func.max(UserLeaderboard.computed_at)).where(UserLeaderboard.period == period))
+async def leaderboard_is_stale(session: AsyncSession, period: str, now: datetime) -> bool:
+    computed_at = await session.scalar(select(func.max(UserLeaderboard.computed_at)).where(UserLeaderboard.period == period))
     if isinstance(computed_at, str):  # SQLite aggregates skip the column type
         computed_at = datetime.fromisoformat(computed_at)
     if computed_at is not None and computed_at.tzinfo is None:
         computed_at = computed_at.replace(tzinfo=now.tzinfo)
-    # An empty board has no timestamp; recomputing it on every read stays cheap while it is empty.
-    if not is_stale(computed_at, now):
-        return
+    # An empty board has no timestamp; recomputing it stays cheap while it is empty.
+    return is_stale(computed_at, now)
+
+
+async def fresh_leaderboard(state: State, period: str) -> None:
+    """The scheduler keeps the boards fresh (scheduler.py); a read refreshes one only if the
+    scheduler is not running (a single-process deployment without it, or tests)."""
+    services = services_of(state)
+    now = utcnow()
+    async with services.readonly() as session:
+        if not await leaderboard_is_stale(session, period, now):
+            return
     try:
         async with services.sessions.begin() as session:
             await recompute_leaderboard(session, period, now)

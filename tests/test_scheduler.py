@@ -257,3 +257,51 @@ async def test_every_timed_job_acts_once_with_two_schedulers_and_survives_losing
         reminders = await session.scalar(select(func.count()).select_from(Notification).where(Notification.kind.like("%ending%")))
     assert expiries == 1
     assert reminders == 1
+
+
+async def test_a_cancelled_rentals_forgotten_hold_is_released_after_the_expiry(runtime):
+    """The safety net behind the rental's own VoidHold: a hold left pending on a cancelled
+    rental is released once it is older than HOLD_EXPIRY; an open rental's hold is not."""
+    from powerbank.actors.wallet import HOLD_EXPIRY, expire_orphaned_holds
+    from powerbank.storage.models import LedgerTransfer
+
+    async def held(rental_id: str, user_id: str) -> str:
+        await runtime.call("wallet", user_id, "CreditWallet", {"amount_minor": 10_000, "currency": "NPR", "transfer_id": str(uuid.uuid4()), "reason": "t"}, f"c:{rental_id}")
+        placed = await runtime.call("wallet", user_id, "PlaceHold", {"rental_id": rental_id, "amount_minor": 500, "currency": "NPR"}, f"h:{rental_id}")
+        assert placed["ok"], placed
+        return placed["transfer_id"]
+
+    forgotten = await open_rental(runtime, started_at=T0)
+    still_out = await open_rental(runtime, started_at=T0)
+    async with runtime.sessions.begin() as session:
+        for rental_id, status in ((forgotten, "cancelled"), (still_out, "active")):
+            (await session.get(Rental, uuid.UUID(rental_id))).status = status
+        owners = {r: str((await session.get(Rental, uuid.UUID(r))).user_id) for r in (forgotten, still_out)}
+    holds = {r: await held(r, owners[r]) for r in (forgotten, still_out)}
+
+    async def resolved(rental_id: str) -> bool:
+        async with runtime.sessions() as session:
+            return await session.scalar(select(func.count()).select_from(LedgerTransfer).where(LedgerTransfer.pending_id == uuid.UUID(holds[rental_id]))) == 1
+
+    now = datetime.now(timezone.utc)
+    assert await expire_orphaned_holds(runtime, now + HOLD_EXPIRY / 2) == 0
+    assert await expire_orphaned_holds(runtime, now + HOLD_EXPIRY * 2) == 1
+    await runtime.test_dispatcher.settle()
+    assert await resolved(forgotten) and not await resolved(still_out)
+    assert await expire_orphaned_holds(runtime, now + HOLD_EXPIRY * 2) == 0  # released once
+
+
+async def test_the_scheduler_keeps_the_leaderboards_fresh(runtime):
+    from powerbank.storage.models import UserLeaderboard
+
+    rental_id = await open_rental(runtime, started_at=T0)
+    async with runtime.sessions.begin() as session:
+        rental = await session.get(Rental, uuid.UUID(rental_id))
+        rental.status, rental.returned_at = "completed", T0 + timedelta(minutes=30)
+    [refresh] = [job for job in scheduler.default_jobs().slow if job.__name__ == "recompute_leaderboards"]
+    now = datetime.now(timezone.utc)
+    assert await refresh(runtime, now) == 2  # all time and this month
+    assert await refresh(runtime, now + timedelta(seconds=10)) == 0  # fresh: nothing to do
+    async with runtime.sessions() as session:
+        rows = (await session.execute(select(UserLeaderboard.period, UserLeaderboard.rentals_completed, UserLeaderboard.rank))).all()
+    assert ("all_time", 1, 1) in [tuple(r) for r in rows]
