@@ -24,6 +24,7 @@ from powerbank import __version__
 from powerbank.http.auth import BEARER_SCHEME, AuthPolicy, JwtAuthMiddleware, LogOtpSender, OtpSender
 from powerbank.http.errors import EXCEPTION_HANDLERS
 from powerbank.http.routes_admin import AdminController
+from powerbank.http.routes_admin_content import AdminContentController
 from powerbank.http.routes_staff import StaffController
 from powerbank.http.routes_reservations import ReservationController
 from powerbank.http.routes_analytics import AnalyticsController
@@ -143,6 +144,7 @@ writes invalidate it through `app.state.read_cache`). `services` may be None onl
             UserTransactionsController,
             RentalController,
             AdminController,
+            AdminContentController,
             StaffController,
             ReservationController,
             AnalyticsController,
