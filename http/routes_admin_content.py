@@ -162,8 +162,9 @@ def _page_view(page: ContentPage) -> ContentPageView:
 
 # --- routes -----------------------------------------------------------------------------------
 
-WRITE_ERRORS = error_responses(400, 401, 403, 404, 409)
-CREATE_ERRORS = error_responses(400, 401, 403, 409)
+# 413: every body is capped by the app (MAX_REQUEST_BODY_BYTES); long pages and answers can reach it.
+WRITE_ERRORS = error_responses(400, 401, 403, 404, 409, 413)
+CREATE_ERRORS = error_responses(400, 401, 403, 409, 413)
 DELETE_ERRORS = error_responses(400, 401, 403, 404)
 READ_ERRORS = error_responses(401, 403)
 
@@ -176,7 +177,7 @@ class AdminContentController(Controller):
 
     # --- content pages (one per slug) ---
 
-    @put("/pages/{slug:str}", responses=error_responses(400, 401, 403, 404))
+    @put("/pages/{slug:str}", responses=error_responses(400, 401, 403, 404, 413))
     async def put_page(self, state: State, request: Request, slug: FromPath[str], data: JSONBody[ContentPageWrite]) -> ContentPageView:
         """Publish or replace the terms of service, privacy policy or about page (slug
         `terms-of-service`, `privacy-policy`, `about`; any other is 404 `content_not_found`)."""

@@ -25,7 +25,7 @@ AchievementMetric = Literal["rentals_completed", "timely_returns", "stations_vis
 
 class ContentPageWrite(Request):
     title: Annotated[str, Meta(min_length=1, max_length=200)]
-    body: Annotated[str, Meta(min_length=1, max_length=100_000)]
+    body: Annotated[str, Meta(min_length=1, max_length=60_000, description="markdown; the whole request is capped at 64 KiB")]
     version: Annotated[str, Meta(min_length=1, max_length=32)] = "1"
 
 

@@ -162,3 +162,32 @@ async def test_unknown_targets_are_404_and_leave_no_audit_row(app_client, app_se
     assert (response.status_code, response.json()["error"]) == (404, error), response.text
     async with app_services.readonly() as session:
         assert list((await session.execute(select(AdminActionLog))).scalars()) == []
+
+
+async def test_a_body_over_the_apps_cap_is_413_and_documented(app_client, admin):
+    from powerbank.http.app import openapi_document
+
+    response = await app_client.put("/api/admin/content/pages/terms-of-service", json={"title": "t", "body": "x" * 70_000}, headers=admin)
+    assert response.status_code == 413, response.text
+    operation = openapi_document()["paths"]["/api/admin/content/pages/{slug}"]["put"]
+    assert "413" in operation["responses"]
+
+
+async def test_writes_conflicts_and_audit_on_both_backends(both_app_client, both_app_services):
+    """Row locks, upserts and unique clashes behave alike on SQLite and PostgreSQL."""
+    client, admin = both_app_client, bearer(await ensure_admin_token(both_app_services, "+9779800000002"))
+    country = {"code": "QQ", "name": "Qland", "dial_code": "+998", "flag": "🇶"}
+    created = await client.post("/api/admin/content/countries", json=country, headers=admin)
+    assert created.status_code == 201, created.text
+    clash = await client.post("/api/admin/content/countries", json=country, headers=admin)
+    assert (clash.status_code, clash.json()["error"]) == (409, "country_exists")
+    renamed = await client.put(f"/api/admin/content/countries/{created.json()['id']}", json={**country, "name": "Q"}, headers=admin)
+    assert renamed.status_code == 200
+    assert {"code": "QQ", "name": "Q", "dial_code": "+998", "flag": "🇶"} in (await client.get("/api/app/countries")).json()
+    for version in ("1", "2"):
+        page = await client.put("/api/admin/content/pages/privacy-policy", json={"title": "Privacy", "body": "b", "version": version}, headers=admin)
+        assert page.status_code == 200, page.text
+    assert (await client.get("/api/content/privacy-policy")).json()["version"] == "2"
+    async with both_app_services.readonly() as session:
+        logged = [r.action for r in (await session.execute(select(AdminActionLog).order_by(AdminActionLog.id))).scalars()]
+    assert logged == ["country_created", "country_updated", "content_page_published", "content_page_published"]
