@@ -24,6 +24,9 @@ from powerbank import __version__
 from powerbank.http.auth import BEARER_SCHEME, AuthPolicy, JwtAuthMiddleware, LogOtpSender, OtpSender
 from powerbank.http.errors import EXCEPTION_HANDLERS
 from powerbank.http.routes_admin import AdminController
+from powerbank.http.routes_admin_content import AdminContentController
+from powerbank.http.routes_admin_system import AdminAchievementController, AdminSystemController
+from powerbank.http.system_log import SystemLogRecorder
 from powerbank.http.routes_staff import StaffController
 from powerbank.http.routes_reservations import ReservationController
 from powerbank.http.routes_analytics import AnalyticsController
@@ -130,6 +133,11 @@ writes invalidate it through `app.state.read_cache`). `services` may be None onl
         app_name="powerbank", prefix="powerbank_http", group_path=True, exclude=["^/metrics", "^/schema"]
     )
     http_only: Scopes = {ScopeType.HTTP}
+    # WARNING+ of the powerbank loggers into system_logs while the app runs (http/system_log.py).
+    recorder = SystemLogRecorder(services.sessions) if services is not None else None
+    state.system_log = recorder
+    on_startup = [recorder.start] if recorder is not None else []
+    on_shutdown = ([owned_gateway.close] if owned_gateway is not None else []) + ([recorder.stop] if recorder is not None else [])
     return Litestar(
         route_handlers=[
             AuthController,
@@ -143,6 +151,9 @@ writes invalidate it through `app.state.read_cache`). `services` may be None onl
             UserTransactionsController,
             RentalController,
             AdminController,
+            AdminContentController,
+            AdminSystemController,
+            AdminAchievementController,
             StaffController,
             ReservationController,
             AnalyticsController,
@@ -172,7 +183,8 @@ writes invalidate it through `app.state.read_cache`). `services` may be None onl
         openapi_config=openapi_config(),
         request_max_body_size=MAX_REQUEST_BODY_BYTES,
         logging_config=None,  # the process configures logging (structlog), not the app
-        on_shutdown=[owned_gateway.close] if owned_gateway is not None else [],
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
         debug=debug,
     )
 

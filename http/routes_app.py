@@ -6,6 +6,7 @@ here changes state, so none of it goes through an actor.
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from typing import Annotated
@@ -49,6 +50,8 @@ DEFAULT_NEARBY_RADIUS_M = 5_000
 MAX_NEARBY_RADIUS_M = 50_000
 
 PUBLIC = {"exclude_from_auth": True}
+
+log = logging.getLogger(__name__)
 
 
 # --- pure decisions ---------------------------------------------------------------------------
@@ -268,11 +271,14 @@ class AppController(Controller):
 
     @get("/health", responses=error_responses(503))
     async def health(self, state: State) -> HealthView:
-        """Liveness with a database round trip (503 `database_unavailable` when it fails)."""
+        """Liveness with a database round trip (503 `database_unavailable` when it fails). Reads
+        only: a load balancer polls it. A failure is logged as a warning, which the system log
+        (http/system_log.py) keeps in `system_logs` once the database answers again."""
         try:
             async with services_of(state).readonly() as session:
                 await session.execute(text("SELECT 1"))
         except Exception as exc:  # any driver error means the same thing to a load balancer
+            log.warning("health: the database did not answer: %s", type(exc).__name__)
             raise ApiError(503, "database_unavailable", "the database did not answer") from exc
         return HealthView(status="ok", database="ok", time=utcnow())
 

@@ -951,6 +951,29 @@ class AdminActionLog(Base):
     created_at: Mapped[datetime] = created_at_column()
 
 
+LOG_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+
+
+class SystemLog(Base):
+    """A WARNING or worse from the `powerbank` loggers, written off the request path by
+    `http/system_log.py` (bounded: messages truncated, a per-minute cap). For admins to see
+    what went wrong without shell access; the process's own log stays the full record."""
+
+    __tablename__ = "system_logs"
+    __table_args__ = (
+        one_of("level", LOG_LEVELS),
+        Index(None, "created_at"),
+        Index(None, "level", "created_at"),
+        Index(None, "logger", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigSerial, primary_key=True, autoincrement=True)
+    level: Mapped[str] = mapped_column(String(8))
+    logger: Mapped[str] = mapped_column(String(100))
+    message: Mapped[str] = mapped_column(String(2000))
+    created_at: Mapped[datetime] = created_at_column()
+
+
 # --- app content (static tables, cached by http/cache.py) ---------------------------------------
 #
 # Admins write these rarely and every app start reads them, so the HTTP layer keeps them in
