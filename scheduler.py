@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.5
 # Jobs that scan large tables run every N ticks; eject deadlines (seconds) run every tick.
 SLOW_EVERY_TICKS = 10
+SYSTEM_LOG_RETENTION = timedelta(days=30)
 
 
 class AdvisoryLease:
@@ -143,11 +144,22 @@ def default_jobs(ending_soon_minutes: int | None = None) -> Jobs:
                     refreshed += 1
         return refreshed
 
+    async def prune_system_logs(runtime: Runtime, now: datetime) -> int:
+        """SystemLog keeps SYSTEM_LOG_RETENTION: enough to look back on an incident."""
+        from sqlalchemy import delete
+
+        from powerbank.storage.models import SystemLog
+
+        async with runtime.sessions.begin() as session:
+            result = await session.execute(delete(SystemLog).where(SystemLog.created_at < now - SYSTEM_LOG_RETENTION))
+            return result.rowcount or 0
+
     # Deliveries every tick: a push saying the rental started is useless a minute late.
     return Jobs(
         every_tick=(expire_overdue_ejects, expire_reservations, deliver_notifications),
         slow=(mark_silent_stations_offline, mark_overdue_rentals, mark_lost_rentals, remind_rentals_ending_soon,
-              ring_stalled, flush_outbox, prune_user_events, expire_orphaned_holds, recompute_leaderboards),
+              ring_stalled, flush_outbox, prune_user_events, expire_orphaned_holds, recompute_leaderboards,
+              prune_system_logs),
     )
 
 

@@ -305,3 +305,16 @@ async def test_the_scheduler_keeps_the_leaderboards_fresh(runtime):
     async with runtime.sessions() as session:
         rows = (await session.execute(select(UserLeaderboard.period, UserLeaderboard.rentals_completed, UserLeaderboard.rank))).all()
     assert ("all_time", 1, 1) in [tuple(r) for r in rows]
+
+
+async def test_system_logs_are_kept_thirty_days(runtime):
+    from powerbank.storage.models import SystemLog
+
+    now = datetime.now(timezone.utc)
+    async with runtime.sessions.begin() as session:
+        for age in (timedelta(days=31), timedelta(days=29)):
+            session.add(SystemLog(level="WARNING", logger="powerbank.test", message=f"{age.days} days old", created_at=now - age))
+    [prune] = [job for job in scheduler.default_jobs().slow if job.__name__ == "prune_system_logs"]
+    assert await prune(runtime, now) == 1
+    async with runtime.sessions() as session:
+        assert (await session.execute(select(SystemLog.message))).scalars().all() == ["29 days old"]
