@@ -10,18 +10,25 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy import delete as sql_delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from powerbank.http.auth import BEARER_SECURITY
 from powerbank.http.deps import Paging, provide_paging, services_of
 from powerbank.http.errors import ApiError, error_responses
-from powerbank.http.schemas_app import MarkedRead, NotificationPage, NotificationView
-from powerbank.storage.models import Notification
+from powerbank.actors.notifications import DEFAULT_RULES
+from powerbank.http.schemas_app import (
+    MarkedRead,
+    NotificationPage,
+    NotificationPreferencesChange,
+    NotificationPreferencesView,
+    NotificationView,
+)
+from powerbank.storage.models import Notification, NotificationPreference
 from powerbank.storage.types import utcnow
 
 
@@ -106,3 +113,42 @@ class NotificationController(Controller):
             )
             if not result.rowcount:
                 raise not_found(notification_id)
+
+    @get("/notification-preferences", responses=error_responses(401))
+    async def preferences(self, state: State, request: Request) -> NotificationPreferencesView:
+        """Your choices for push and SMS (seed 001); everything on until you change it."""
+        async with services_of(state).readonly() as session:
+            return preferences_view(await session.get(NotificationPreference, request.user.id))
+
+    @patch("/notification-preferences", responses=error_responses(400, 401))
+    async def change_preferences(
+        self, state: State, request: Request, data: JSONBody[NotificationPreferencesChange]
+    ) -> NotificationPreferencesView:
+        """Change only the fields sent. Muting a kind silences its push and SMS, not the inbox;
+        critical kinds (overdue, lost) are sent anyway (400 `unknown_kind` for a kind that
+        does not exist)."""
+        unknown = sorted(set(data.muted_kinds or ()) - set(DEFAULT_RULES))
+        if unknown:
+            raise ApiError(400, "unknown_kind", f"no notification kind {unknown[0]!r}", kinds=sorted(DEFAULT_RULES))
+        async with services_of(state).sessions.begin() as session:
+            row = await session.get(NotificationPreference, request.user.id, with_for_update=True)
+            if row is None:
+                row = NotificationPreference(user_id=request.user.id, push_enabled=True, sms_enabled=True, muted_kinds=[], language="en")
+                session.add(row)
+            for field_name in ("push_enabled", "sms_enabled", "language"):
+                if getattr(data, field_name) is not None:
+                    setattr(row, field_name, getattr(data, field_name))
+            if data.muted_kinds is not None:
+                row.muted_kinds = sorted(set(data.muted_kinds))
+            await session.flush()
+            return preferences_view(row)
+
+
+def preferences_view(row: NotificationPreference | None) -> NotificationPreferencesView:
+    kinds = sorted(DEFAULT_RULES)
+    if row is None:
+        return NotificationPreferencesView(push_enabled=True, sms_enabled=True, muted_kinds=[], language="en", kinds=kinds)
+    return NotificationPreferencesView(
+        push_enabled=row.push_enabled, sms_enabled=row.sms_enabled, muted_kinds=list(row.muted_kinds or []),
+        language=row.language, kinds=kinds,
+    )

@@ -346,3 +346,20 @@ class AchievementView(Response):
     progress: int
     unlocked: bool
     unlocked_at: datetime | None
+
+
+class NotificationPreferencesView(Response):
+    push_enabled: bool
+    sms_enabled: bool
+    # Kinds whose push and SMS are silenced (the inbox still gets them; critical ones still go out).
+    muted_kinds: list[str]
+    language: str
+    # Every kind there is, to build the settings screen from.
+    kinds: list[str]
+
+
+class NotificationPreferencesChange(Request):
+    push_enabled: bool | None = None
+    sms_enabled: bool | None = None
+    muted_kinds: Annotated[list[Annotated[str, Meta(min_length=1, max_length=40)]], Meta(max_length=50)] | None = None
+    language: Annotated[str, Meta(pattern=r"^[a-z]{2}(-[A-Z]{2})?$")] | None = None

@@ -95,3 +95,36 @@ async def test_resolving_a_station_issue_notifies_its_reporter_once(app_client, 
     assert (await app_client.put(path, json={"status": "open"}, headers=alice)).status_code == 403
     missing = await app_client.put(f"/api/admin/station-issues/{uuid.uuid4()}/status", json={"status": "resolved"}, headers=admin)
     assert missing.status_code == 404
+
+
+async def test_people_set_their_notification_preferences_and_deliveries_follow_them(app_client, app_services):
+    from powerbank.actors.notifications import Preferences, choose_channels, load_preferences
+
+    me, user_id = await sign_up(app_client, "+9779817000099")
+    defaults = (await app_client.get("/api/user/notification-preferences", headers=me)).json()
+    assert (defaults["push_enabled"], defaults["sms_enabled"], defaults["muted_kinds"]) == (True, True, [])
+    assert "rental_ending_soon" in defaults["kinds"]
+
+    changed = await app_client.patch("/api/user/notification-preferences", json={"sms_enabled": False, "muted_kinds": ["rental_charged"]}, headers=me)
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["push_enabled"], changed.json()["sms_enabled"], changed.json()["muted_kinds"]) == (True, False, ["rental_charged"])
+    again = await app_client.patch("/api/user/notification-preferences", json={"language": "ne"}, headers=me)
+    assert (again.json()["sms_enabled"], again.json()["language"]) == (False, "ne")  # only what was sent changes
+
+    async with app_services.readonly() as session:
+        preferences = await load_preferences(session, user_id)
+    assert isinstance(preferences, Preferences)
+    assert "sms" not in choose_channels(await _rule(app_services, "rental_ending_soon"), preferences)
+    assert "push" not in choose_channels(await _rule(app_services, "rental_charged"), preferences)
+
+    bad = await app_client.patch("/api/user/notification-preferences", json={"muted_kinds": ["nonsense"]}, headers=me)
+    assert bad.status_code == 400 and bad.json()["error"] == "unknown_kind"
+    assert (await app_client.patch("/api/user/notification-preferences", json={"language": "English"}, headers=me)).status_code == 400
+    assert (await app_client.get("/api/user/notification-preferences")).status_code == 401
+
+
+async def _rule(services, kind):
+    from powerbank.actors.notifications import load_rule
+
+    async with services.readonly() as session:
+        return await load_rule(session, kind)
