@@ -35,7 +35,7 @@ from powerbank.http.routes_auth import AuthController
 from powerbank.http.routes_payment import PaymentFlowController, UserTransactionsController
 from powerbank.http.routes_promotions import AdminCouponController, PromotionController, ReferralController
 from powerbank.http.routes_rentals import RentalActionController, RentalController, RentalStarter, start_rental_via_actor
-from powerbank.http.cache import ReadCache
+from powerbank.http.cache import InvalidationFollower, ReadCache
 from powerbank.http.routes_content import AppContentController, ContentController
 from powerbank.http.routes_media import MediaController
 from powerbank.http.routes_notifications import NotificationController
@@ -136,8 +136,10 @@ writes invalidate it through `app.state.read_cache`). `services` may be None onl
     # WARNING+ of the powerbank loggers into system_logs while the app runs (http/system_log.py).
     recorder = SystemLogRecorder(services.sessions) if services is not None else None
     state.system_log = recorder
-    on_startup = [recorder.start] if recorder is not None else []
-    on_shutdown = ([owned_gateway.close] if owned_gateway is not None else []) + ([recorder.stop] if recorder is not None else [])
+    # Other web processes' content writes reach this one's cache over the bus (http/cache.py).
+    follower = InvalidationFollower(state.read_cache, services.bus) if services is not None else None
+    on_startup = [recorder.start, follower.start] if services is not None else []
+    on_shutdown = ([owned_gateway.close] if owned_gateway is not None else []) + ([recorder.stop, follower.stop] if services is not None else [])
     return Litestar(
         route_handlers=[
             AuthController,

@@ -12,10 +12,10 @@ How it is used:
 - The app keeps one `ReadCache` in `app.state.read_cache` (`read_cache_of(state)`), so an admin
   route in the same process reaches it there.
 
-Several web processes each hold their own copy and an invalidation reaches only the process that
-made the write; `ttl_s` bounds how long another process may serve the old rows (60 s by default,
-fine for text that changes a few times a year). A cross-process invalidation can later publish
-the key on the actor bus and call `invalidate` in each subscriber.
+Several web processes each hold their own copy: a write calls `invalidate_everywhere`, which
+forgets the keys here and publishes them on the bus (`cache:invalidate`, Redis pub/sub when
+`REDIS_URL` is set); every web process runs `InvalidationFollower`, which forgets them there.
+`ttl_s` (60 s) still bounds staleness if a message is lost (pub/sub delivers at most once).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from litestar.datastructures import State
+
+INVALIDATION_CHANNEL = "cache:invalidate"
 
 DEFAULT_TTL_S = 60.0
 
@@ -85,3 +87,36 @@ class ReadCache:
 
 def read_cache_of(state: State) -> ReadCache:
     return state.read_cache
+
+
+async def invalidate_everywhere(state: State, *keys: str) -> None:
+    """Forget `keys` in this process at once and in every other web process via the bus."""
+    read_cache_of(state).invalidate(*keys)
+    services = state.services
+    if services is not None:
+        await services.bus.publish(INVALIDATION_CHANNEL, {"keys": list(keys)})
+
+
+class InvalidationFollower:
+    """Listens on the bus for other processes' invalidations (started and stopped with the app)."""
+
+    def __init__(self, cache: ReadCache, bus) -> None:
+        self.cache, self.bus = cache, bus
+        self._task: asyncio.Task | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow())
+        await asyncio.wait_for(self._subscribed.wait(), 10)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        async with self.bus.subscribe(INVALIDATION_CHANNEL) as subscription:
+            self._subscribed.set()
+            while True:
+                _, message = await subscription.get()
+                self.cache.invalidate(*message.get("keys", []))

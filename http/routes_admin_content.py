@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from powerbank.http.admin_log import admin_action
 from powerbank.http.auth import BEARER_SECURITY, require_admin
-from powerbank.http.cache import read_cache_of
+from powerbank.http.cache import invalidate_everywhere
 from powerbank.http.deps import services_of
 from powerbank.http.errors import ApiError, error_responses
 from powerbank.http.routes_content import _version_view, version_key
@@ -107,7 +107,7 @@ async def audited_write(
             session.add(admin_action(request, action, target_type, target_id, details=details))
     except IntegrityError as exc:
         raise ApiError(409, conflict, f"another {target_type} has the same key") from exc
-    read_cache_of(state).invalidate(*cache_keys)
+    await invalidate_everywhere(state, *cache_keys)
     return row
 
 

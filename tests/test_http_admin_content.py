@@ -191,3 +191,33 @@ async def test_writes_conflicts_and_audit_on_both_backends(both_app_client, both
     async with both_app_services.readonly() as session:
         logged = [r.action for r in (await session.execute(select(AdminActionLog).order_by(AdminActionLog.id))).scalars()]
     assert logged == ["country_created", "country_updated", "content_page_published", "content_page_published"]
+
+
+async def test_a_content_write_reaches_the_cache_of_every_web_process(app_client, app_services):
+    """Two apps on one bus stand for two web processes: the admin writes through one, the
+    other's cached copy is dropped at once (not after its 60 s expiry)."""
+    import asyncio
+
+    from powerbank.http.app import create_app
+    from powerbank.http.cache import InvalidationFollower, ReadCache
+    from powerbank.http.testing import TEST_AUTH_POLICY, client_for
+
+    other_cache = ReadCache(ttl_s=3600)
+    follower = InvalidationFollower(other_cache, app_services.bus)
+    await follower.start()
+    try:
+        async with client_for(create_app(app_services, auth_policy=TEST_AUTH_POLICY, read_cache=other_cache)) as other:
+            before = (await other.get("/api/content/faq")).json()
+            loads = other_cache.loads
+            admin = bearer(await ensure_admin_token(app_services, "+9779800000001"))
+            created = await app_client.post("/api/admin/content/faq", json={"question": "Is it cached?", "answer": "Not for long.", "category": "general", "sort_order": 1}, headers=admin)
+            assert created.status_code == 201, created.text
+            for _ in range(100):
+                if not other_cache._entries:
+                    break
+                await asyncio.sleep(0.01)
+            after = (await other.get("/api/content/faq")).json()
+            assert other_cache.loads == loads + 1
+            assert len(str(after)) > len(str(before)) and "Is it cached?" in str(after)
+    finally:
+        await follower.stop()
