@@ -75,6 +75,9 @@ DEFAULT_RULES: dict[str, Rule] = {
         Rule("topup_succeeded", push=True),
         Rule("refund_succeeded", push=True),
         Rule("station_issue_resolved", push=True),
+        Rule("kyc_approved", push=True),
+        Rule("kyc_rejected", push=True),
+        Rule("refund_rejected", push=True),
     )
 }
 
@@ -88,6 +91,9 @@ DEFAULT_TEMPLATES: dict[str, tuple[str, str]] = {
     "topup_succeeded": ("Wallet topped up", "{amount} was added to your wallet."),
     "refund_succeeded": ("Refund processed", "{amount} was refunded."),
     "station_issue_resolved": ("Issue resolved", "The issue you reported at {station_name} is resolved. Thank you!"),
+    "kyc_approved": ("Identity verified", "Your documents were checked and your identity is verified."),
+    "kyc_rejected": ("Identity not verified", "We could not verify your documents: {reason}. Please submit them again."),
+    "refund_rejected": ("Refund declined", "Your refund request of {amount} was declined: {reason}."),
 }
 
 
