@@ -68,6 +68,9 @@ class Settings:
     auto_refill_interval_s: int = 60
     # The ending-soon reminder goes out this long before a rental is due.
     ending_soon_minutes: int = 10
+    # A refund a person asks for above this amount (minor units) waits for an admin's approval;
+    # at or below it, it is made at once. 500000 is NPR 5,000.
+    refund_approval_above_minor: int = 500_000
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -115,6 +118,7 @@ def load_settings() -> Settings:
         stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
         auto_refill_interval_s=_env_int("AUTO_REFILL_INTERVAL_S", 60),
         ending_soon_minutes=_env_int("ENDING_SOON_MINUTES", 10),
+        refund_approval_above_minor=_env_int("REFUND_APPROVAL_ABOVE_MINOR", 500_000),
     )
 
 

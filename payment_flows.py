@@ -315,6 +315,8 @@ async def refund_transaction(services: "Services", gateway: PaymentGateway, user
         raise PaymentProblem(409, "not_refundable", "only card top-ups are refunded")
     amount = amount_minor if amount_minor is not None else payments.refundable_minor(txn.amount_minor, txn.refunded_minor)
     refund_id = uuid.uuid5(transaction_id, idempotency_key) if idempotency_key else uuid.uuid4()
+    if payments.needs_approval(amount, services.settings.refund_approval_above_minor):
+        return await request_refund(services, user_id, refund_id, transaction_id, amount, reason)
     reserved = await services.runtime.call(
         "wallet", str(user_id), "ReserveRefund",
         {"refund_id": str(refund_id), "transaction_id": str(transaction_id), "amount_minor": amount, "reason": reason},
@@ -324,6 +326,9 @@ async def refund_transaction(services: "Services", gateway: PaymentGateway, user
         reason_code = str(reserved.get("reason"))
         status = 404 if reason_code in NOT_FOUND_REASONS else 409
         raise PaymentProblem(status, reason_code, "the refund was refused", refundable_minor=reserved.get("refundable_minor"))
+    if reserved.get("status") in ("requested", "rejected"):
+        # A repeat of a request waiting for (or declined by) an admin: only approval reaches the provider.
+        return await load_refund(services, refund_id)
     # A repeat with the same key asks the provider for the amount first reserved, never another.
     await settle_refund_at_provider(services, gateway, user_id, refund_id, intent.provider_intent_id,
                                     int(reserved["amount_minor"]))
@@ -332,6 +337,79 @@ async def refund_transaction(services: "Services", gateway: PaymentGateway, user
     if refund.status == "failed":
         raise PaymentProblem(502, "refund_failed", "the provider refused the refund; the wallet was restored",
                              refund_id=str(refund_id), provider_code=refund.failure_code)
+    return refund
+
+
+async def request_refund(services: "Services", user_id: uuid.UUID, refund_id: uuid.UUID, transaction_id: uuid.UUID,
+                         amount: int, reason: str | None) -> Refund:
+    """Above the approval threshold: the refund is checked and stored `requested` (Wallet actor,
+    `RequestRefund`); an admin approves (approve_refund) or rejects it."""
+    requested = await services.runtime.call(
+        "wallet", str(user_id), "RequestRefund",
+        {"refund_id": str(refund_id), "transaction_id": str(transaction_id), "amount_minor": amount, "reason": reason},
+        command_id=f"refund-requested:{refund_id}", timeout_s=WALLET_WAIT_S,
+    )
+    _raise_if_refused(requested)
+    async with services.readonly() as session:
+        return await session.get(Refund, refund_id)
+
+
+def _raise_if_refused(result: dict[str, Any]) -> None:
+    if not result.get("ok", False):
+        reason_code = str(result.get("reason"))
+        status = 404 if reason_code in NOT_FOUND_REASONS else 409
+        raise PaymentProblem(status, reason_code, "the refund was refused", refundable_minor=result.get("refundable_minor"),
+                             refund_status=result.get("refund_status"))
+
+
+async def approve_refund(services: "Services", gateway: PaymentGateway, refund_id: uuid.UUID,
+                         reviewer_id: uuid.UUID) -> tuple[Refund, bool]:
+    """An admin approves a requested refund: reserved in the wallet (ReserveRefund, `approved`),
+    then the provider is asked outside any transaction with the refund id as its idempotency key,
+    then settled. Approving again is harmless: a settled refund is answered as it stands, a
+    pending one (provider outcome unknown) asks the provider again under the same key. Each call
+    is its own command (the Wallet actor serializes them and only the first finds the refund
+    `requested`), so the second element says whether this call made the approval."""
+    refund = await load_refund(services, refund_id)
+    approved_now = False
+    if refund.status == "requested":
+        reserved = await services.runtime.call(
+            "wallet", str(refund.user_id), "ReserveRefund",
+            {"refund_id": str(refund_id), "approved": True, "reviewed_by": str(reviewer_id)},
+            command_id=f"refund-approved:{refund_id}:{uuid.uuid4()}", timeout_s=WALLET_WAIT_S,
+        )
+        _raise_if_refused(reserved)
+        approved_now = bool(reserved.get("approved"))
+        refund = await load_refund(services, refund_id)
+    if refund.status == "rejected":
+        raise PaymentProblem(409, "refund_not_requested", "the refund was rejected", refund_status=refund.status)
+    if refund.status == "pending":
+        async with services.readonly() as session:
+            txn = await session.get(Transaction, refund.transaction_id)
+            intent = await session.get(PaymentIntent, txn.payment_intent_id)
+        await settle_refund_at_provider(services, gateway, refund.user_id, refund_id, intent.provider_intent_id,
+                                        refund.amount_minor)
+        refund = await load_refund(services, refund_id)
+    return refund, approved_now
+
+
+async def reject_refund(services: "Services", refund_id: uuid.UUID, reviewer_id: uuid.UUID, reason: str) -> Refund:
+    """An admin declines a requested refund (Wallet actor, `RejectRefund`); the person is told why."""
+    refund = await load_refund(services, refund_id)
+    rejected = await services.runtime.call(
+        "wallet", str(refund.user_id), "RejectRefund",
+        {"refund_id": str(refund_id), "reason": reason, "reviewed_by": str(reviewer_id)},
+        command_id=f"refund-rejected:{refund_id}:{uuid.uuid4()}", timeout_s=WALLET_WAIT_S,
+    )
+    _raise_if_refused(rejected)
+    return await load_refund(services, refund_id)
+
+
+async def load_refund(services: "Services", refund_id: uuid.UUID) -> Refund:
+    async with services.readonly() as session:
+        refund = await session.get(Refund, refund_id)
+    if refund is None:
+        raise PaymentProblem(404, "refund_not_found", f"no refund {refund_id}")
     return refund
 
 

@@ -88,6 +88,19 @@ def refundable_minor(captured_minor: int, refunded_minor: int) -> int:
     return max(0, captured_minor - refunded_minor)
 
 
+def needs_approval(amount_minor: int, approval_above_minor: int) -> bool:
+    """A refund above the threshold waits for an admin: large card refunds are where fraud
+    (a stolen card topped up, then refunded elsewhere) and mistakes cost most."""
+    return amount_minor > approval_above_minor
+
+
+def refund_review_refusal(status: str) -> str | None:
+    """Why an admin may not approve or reject a refund in this state, or None: only a
+    `requested` one waits for a decision (approving one already approved is answered with its
+    outcome by the caller, not refused)."""
+    return None if status == "requested" else "refund_not_requested"
+
+
 def refund_refusal(request: RefundRequest) -> str | None:
     """Why a refund must be refused, or None. The money to give back must still be in the
     wallet: a top-up already spent on rentals is not refunded to the card (that would hand back

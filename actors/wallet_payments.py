@@ -10,10 +10,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from powerbank.actors import payments
-from powerbank.actors.notifications import notify_money
+from powerbank.actors.notifications import format_money, notify_money, notify_person
 from powerbank.actors.runtime import ActorContext, CommandRejected, handles
 from powerbank.actors.wallet import (
     load_wallet_and_account,
@@ -130,30 +130,65 @@ async def _remember_saved_card(ctx: ActorContext, intent: PaymentIntent, payload
         row.saved_payment_method_id = method
 
 
-@handles("wallet", "ReserveRefund")
-async def reserve_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Take the refunded amount out of the wallet before the provider is asked, so it cannot be
-    spent meanwhile; the Refund row starts `pending`. Refusals write nothing."""
-    refund_id = uuid.UUID(payload["refund_id"])
-    existing = await ctx.session.get(Refund, refund_id)
-    if existing is not None:
-        return {"ok": True, "refund_id": str(existing.id), "status": existing.status, "amount_minor": existing.amount_minor}
-    txn = await ctx.session.get(Transaction, uuid.UUID(payload["transaction_id"]))
+async def _checked_refund(ctx: ActorContext, user_id: str, txn_id: str, amount: int,
+                          refund_id: uuid.UUID) -> tuple[Transaction, LedgerTransfer | None, int]:
+    """The top-up, its ledger transfer and what was refunded of it, once `amount` passed the
+    refund rules (payments.refund_refusal); CommandRejected otherwise. Other refunds of it still
+    waiting for approval count as refunded, so two requests cannot promise the same money."""
+    txn = await ctx.session.get(Transaction, uuid.UUID(txn_id))
     if txn is None or str(txn.user_id) != user_id:
         raise CommandRejected("transaction_not_found")
-    wallet, account = await load_wallet_and_account(ctx, user_id)
+    _, account = await load_wallet_and_account(ctx, user_id)
     original = await ctx.session.get(LedgerTransfer, txn.ledger_transfer_id) if txn.ledger_transfer_id else None
     already = await refunded_minor(ctx, original) if original is not None else txn.refunded_minor
-    amount = int(payload["amount_minor"])
+    waiting = await ctx.session.scalar(select(func.coalesce(func.sum(Refund.amount_minor), 0)).where(
+        Refund.transaction_id == txn.id, Refund.status == "requested", Refund.id != refund_id))
     reason = payments.refund_refusal(payments.RefundRequest(
         transaction_type=txn.type, transaction_status=txn.status, captured_minor=txn.amount_minor,
-        refunded_minor=already, requested_minor=amount,
+        refunded_minor=already + int(waiting or 0), requested_minor=amount,
         wallet_available_minor=ledger.credit_balance(account).available_minor,
     ))
     if reason is None and original is None:
         reason = "not_refundable"
     if reason is not None:
-        raise CommandRejected(reason, refundable_minor=payments.refundable_minor(txn.amount_minor, already))
+        raise CommandRejected(reason, refundable_minor=payments.refundable_minor(txn.amount_minor, already + int(waiting or 0)))
+    return txn, original, already
+
+
+@handles("wallet", "RequestRefund")
+async def request_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A refund above the approval threshold: checked now (so the person hears at once that it
+    cannot be made), stored `requested`, nothing reserved until an admin approves it (ReserveRefund
+    with `approved`). A repeat answers with the stored refund."""
+    refund_id = uuid.UUID(payload["refund_id"])
+    existing = await ctx.session.get(Refund, refund_id)
+    if existing is not None:
+        return {"ok": True, "refund_id": str(existing.id), "status": existing.status, "amount_minor": existing.amount_minor}
+    amount = int(payload["amount_minor"])
+    txn, _, _ = await _checked_refund(ctx, user_id, payload["transaction_id"], amount, refund_id)
+    ctx.session.add(Refund(
+        id=refund_id, transaction_id=txn.id, user_id=txn.user_id, amount_minor=amount, currency=txn.currency,
+        status="requested", reason=payload.get("reason"),
+    ))
+    await ctx.session.flush()
+    return {"ok": True, "refund_id": str(refund_id), "status": "requested", "amount_minor": amount}
+
+
+@handles("wallet", "ReserveRefund")
+async def reserve_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Take the refunded amount out of the wallet before the provider is asked, so it cannot be
+    spent meanwhile; the Refund row starts (or, for an approved request, becomes) `pending`.
+    Refusals write nothing: a refused approval leaves the request waiting. Any other existing
+    refund is answered as it stands."""
+    refund_id = uuid.UUID(payload["refund_id"])
+    existing = await ctx.session.get(Refund, refund_id)
+    approving = existing is not None and existing.status == "requested" and bool(payload.get("approved"))
+    if existing is not None and not approving:
+        return {"ok": True, "refund_id": str(existing.id), "status": existing.status, "amount_minor": existing.amount_minor}
+    wallet, _ = await load_wallet_and_account(ctx, user_id)
+    amount = existing.amount_minor if approving else int(payload["amount_minor"])
+    txn_id = str(existing.transaction_id) if approving else payload["transaction_id"]
+    txn, original, already = await _checked_refund(ctx, user_id, txn_id, amount, refund_id)
     transfer_id = payments.refund_transfer_id(refund_id)
     await post_refund(ctx, original, transfer_id=transfer_id, amount_minor=amount)
     txn.refunded_minor = already + amount
@@ -161,13 +196,38 @@ async def reserve_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any
         user_id=txn.user_id, payment_intent_id=txn.payment_intent_id, type="refund", amount_minor=amount,
         currency=txn.currency, status="pending", ledger_transfer_id=transfer_id, description=f"refund of {txn.id}",
     ))
-    ctx.session.add(Refund(
-        id=refund_id, transaction_id=txn.id, user_id=txn.user_id, amount_minor=amount, currency=txn.currency,
-        status="pending", reason=payload.get("reason"), ledger_transfer_id=transfer_id,
-    ))
+    if approving:
+        existing.status, existing.ledger_transfer_id = "pending", transfer_id
+        existing.reviewed_by, existing.reviewed_at = _reviewer(payload), ctx.now
+    else:
+        ctx.session.add(Refund(
+            id=refund_id, transaction_id=txn.id, user_id=txn.user_id, amount_minor=amount, currency=txn.currency,
+            status="pending", reason=payload.get("reason"), ledger_transfer_id=transfer_id,
+        ))
     await ctx.session.flush()
     await notify_wallet(ctx, user_id, wallet)
-    return {"ok": True, "refund_id": str(refund_id), "status": "pending", "amount_minor": amount}
+    return {"ok": True, "refund_id": str(refund_id), "status": "pending", "amount_minor": amount, "approved": approving}
+
+
+def _reviewer(payload: dict[str, Any]) -> uuid.UUID | None:
+    return uuid.UUID(payload["reviewed_by"]) if payload.get("reviewed_by") else None
+
+
+@handles("wallet", "RejectRefund")
+async def reject_refund(ctx: ActorContext, user_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """An admin declines a requested refund: it is closed with the reason, the person is told;
+    nothing was reserved, so nothing moves."""
+    refund = await ctx.session.get(Refund, uuid.UUID(payload["refund_id"]))
+    if refund is None or str(refund.user_id) != user_id:
+        raise CommandRejected("refund_not_found")
+    if (reason := payments.refund_review_refusal(refund.status)) is not None:
+        raise CommandRejected(reason, refund_status=refund.status)
+    refund.status, refund.rejection_reason = "rejected", payload["reason"]
+    refund.reviewed_by, refund.reviewed_at = _reviewer(payload), ctx.now
+    data = {"amount": format_money(refund.amount_minor, refund.currency), "amount_minor": refund.amount_minor,
+            "currency": refund.currency, "reason": payload["reason"]}
+    await notify_person(ctx, user_id, "refund_rejected", data, dedupe_key=f"refund_rejected:{refund.id}")
+    return {"ok": True, "refund_id": str(refund.id), "status": "rejected"}
 
 
 @handles("wallet", "SettleRefund")

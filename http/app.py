@@ -28,6 +28,7 @@ from powerbank.http.routes_admin_content import AdminContentController
 from powerbank.http.routes_admin_system import AdminAchievementController, AdminSystemController
 from powerbank.http.system_log import SystemLogRecorder
 from powerbank.http.routes_admin_kyc import AdminKycController
+from powerbank.http.routes_admin_refunds import AdminRefundController
 from powerbank.http.routes_staff import StaffController
 from powerbank.http.routes_reservations import ReservationController
 from powerbank.http.routes_analytics import AnalyticsController
@@ -159,6 +160,7 @@ writes invalidate it through `app.state.read_cache`). `services` may be None onl
             AdminAchievementController,
             StaffController,
             AdminKycController,
+            AdminRefundController,
             ReservationController,
             AnalyticsController,
             ReferralController,

@@ -152,7 +152,9 @@ class PaymentFlowController(Controller):
                      data: JSONBody[RefundRequest]) -> RefundView:
         """Refund (part of) a card top-up to the card. Refused with 409 `exceeds_refundable` above
         what was paid minus what was already refunded, and 409 `insufficient_funds` when the
-        wallet no longer holds that money (it was spent on rentals)."""
+        wallet no longer holds that money (it was spent on rentals). Above
+        REFUND_APPROVAL_ABOVE_MINOR the refund is checked the same way but stored `requested`:
+        nothing moves until an admin approves it (docs/admin.md)."""
         with as_api_errors():
             refund = await flows.refund_transaction(services_of(state), gateway_of(state), request.user.id, transaction_id,
                                                     data.amount_minor, data.reason, data.idempotency_key)

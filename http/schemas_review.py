@@ -42,3 +42,27 @@ class KycQueuePage(Response):
     page: int
     page_size: int
     total: int
+
+
+class AdminRefundView(Response):
+    refund_id: uuid.UUID
+    transaction_id: uuid.UUID
+    user_id: uuid.UUID
+    amount_minor: int
+    currency: str
+    # requested, pending, succeeded, failed or rejected
+    status: str
+    reason: str | None
+    provider_refund_id: str | None
+    failure_code: str | None
+    reviewed_by: uuid.UUID | None
+    reviewed_at: datetime | None
+    rejection_reason: str | None
+    created_at: datetime
+
+
+class AdminRefundPage(Response):
+    items: list[AdminRefundView]
+    page: int
+    page_size: int
+    total: int

@@ -747,7 +747,9 @@ PAYMENT_STATUSES = ("waiting", "preauth", "confirmed", "rejected", "refunded", "
 PAYMENT_PURPOSES = ("topup", "rental_hold", "due", "auto_refill")
 TRANSACTION_TYPES = ("topup", "refund", "rental", "due", "auto_refill")
 TRANSACTION_STATUSES = ("pending", "succeeded", "failed", "reversed")
-REFUND_STATUSES = ("pending", "succeeded", "failed")
+# requested: above the approval threshold, waiting for an admin (nothing reserved yet);
+# rejected: an admin declined it (final, nothing was ever reserved).
+REFUND_STATUSES = ("requested", "pending", "succeeded", "failed", "rejected")
 
 
 class PaymentMethod(Base):
@@ -908,6 +910,7 @@ class Refund(Base):
         Index(None, "user_id", "created_at"),
         Index(None, "status"),
         Index(None, "ledger_transfer_id"),
+        Index(None, "reviewed_by"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
@@ -922,6 +925,10 @@ class Refund(Base):
         ForeignKey("ledger_transfers.id", ondelete="RESTRICT")
     )
     failure_code: Mapped[str | None] = mapped_column(String(64))
+    # The admin's decision on a `requested` refund (kept, as null, if the admin is deleted).
+    reviewed_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    reviewed_at: Mapped[datetime | None]
+    rejection_reason: Mapped[str | None] = mapped_column(String(300))
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
 
