@@ -150,6 +150,28 @@ def availability(slots: Iterable[SlotView], min_charge_percent: int = MIN_EJECT_
     )
 
 
+SERVICE_EJECT_STATION_STATUSES = ("online", "maintenance")
+
+
+def service_eject_refusal(slot: SlotView | None, station_status: str) -> str | None:
+    """Why field staff may not eject this slot's bank now, or None. Only a bank sitting in the
+    slot with nothing else claiming it: not one being ejected (for a rental or another service
+    eject), not one held for a reservation. A jammed (`fault`) slot with a bank is allowed:
+    freeing a stuck bank is what the service eject is for. The station must be able to hear
+    the command (online, or parked for maintenance, where staff usually work)."""
+    if station_status not in SERVICE_EJECT_STATION_STATUSES:
+        return "station_offline"
+    if slot is None:
+        return "slot_not_found"
+    if slot.status == "ejecting" or slot.bank_status == "ejecting":
+        return "slot_ejecting"
+    if slot.bank_serial is None:
+        return "slot_empty"
+    if slot.reserved_for is not None:
+        return "slot_reserved"
+    return None
+
+
 def reservation_expired(expires_at: datetime | None, now: datetime) -> bool:
     return expires_at is not None and expires_at <= now
 
@@ -1052,8 +1074,32 @@ async def expire_eject(ctx: ActorContext, station_id: str, payload: dict[str, An
     return result
 
 
+@handles(KIND, "ServiceEject")
+async def service_eject(ctx: ActorContext, station_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Field staff take one slot's bank out (a faulty bank, a jammed slot, an inspection): the
+    same MQTT Eject (command id, expiry) as for a rental, but with no rental. On the ack the bank
+    leaves as `faulty` and no rental is touched; a failed or expired ack puts the slot back as
+    for a rental eject, with no retry elsewhere. Refusals write nothing."""
+    loaded = await _load_or_reject(ctx, station_id)
+    await _release_expired_reservations(ctx, loaded)
+    slot = loaded.slots.get(int(payload["slot"]))
+    refusal = service_eject_refusal(loaded.view(slot) if slot else None, loaded.station.status)
+    if refusal is not None:
+        raise CommandRejected(refusal, slot=int(payload["slot"]))
+    result = await _start_eject(ctx, loaded, slot, None, attempt=1)
+    log.info("station %s: service eject of slot %s (%s): %s", loaded.station.serial, slot.slot_number,
+             loaded.bank_in(slot).serial, str(payload.get("reason") or "")[:200])
+    _notify(ctx, loaded)
+    return {**result, "bank": loaded.bank_in(slot).serial, "expires_at": slot.eject_deadline_at.isoformat()}
+
+
+def _is_service_eject(slot: StationSlot) -> bool:
+    """A rental's eject always names its rental; a service eject names none."""
+    return slot.ejecting_rental_id is None
+
+
 async def _start_eject(
-    ctx: ActorContext, loaded: Loaded, slot: StationSlot, rental_id: uuid.UUID, *, attempt: int
+    ctx: ActorContext, loaded: Loaded, slot: StationSlot, rental_id: uuid.UUID | None, *, attempt: int
 ) -> dict[str, Any]:
     bank = loaded.bank_in(slot)
     command_id = str(uuid.uuid4())
@@ -1078,6 +1124,8 @@ async def _publish_eject(
 
 async def _bank_ejected(ctx: ActorContext, loaded: Loaded, slot: StationSlot, event: Event) -> dict[str, Any]:
     bank = loaded.bank_in(slot)
+    if _is_service_eject(slot):
+        return _bank_taken_out_by_staff(loaded, slot, bank)
     rental_id = str(slot.ejecting_rental_id)
     bank.status, bank.station_id, bank.rental_id = "rented", None, slot.ejecting_rental_id
     _clear_eject(slot)
@@ -1097,10 +1145,21 @@ async def _bank_ejected(ctx: ActorContext, loaded: Loaded, slot: StationSlot, ev
     return {"ok": True, "ejected": bank.serial, "rental_id": rental_id}
 
 
+def _bank_taken_out_by_staff(loaded: Loaded, slot: StationSlot, bank: PowerBank) -> dict[str, Any]:
+    """A service eject's bank is in staff hands: out of every station, in no rental, `faulty`
+    so it is not rented again until it is checked (a faulty bank put back stays faulty)."""
+    bank.status, bank.station_id, bank.rental_id = "faulty", None, None
+    _clear_eject(slot)
+    slot.power_bank_id, slot.status = None, "empty"
+    log.info("station %s: bank %s taken out of slot %s by staff", loaded.station.serial, bank.serial, slot.slot_number)
+    return {"ok": True, "service_ejected": bank.serial, "slot": slot.slot_number}
+
+
 async def _eject_failed(ctx: ActorContext, loaded: Loaded, slot: StationSlot, code: str) -> dict[str, Any]:
     """Put the slot back as the failure left it, then retry once elsewhere or fail the rental."""
     rental_id = slot.ejecting_rental_id
     attempt = slot.eject_attempt or 1
+    service = _is_service_eject(slot)
     _clear_eject(slot)
     new_status = slot_status_after_failed_eject(code)
     if new_status == "empty":
@@ -1109,6 +1168,8 @@ async def _eject_failed(ctx: ActorContext, loaded: Loaded, slot: StationSlot, co
         bank = loaded.bank_in(slot)
         bank.status = "in_slot"
         slot.status = new_status
+    if service:  # no rental waits on it and staff chose this slot: nothing is retried elsewhere
+        return {"ok": False, "reason": "service_eject_failed", "failed_slot": slot.slot_number, "code": code}
     if attempt < MAX_EJECT_ATTEMPTS:
         choice = choose_eject_slot(
             loaded.views(), min_charge_percent=policy().min_eject_charge_percent, exclude=[slot.slot_number]

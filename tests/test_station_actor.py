@@ -680,3 +680,78 @@ async def test_a_heartbeat_reads_the_slots_only_when_it_brings_the_station_back_
     async with rt.sessions() as db:
         station = await db.get(Station, uuid.UUID(station_id))
     assert station.status == "online" and station.last_event_seq == 2
+
+
+# --- service ejects (field staff) ---------------------------------------------------------------
+
+
+def test_a_service_eject_takes_only_a_bank_nothing_else_claims():
+    from powerbank.actors.station import service_eject_refusal
+
+    bank_in = SlotView(1, "occupied", "PB-1", "in_slot", 90)
+    assert service_eject_refusal(bank_in, "online") is None and service_eject_refusal(bank_in, "maintenance") is None
+    assert service_eject_refusal(SlotView(1, "fault", "PB-1", "in_slot", 90), "online") is None  # a jammed slot
+    assert service_eject_refusal(bank_in, "offline") == "station_offline"
+    assert service_eject_refusal(None, "online") == "slot_not_found"
+    assert service_eject_refusal(SlotView(1, "empty"), "online") == "slot_empty"
+    assert service_eject_refusal(SlotView(1, "ejecting", "PB-1", "ejecting", 90), "online") == "slot_ejecting"
+    assert service_eject_refusal(SlotView(1, "occupied", "PB-1", "in_slot", 90, reserved_for="r"), "online") == "slot_reserved"
+
+
+async def apply_outcome(rt, station_id, name, payload):
+    command_id = f"t:{uuid.uuid4()}"
+    await rt.submit("station", station_id, name, payload, command_id)
+    await rt.drain("station", station_id)
+    return await rt.outcome("station", command_id)
+
+
+async def test_a_service_eject_publishes_the_eject_and_the_ack_takes_the_bank_out_as_faulty(rt):
+    station_id = await make_station(rt, "ST-SVC", [("PB-1", 90), ("PB-2", 10)], status="maintenance")
+    started = await apply(rt, station_id, "ServiceEject", {"slot": 2, "reason": "swollen battery"})
+    assert (started["slot"], started["bank"]) == (2, "PB-2")
+    [command] = await outbox(rt, "eject")
+    assert command.payload["command_id"] == started["eject_command_id"] and command.payload["slot"] == 2
+    assert command.payload["bank"] == "PB-2" and command.payload["expires_at"] > epoch_ms(utcnow())
+    slot = (await slots_of(rt, station_id))[1]
+    assert (slot.status, slot.ejecting_rental_id, (await bank(rt, "PB-2")).status) == ("ejecting", None, "ejecting")
+
+    done = await apply(rt, station_id, "EjectAck", event(3, command_id=started["eject_command_id"], slot=2, bank="PB-2", code="ok"))
+    assert done["service_ejected"] == "PB-2"
+    slot, the_bank = (await slots_of(rt, station_id))[1], await bank(rt, "PB-2")
+    assert (slot.status, slot.power_bank_id, slot.eject_command_id) == ("empty", None, None)
+    assert (the_bank.status, the_bank.station_id, the_bank.rental_id) == ("faulty", None, None)
+    assert await rental_commands(rt) == []  # no rental touched
+    async with rt.sessions() as db:
+        assert await db.scalar(select(func.count()).select_from(Rental)) == 0
+
+
+async def test_a_failed_or_expired_service_eject_puts_the_slot_back_and_tries_nothing_else(rt):
+    station_id = await make_station(rt, "ST-SVC2", [("PB-1", 90), ("PB-2", 80)])
+    jammed = await apply(rt, station_id, "ServiceEject", {"slot": 1, "reason": "inspection"})
+    failed = await apply(rt, station_id, "EjectAck", event(1, command_id=jammed["eject_command_id"], slot=1, code="jammed"))
+    assert failed == {"ok": False, "reason": "service_eject_failed", "failed_slot": 1, "code": "jammed", "seq": 1}
+    assert [s.status for s in await slots_of(rt, station_id)][:2] == ["fault", "occupied"]
+    assert (await bank(rt, "PB-1")).status == "in_slot"
+
+    timed = await apply(rt, station_id, "ServiceEject", {"slot": 2, "reason": "inspection"})
+    await expire_overdue_ejects(rt, now=utcnow() + timedelta(milliseconds=EJECT_TIMEOUT_MS + 1000))
+    await rt.drain("station", station_id)
+    slot = (await slots_of(rt, station_id))[1]
+    assert (slot.status, slot.eject_command_id, (await bank(rt, "PB-2")).status) == ("occupied", None, "in_slot")
+    assert len(await outbox(rt, "eject")) == 2 and await rental_commands(rt) == []
+    assert timed["slot"] == 2
+
+
+async def test_a_service_eject_is_refused_for_an_empty_ejecting_or_reserved_slot(rt):
+    station_id = await make_station(rt, "ST-SVC3", [("PB-1", 90), ("PB-2", 80)])
+    rental = await apply(rt, station_id, "ReserveAndEject", {"rental_id": str(uuid.uuid4()), "user_id": "u"})
+    held = await apply(rt, station_id, "ReserveSlot", {"reservation_id": await reservation_for(rt, station_id)})
+    assert (rental["slot"], held["slot"]) == (1, 2)
+    for slot, reason in ((1, "slot_ejecting"), (2, "slot_reserved"), (3, "slot_empty"), (9, "slot_not_found")):
+        outcome = await apply_outcome(rt, station_id, "ServiceEject", {"slot": slot, "reason": "x"})
+        assert (outcome.result["ok"], outcome.result["reason"]) == (False, reason), (slot, outcome)
+    assert len(await outbox(rt, "eject")) == 1  # only the rental's
+    offline = await make_station(rt, "ST-SVC4", [("PB-9", 90)], status="offline")
+    outcome = await apply_outcome(rt, offline, "ServiceEject", {"slot": 1, "reason": "x"})
+    assert outcome.result == {"ok": False, "reason": "station_offline", "slot": 1}
+    assert (await bank(rt, "PB-9")).status == "in_slot"
