@@ -32,6 +32,7 @@ from powerbank.http.routes_app import StatusFilter
 from powerbank.http.schemas import StationCredentials, StationStatusHistory, StatusChangeView
 from powerbank.http.routes_stations import issue_view
 from powerbank.http.schemas_app import StationIssueView
+from powerbank.http.schemas_eject import ServiceEjectRequest, ServiceEjectView
 from powerbank.http.schemas_staff import (
     AdminActionPage,
     AdminActionView,
@@ -200,6 +201,35 @@ class StaffController(Controller):
             await record_admin_action(services.sessions, admin_action(request, action, "station", station_id, tenant_id=tenant_id, details=details))
         async with services.readonly() as session:
             return staff_station_view(await session.get(Station, station_id))
+
+    @post("/stations/{station_id:uuid}/eject", status_code=202, responses=error_responses(400, 401, 403, 404, 409, 503))
+    async def service_eject(
+        self, state: State, request: Request, station_id: FromPath[uuid.UUID], data: JSONBody[ServiceEjectRequest]
+    ) -> ServiceEjectView:
+        """Take one slot's bank out for service (Station actor `ServiceEject`): the station is
+        sent an Eject with an id and an expiry; on its ack the bank leaves as `faulty`, touching
+        no rental; a failed or expired ack puts the slot back. 202: sent, not yet acknowledged.
+        409 with the reason when the slot is empty (`slot_empty`), being ejected
+        (`slot_ejecting`), held for a reservation (`slot_reserved`), absent (`slot_not_found`)
+        or the station cannot hear it (`station_offline`)."""
+        services = services_of(state)
+        async with services.readonly() as session:
+            station = await station_in_scope(session, scope_of(request.user), station_id)
+            tenant_id = station.tenant_id
+        payload = {"slot": data.slot, "reason": data.reason, "by": str(request.user.id)}
+        try:
+            result = await services.runtime.call("station", str(station_id), "ServiceEject", payload, timeout_s=STATION_WAIT_S)
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            raise ApiError(503, "station_timeout", "the eject is accepted but not sent yet") from exc
+        if not result.get("ok", False):
+            raise ApiError(409, str(result.get("reason", "refused")), "the station refused the eject", slot=data.slot)
+        details = {"slot": data.slot, "reason": data.reason, "bank": result["bank"], "eject_command_id": result["eject_command_id"]}
+        await record_admin_action(services.sessions, admin_action(
+            request, "station_service_eject", "station", station_id, tenant_id=tenant_id, details=details))
+        return ServiceEjectView(
+            station_id=station_id, slot=result["slot"], bank_serial=result["bank"],
+            eject_command_id=result["eject_command_id"], expires_at=datetime.fromisoformat(result["expires_at"]),
+        )
 
     @put("/station-issues/{issue_id:uuid}/status", responses=error_responses(400, 401, 403, 404))
     async def set_issue_status(

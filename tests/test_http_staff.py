@@ -14,7 +14,7 @@ import powerbank.actors.station  # noqa: F401  (registers SetMaintenance)
 import powerbank.actors.wallet  # noqa: F401  (registers CreditWallet)
 from powerbank.http.auth import create_access_token, ensure_admin_token
 from powerbank.http.testing import bearer
-from powerbank.storage.models import AdminActionLog, Station, StationStatusChange, User
+from powerbank.storage.models import AdminActionLog, PowerBank, Station, StationSlot, StationStatusChange, User
 from powerbank.storage.types import utcnow
 
 @pytest.fixture
@@ -221,3 +221,50 @@ async def test_admins_find_people_read_their_wallet_and_block_them(client, servi
     peer_id, _ = await person(services, "admin")
     refused = await client.put(f"/api/admin/users/{peer_id}/status", json={"status": "blocked", "reason": "x"}, headers=admin)
     assert refused.status_code == 403 and refused.json()["error"] == "role_not_grantable"
+
+
+async def station_with_banks(services, serial: str, tenant_id, banks: list[str | None]) -> uuid.UUID:
+    """An online station whose slots 1..n hold these bank serials (None: empty)."""
+    station_id = await station(services, serial, tenant_id)
+    async with services.sessions.begin() as session:
+        for number, bank_serial in enumerate(banks, start=1):
+            bank_id = None
+            if bank_serial is not None:
+                bank = PowerBank(serial=bank_serial, charge_percent=90, currency="NPR", station_id=station_id)
+                session.add(bank)
+                await session.flush()
+                bank_id = bank.id
+            session.add(StationSlot(station_id=station_id, slot_number=number, power_bank_id=bank_id,
+                                    status="occupied" if bank_id else "empty"))
+    return station_id
+
+
+async def test_field_staff_eject_a_bank_of_their_own_stations_only(client, services, admin):
+    acme, volt = await tenant(client, admin, "acme"), await tenant(client, admin, "volt")
+    own = await station_with_banks(services, "ST-EJ-ACME", acme, ["PB-E1", None])
+    foreign = await station_with_banks(services, "ST-EJ-VOLT", volt, ["PB-E2"])
+    _, operator = await person(services, "operator", acme)
+    _, rider = await person(services, "user")
+
+    body = {"slot": 1, "reason": "swollen battery"}
+    refused = await client.post(f"/api/admin/stations/{own}/eject", json=body, headers=rider)
+    assert refused.status_code == 403
+    hidden = await client.post(f"/api/admin/stations/{foreign}/eject", json=body, headers=operator)
+    assert hidden.status_code == 404 and hidden.json()["error"] == "station_not_found"
+    assert (await client.post(f"/api/admin/stations/{own}/eject", json={"slot": 1}, headers=operator)).status_code == 400
+
+    sent = await client.post(f"/api/admin/stations/{own}/eject", json=body, headers=operator)
+    assert sent.status_code == 202, sent.text
+    assert (sent.json()["slot"], sent.json()["bank_serial"]) == (1, "PB-E1") and sent.json()["eject_command_id"]
+    busy = await client.post(f"/api/admin/stations/{own}/eject", json=body, headers=operator)
+    assert busy.status_code == 409 and busy.json()["error"] == "slot_ejecting"
+    empty = await client.post(f"/api/admin/stations/{own}/eject", json={"slot": 2, "reason": "x"}, headers=operator)
+    assert empty.status_code == 409 and empty.json()["error"] == "slot_empty"
+
+    async with services.readonly() as session:
+        slot = (await session.execute(select(StationSlot).where(StationSlot.station_id == own, StationSlot.slot_number == 1))).scalar_one()
+        assert (slot.status, slot.eject_command_id, slot.ejecting_rental_id) == ("ejecting", sent.json()["eject_command_id"], None)
+        foreign_bank = (await session.execute(select(PowerBank).where(PowerBank.serial == "PB-E2"))).scalar_one()
+        assert foreign_bank.status == "in_slot"
+        [logged] = (await session.execute(select(AdminActionLog).where(AdminActionLog.action == "station_service_eject"))).scalars()
+        assert (logged.tenant_id, logged.target_id, logged.details["reason"]) == (acme, str(own), "swollen battery")
