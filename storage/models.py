@@ -454,7 +454,7 @@ class Rental(Base):
     quick_return: Mapped[bool] = mapped_column(Boolean, default=False)
     cancel_reason: Mapped[str | None] = mapped_column(String(64))
     # The reservation this rental takes its bank from, if it began as one.
-    reservation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("reservations.id", ondelete="SET NULL"))
+    reservation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("reservations.id", ondelete="SET NULL"), index=True)
     started_at: Mapped[datetime | None]
     due_at: Mapped[datetime | None]
     returned_at: Mapped[datetime | None]
@@ -1542,7 +1542,7 @@ class Reservation(Base):
     station_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stations.id", ondelete="RESTRICT"))
     status: Mapped[str] = mapped_column(String(16), default="pending")
     slot_number: Mapped[int | None] = mapped_column(Integer)
-    power_bank_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("power_banks.id", ondelete="SET NULL"))
+    power_bank_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("power_banks.id", ondelete="SET NULL"), index=True)
     expires_at: Mapped[datetime | None]
     rental_id: Mapped[uuid.UUID | None]
     cancel_reason: Mapped[str | None] = mapped_column(String(64))
