@@ -51,6 +51,7 @@ from powerbank.http.schemas import (
 )
 from powerbank.storage.models import OtpChallenge, User, UserDevice, UserProfile
 from powerbank.storage.types import new_id, utcnow
+from powerbank.storage.user_audit import record_user_action
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,8 @@ async def register(state: State, data: RegisterRequest | VerifyOtpRequest) -> To
                 tokens = await open_device_session(
                     session, settings, user, device_id=data.device_id, platform=data.platform, now=now
                 )
+                record_user_action(session, user.id, "registered", target_type="device", target_id=data.device_id,
+                                   details={"platform": data.platform})
     except IntegrityError as exc:
         # Two registrations of one phone raced; the other one won.
         raise ApiError(409, "phone_already_registered", "this phone already has an account; sign in") from exc
@@ -367,6 +370,8 @@ async def login(state: State, data: LoginRequest | VerifyOtpRequest) -> TokenPai
             tokens = await open_device_session(
                 session, settings, user, device_id=data.device_id, platform=data.platform, now=now
             )
+            record_user_action(session, user.id, "signed_in", target_type="device", target_id=data.device_id,
+                               details={"platform": data.platform})
     if tokens is None:
         raise otp_error(verdict, attempts_left)
     services.runtime.ring("wallet", str(tokens.user.id))
@@ -411,6 +416,8 @@ async def rotate_refresh_token(state: State, raw_token: str) -> TokenPair:
             await session.execute(
                 update(UserDevice).where(UserDevice.id == device.id).values(revoked_at=now, refresh_jti=None)
             )
+            record_user_action(session, user.id, "refresh_token_reused", target_type="device", target_id=device.device_id,
+                               details={"family_revoked": True})
             log.warning("refresh token reuse on device %s of user %s; family revoked", device.id, user.id)
     if tokens is None:
         raise ApiError(401, "unauthorized", "refresh token reuse detected; sign in again")
@@ -468,6 +475,8 @@ class AuthController(Controller):
                 .where(UserDevice.id == user.claims.device_id, UserDevice.user_id == user.id)
                 .values(revoked_at=utcnow(), refresh_jti=None)
             )
+            record_user_action(session, user.id, "signed_out", target_type="device", target_id=user.claims.device_id,
+                               ip=client_ip(request))
 
     @get("/me", security=BEARER_SECURITY, responses=error_responses(401))
     async def me(self, state: State, request: Request) -> UserView:

@@ -294,3 +294,25 @@ async def test_malformed_json_and_unknown_routes_use_the_error_shape(client):
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     wrong_method = await client.get("/api/auth/get-otp")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"] == "method_not_allowed"
+
+
+async def test_sign_ups_sign_ins_sign_outs_and_token_theft_are_in_the_persons_audit_log(client, services):
+    from sqlalchemy import select
+
+    from powerbank.storage.models import UserAuditLog
+
+    first = await register(client, device_id="phone-7")
+    code = await get_code(client, purpose="login")
+    login = (await client.post("/api/auth/login", json={"phone": PHONE, "code": code, "device_id": "phone-8"})).json()
+    await client.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    await client.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})  # reused: theft assumed
+    assert (await client.post("/api/auth/logout", headers=bearer(login["access_token"]))).status_code == 204
+    async with services.readonly() as session:
+        rows = (await session.execute(
+            select(UserAuditLog.action, UserAuditLog.actor_id, UserAuditLog.target_id).order_by(UserAuditLog.id)
+        )).all()
+    user_id = uuid.UUID(first["user"]["id"])
+    assert [(action, actor) for action, actor, _ in rows] == [
+        ("registered", user_id), ("signed_in", user_id), ("refresh_token_reused", user_id), ("signed_out", user_id),
+    ]
+    assert [target for _, _, target in rows][:3] == ["phone-7", "phone-8", "phone-7"]
