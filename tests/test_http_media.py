@@ -40,7 +40,9 @@ def test_local_store_refuses_keys_it_did_not_make(tmp_path):
         store.path_of("../etc/passwd")
     assert isinstance(build_media_store(tmp_path, {}), LocalDiskStore)
     with pytest.raises(ValueError):
-        build_media_store(tmp_path, {"MEDIA_STORE": "s3"})
+        build_media_store(tmp_path, {"MEDIA_STORE": "s3"})  # no bucket
+    with pytest.raises(ValueError):
+        build_media_store(tmp_path, {"MEDIA_STORE": "ftp"})
 
 
 async def upload(client, headers, data: bytes, content_type: str, purpose: str = "avatar"):
