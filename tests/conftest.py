@@ -3,6 +3,8 @@ runtime that drains in-process so actor tests need no Dramatiq worker."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from powerbank.actors.bus import LocalBus
@@ -49,28 +51,52 @@ async def database_url(request, tmp_path):
         await drop_postgres_database(name)
 
 
-@pytest.fixture
-async def engine(database_url):
-    engine = create_engine(database_url)
+@contextlib.asynccontextmanager
+async def engine_with_tables(url: str):
+    engine = create_engine(url)
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
-    yield engine
-    await engine.dispose()
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
-@pytest.fixture
-async def runtime(engine):
+@contextlib.asynccontextmanager
+async def runtime_on(engine):
+    """The runtime as services.build_services wires it for this backend, draining in-process."""
     dispatcher = LoopDispatcher()
     is_sqlite = engine.dialect.name == "sqlite"
     locks = ProcessLocks() if is_sqlite else AdvisoryLocks()
     rt = Runtime(
         session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=locks, single_writer=is_sqlite,
-        apply_in_caller=not is_sqlite,  # as services.build_services wires it
+        apply_in_caller=not is_sqlite,
     )
     dispatcher.runtime = rt
     rt.test_dispatcher = dispatcher  # type: ignore[attr-defined]
-    yield rt
-    await dispatcher.settle()
+    try:
+        yield rt
+    finally:
+        await dispatcher.settle()
+
+
+@pytest.fixture
+async def engine(database_url):
+    async with engine_with_tables(database_url) as engine:
+        yield engine
+
+
+@pytest.fixture
+async def runtime(engine):
+    async with runtime_on(engine) as rt:
+        yield rt
+
+
+@pytest.fixture
+async def pg_runtime(postgres_url):
+    """The runtime on PostgreSQL only, for what needs its advisory locks (leases, SKIP LOCKED)."""
+    async with engine_with_tables(postgres_url) as engine, runtime_on(engine) as rt:
+        yield rt
 
 
 # --- the HTTP app with reference data and sample content (tests/test_http_*.py) ----------------

@@ -12,15 +12,10 @@ import pytest
 from sqlalchemy import func, select, update
 
 from powerbank.actors import notifications
-from powerbank.actors.bus import LocalBus
-from powerbank.actors.dispatch import LoopDispatcher
 from powerbank.actors.notifications import Preferences, Rule, choose_channels, deliver_notifications, render
 from powerbank.actors.rental import remind_rentals_ending_soon
-from powerbank.actors.runtime import AdvisoryLocks, Runtime
-from powerbank.storage.db import create_engine, session_factory
 from powerbank.storage.models import (
     ActorCommand,
-    Base,
     Notification,
     NotificationDelivery,
     NotificationPreference,
@@ -368,20 +363,6 @@ async def test_no_push_token_or_phone_fails_the_delivery_with_a_reason(runtime):
     assert [(d.channel, d.status, d.last_error) for d in await _deliveries(runtime, user_id)] == [
         ("push", "failed", "no_push_token"), ("sms", "failed", "no_phone")]
     assert await _log_rows(runtime, user_id) == []
-
-
-@pytest.fixture
-async def pg_runtime(postgres_url):
-    engine = create_engine(postgres_url)
-    async with engine.begin() as connection:
-        await connection.run_sync(Base.metadata.create_all)
-    dispatcher = LoopDispatcher()
-    runtime = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=AdvisoryLocks(), apply_in_caller=True)
-    dispatcher.runtime = runtime
-    runtime.test_dispatcher = dispatcher  # type: ignore[attr-defined]
-    yield runtime
-    await dispatcher.settle()
-    await engine.dispose()
 
 
 class SlowProvider:

@@ -20,11 +20,8 @@ import powerbank.actors.rental  # noqa: F401  (registers MarkOverdue, MarkLost)
 import powerbank.actors.wallet  # noqa: F401  (registers OpenWallet, CaptureHold)
 from powerbank import scheduler
 from powerbank.actors.rental import mark_lost_rentals, mark_overdue_rentals
-from powerbank.actors.bus import LocalBus
-from powerbank.actors.dispatch import LoopDispatcher
-from powerbank.actors.runtime import AdvisoryLocks, Runtime
-from powerbank.storage.db import create_engine, session_factory
-from powerbank.storage.models import Base, ActorCommand, PowerBank, Rental, RentalPackage, Station, User
+from powerbank.storage.db import create_engine
+from powerbank.storage.models import ActorCommand, PowerBank, Rental, RentalPackage, Station, User
 
 T0 = datetime(2026, 11, 2, 8, 0, tzinfo=timezone.utc)
 
@@ -99,21 +96,6 @@ class CountingJobs:
             return 0
 
         self.jobs = scheduler.Jobs(every_tick=(recorded,), slow=(mark_overdue_rentals, mark_lost_rentals))
-
-
-@pytest.fixture
-async def pg_runtime(postgres_url):
-    """The runtime the scheduler role wires on PostgreSQL (leases need its advisory locks)."""
-    engine = create_engine(postgres_url)
-    async with engine.begin() as connection:
-        await connection.run_sync(Base.metadata.create_all)
-    dispatcher = LoopDispatcher()
-    runtime = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=dispatcher, locks=AdvisoryLocks(), apply_in_caller=True)
-    dispatcher.runtime = runtime
-    runtime.test_dispatcher = dispatcher  # type: ignore[attr-defined]
-    yield runtime
-    await dispatcher.settle()
-    await engine.dispose()
 
 
 @pytest.mark.postgres
