@@ -801,9 +801,15 @@ async def bank_inserted(ctx: ActorContext, station_id: str, payload: dict[str, A
         return {"ok": True, "seq": event.seq, "stale": True}
     slot.last_event_seq = event.seq
     if slot.status == "ejecting":
-        discrepancy = {"kind": "insert_into_ejecting_slot", "slot": slot.slot_number, "bank": payload["bank"]}
-        _log_discrepancies(loaded.station, [discrepancy])
-        return {"ok": True, "seq": event.seq, "discrepancies": [discrepancy]}
+        ejecting = loaded.bank_in(slot)
+        if ejecting is None or ejecting.serial == payload["bank"]:
+            discrepancy = {"kind": "insert_into_ejecting_slot", "slot": slot.slot_number, "bank": payload["bank"]}
+            _log_discrepancies(loaded.station, [discrepancy])
+            return {"ok": True, "seq": event.seq, "discrepancies": [discrepancy]}
+        # Another bank went in, so the slot was emptied: the eject happened and its ack is late
+        # (dropped and re-sent, or overtaken). Apply it now as the ack would; the ack itself is
+        # then stale. Waiting for it instead would leave the bank going in nowhere.
+        await _bank_ejected(ctx, loaded, slot, event)
     bank, discrepancies = await _place_bank(ctx, loaded, slot, payload["bank"], int(payload["charge"]))
     rental_id = await _send_returned_if_rented(ctx, loaded, bank, event) if bank else None
     _log_discrepancies(loaded.station, discrepancies)

@@ -521,6 +521,34 @@ async def test_a_return_before_the_rental_heard_of_its_eject_still_closes_it(rt)
     assert (await bank(rt, "PB-F")).rental_id is None
 
 
+async def test_a_return_into_a_slot_whose_eject_ack_is_late_closes_both_rentals(rt):
+    """Found by the load test with drops and reordering: slot 1 is ejecting PB-OUT for rental A,
+    the ack (seq 10) is delayed, and B's bank PB-BACK goes into the emptied slot (seq 12) first.
+    The insert proves the eject happened: A gets its bank, B's rental closes, the late ack is stale."""
+    home = await make_station(rt, "ST-LATEACK", [("PB-OUT", 90), None])
+    away = await make_station(rt, "ST-AWAY", [("PB-BACK", 80)])
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    rented = await apply(rt, away, "ReserveAndEject", {"rental_id": second, "user_id": "u"})
+    await apply(rt, away, "EjectAck", event(3, command_id=rented["eject_command_id"], slot=1, bank="PB-BACK", code="ok"))
+    started = await apply(rt, home, "ReserveAndEject", {"rental_id": first, "user_id": "u"})
+    inserted = await apply(rt, home, "BankInserted", event(12, slot=1, bank="PB-BACK", charge=70))
+    assert inserted["returned_rental_id"] == second and inserted["discrepancies"] == []
+    late = await apply(rt, home, "EjectAck", event(10, command_id=started["eject_command_id"], slot=1, bank="PB-OUT", code="ok"))
+    assert late["stale_ack"] is True
+    names = {(c.entity_id, c.name) for c in await rental_commands(rt)}
+    assert {(first, "BankEjected"), (second, "BankReturned")} <= names
+    assert ((await bank(rt, "PB-OUT")).status, (await bank(rt, "PB-BACK")).status) == ("rented", "in_slot")
+    assert [s.status for s in await slots_of(rt, home)][:2] == ["occupied", "empty"]
+
+
+async def test_the_same_bank_back_into_its_ejecting_slot_waits_for_the_ack(rt):
+    station_id = await make_station(rt, "ST-SAMEBANK", [("PB-SAME", 90)])
+    await apply(rt, station_id, "ReserveAndEject", {"rental_id": str(uuid.uuid4()), "user_id": "u"})
+    result = await apply(rt, station_id, "BankInserted", event(4, slot=1, bank="PB-SAME", charge=90))
+    assert [d["kind"] for d in result["discrepancies"]] == ["insert_into_ejecting_slot"]
+    assert (await slots_of(rt, station_id))[0].status == "ejecting"
+
+
 async def test_an_inventory_overtaken_by_newer_slot_events_leaves_those_slots_alone(rt):
     """Inventory 40 was taken before a return (41) into slot 2 and a removal (42) from slot 1
     but arrives after them: it must not move those slots back in time, nor call a bank that
