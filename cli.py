@@ -181,6 +181,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(BENCH_SUITES[args.suite]).main(args.bench_args)
 
 
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from powerbank.simulators import loadtest
+
+    return loadtest.run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="powerbank",
@@ -268,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", choices=sorted(BENCH_SUITES), help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options for the suite")
     bench.set_defaults(handler=_cmd_bench)
+
+    from powerbank.simulators.loadtest import add_arguments as add_loadtest_arguments
+
+    loadtest = sub.add_parser(
+        "loadtest", help="Drive a deployment with simulated stations and riders, audit it, write a report.",
+        description="Start (or attach to) a deployment, run a simulated fleet and riders against it with a live "
+        "timeline, audit every invariant at the end, write a report with plots and print one JSON line "
+        "(exit 1 on any invariant violation).",
+    )
+    add_loadtest_arguments(loadtest, _add_fault_options)
+    loadtest.set_defaults(handler=_cmd_loadtest)
     return parser
 
 

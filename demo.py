@@ -144,7 +144,7 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
     try:
         world = await _start_world(backend, options)
         try:
-            async with _progress(world, options.progress):
+            async with LiveProgress(world, options.progress):
                 await wait_for_stop(options.duration_s)
             say("no new rentals; riders return their banks; waiting for every rental to settle")
             await world.finish()
@@ -211,13 +211,13 @@ async def _start_world(backend, options: DemoOptions) -> World:
     await fleet.start()
     admin_token = await _admin_token(backend)
     say(f"signing in {options.riders} riders and topping up their wallets by card")
-    crowd = RiderCrowd(backend.base_url, options.riders, return_bank=_returner(fleet), admin_token=admin_token,
+    crowd = RiderCrowd(backend.base_url, options.riders, return_bank=bank_returner(fleet), admin_token=admin_token,
                        card_top_ups=bool(settings.stripe_secret_key))
     await crowd.start()
     return World(fleet, crowd, time.monotonic(), options.faults.chaos())
 
 
-def _returner(fleet):
+def bank_returner(fleet):
     """A rider hands a bank back by pushing it into a free slot of that simulated station."""
 
     async def return_bank(bank_serial: str, station_serial: str) -> bool:
@@ -241,12 +241,13 @@ async def _admin_token(backend) -> str:
     return await ensure_admin_token(backend.services, phone="+9779800000000")
 
 
-class _progress:
+class LiveProgress:
     """A live line on the terminal: rentals, events per second, start latency."""
 
-    def __init__(self, world: World, enabled: bool) -> None:
+    def __init__(self, world: World, enabled: bool, title: str = "powerbank demo") -> None:
         self.world = world
         self.enabled = enabled
+        self.title = title
         self.task: asyncio.Task | None = None
 
     async def __aenter__(self):
@@ -279,7 +280,7 @@ class _progress:
 
         stats = self.world.crowd.stats
         elapsed = max(0.001, time.monotonic() - self.world.started_at)
-        table = Table(title=f"powerbank demo — {elapsed:.0f}s (Ctrl-C to stop)")
+        table = Table(title=f"{self.title} — {elapsed:.0f}s (Ctrl-C to stop)")
         for column in ("active", "started", "completed", "refused", "events/s", "start p50 ms", "start p99 ms"):
             table.add_column(column, justify="right")
         latencies = stats.start_latencies_ms
@@ -353,11 +354,11 @@ async def run_simulation(options: SimulateOptions) -> dict[str, Any]:
                       knobs=options.faults.knobs(), skew_spread_ms=options.faults.clock_skew_spread_ms)
         await fleet.start()
         admin_token = await ensure_admin_token(services, phone=options.admin_phone)
-        crowd = RiderCrowd(options.base_url, options.riders, return_bank=_returner(fleet), admin_token=admin_token)
+        crowd = RiderCrowd(options.base_url, options.riders, return_bank=bank_returner(fleet), admin_token=admin_token)
         world = World(fleet, crowd, time.monotonic(), options.faults.chaos())
         try:
             await crowd.start()
-            async with _progress(world, True):
+            async with LiveProgress(world, True):
                 await wait_for_stop(options.duration_s)
             await world.finish()
         finally:

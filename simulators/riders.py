@@ -370,6 +370,15 @@ class RiderStats:
     refusals: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     start_latencies_ms: list[float] = field(default_factory=list)
+    # For a load test's timeline and audit: when each rental became active (monotonic) and how
+    # long that took from the request; when each was seen completed; every rental seen started
+    # (id -> rider's phone); every bank handed back (rental id, bank serial, station serial);
+    # the money each rider was credited (user id -> minor units).
+    activations: list[tuple[float, float]] = field(default_factory=list)
+    completions: list[float] = field(default_factory=list)
+    acknowledged: dict[str, str] = field(default_factory=dict)
+    returns: list[tuple[str, str, str]] = field(default_factory=list)
+    credited_minor: Counter = field(default_factory=Counter)
 
     @property
     def holding(self) -> int:
@@ -536,6 +545,9 @@ class RiderCrowd:
             self.stats.card_top_ups += 1
         elif self._admin is not None:
             await self._admin.credit(rider.user_id, self.top_up_minor)
+        else:
+            return
+        self.stats.credited_minor[str(rider.user_id)] += self.top_up_minor
 
     async def _adopt_unseen_rentals(self, rider: Rider, held: list[dict[str, Any]]) -> None:
         known = {str(r["id"]) for r in held}
@@ -543,6 +555,7 @@ class RiderCrowd:
             for rental in await rider.active_rentals():
                 if str(rental["id"]) not in known and rental.get("status") in ("active", "overdue") and rental.get("power_bank_serial"):
                     self.stats.started += 1
+                    self.stats.acknowledged[str(rental["id"])] = rider.phone
                     held.append(rental)
 
     async def _one_rental(self, rider: Rider, held: list[dict[str, Any]]) -> None:
@@ -552,11 +565,14 @@ class RiderCrowd:
             await self._pause((0.5, 1.0))
             return
         self.stats.attempts += 1
+        requested_at = time.perf_counter()
         status, body, latency_ms = await rider.rent(station["serial"], self.package_id)
         self.stats.start_latencies_ms.append(latency_ms)
         rental = await self._started_rental(rider, status, body)
         if rental is None:
             return
+        self.stats.activations.append((time.monotonic(), (time.perf_counter() - requested_at) * 1000))
+        self.stats.acknowledged[str(rental["id"])] = rider.phone
         self.stats.started += 1
         held.append(rental)
         await self._pause(self.hold_s)
@@ -570,6 +586,7 @@ class RiderCrowd:
             done = await rider.wait_for_rental(str(rental["id"]), FINAL_STATUSES, self.completion_wait_s)
             if done is not None and done["status"] == "completed":
                 self.stats.completed += 1
+                self.stats.completions.append(time.monotonic())
             else:
                 self.stats.errors["return_not_completed"] += 1
 
@@ -621,6 +638,7 @@ class RiderCrowd:
                 log.info("return of %s at %s failed: %r", rental["power_bank_serial"], station["serial"], exc)
                 continue
             if accepted is not False:
+                self.stats.returns.append((str(rental["id"]), rental["power_bank_serial"], station["serial"]))
                 return True
         self.stats.errors["return_retried"] += 1
         return False

@@ -314,6 +314,9 @@ class StationSimulator:
         # non-volatile: what happens during a power cut is buffered here and sent afterwards.
         self.unacked: collections.OrderedDict[int, tuple[bytes, float]] = collections.OrderedDict()
         self.acked: set[int] = set()
+        # (monotonic time of the ack, seconds since the event's last publish): the event lag as
+        # the station sees it, from sending to the backend's commit and acknowledgement.
+        self.ack_lags: collections.deque[tuple[float, float]] = collections.deque(maxlen=1000)
         self.errors: list[Error] = []
         self.config: Config | None = None
         self.eject_results: dict[str, str] = {}  # eject command id -> code answered
@@ -628,7 +631,10 @@ class StationSimulator:
         if isinstance(command, Rejection):
             log.warning("station %s got an undecodable command: %s", self.serial, command.detail)
         elif isinstance(command, Ack):
-            self.unacked.pop(command.seq, None)
+            sent = self.unacked.pop(command.seq, None)
+            if sent is not None:
+                now = time.monotonic()
+                self.ack_lags.append((now, now - sent[1]))
             self.acked.add(command.seq)
             self._ack_arrived.set()
             self._resend_round = 0

@@ -5,18 +5,26 @@ Each check returns a list of human-readable violations; an empty list means it h
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass, field
+
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from powerbank.storage.ledger import ledger_discrepancies
 from powerbank.storage.models import (
     ActorCommand,
+    LedgerAccount,
     LedgerTransfer,
     PaymentIntent,
     PowerBank,
     Rental,
+    RentalPackage,
+    Station,
     StationSlot,
     Transaction,
+    Wallet,
 )
 
 TRANSIENT_RENTAL_STATUSES = ("pending", "ejecting")
@@ -109,6 +117,144 @@ async def audit(sessions: async_sessionmaker[AsyncSession]) -> dict[str, list[st
     async with sessions() as session:
         for name, check in CHECKS.items():
             problems = await check(session)
+            if problems:
+                found[name] = problems
+    return found
+
+
+# --- what the load generators saw, against the database ---------------------------------------
+
+FINAL_RENTAL_STATUSES = ("completed", "cancelled", "lost")
+
+
+@dataclass
+class Observations:
+    """What simulated riders and stations were told or did, for `audit_observations`."""
+
+    acknowledged_rentals: set[str] = field(default_factory=set)  # rental ids a rider saw started
+    returns: list[tuple[str, str, str]] = field(default_factory=list)  # (rental id, bank serial, station serial)
+    credited_minor: dict[str, int] = field(default_factory=dict)  # user id -> money put into their wallet
+
+
+async def acknowledged_rentals_not_final(session: AsyncSession, observed: Observations) -> list[str]:
+    """A rental a rider was told had started is in the database, and no longer open."""
+    ids = [uuid.UUID(rental_id) for rental_id in observed.acknowledged_rentals]
+    found = await _statuses(session, ids)
+    problems = [f"rental {rental_id} was acknowledged but is not in the database" for rental_id in ids if rental_id not in found]
+    problems += [f"rental {rental_id} was acknowledged but is left {found[rental_id]}"
+                 for rental_id in ids if rental_id in found and found[rental_id] not in FINAL_RENTAL_STATUSES]
+    return problems
+
+
+async def _statuses(session: AsyncSession, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    found: dict[uuid.UUID, str] = {}
+    for start in range(0, len(ids), 500):
+        rows = await session.execute(select(Rental.id, Rental.status).where(Rental.id.in_(ids[start:start + 500])))
+        found.update(dict(rows.all()))
+    return found
+
+
+async def returns_not_closing_their_rental(session: AsyncSession, observed: Observations) -> list[str]:
+    """Every bank a rider pushed into a station closed that rider's rental, at that station."""
+    closed = await _closed_rentals(session, [uuid.UUID(rental_id) for rental_id, _, _ in observed.returns])
+    problems = []
+    for rental_id, bank_serial, station_serial in observed.returns:
+        seen = closed.get(uuid.UUID(rental_id))
+        if seen != ("completed", bank_serial, station_serial):
+            problems.append(f"bank {bank_serial} returned at {station_serial} left rental {rental_id} as {seen}")
+    return problems
+
+
+async def _closed_rentals(session: AsyncSession, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple]:
+    returned_at = aliased(Station)
+    found: dict[uuid.UUID, tuple] = {}
+    for start in range(0, len(ids), 500):
+        rows = await session.execute(
+            select(Rental.id, Rental.status, PowerBank.serial, returned_at.serial)
+            .outerjoin(PowerBank, PowerBank.id == Rental.power_bank_id)
+            .outerjoin(returned_at, returned_at.id == Rental.return_station_id)
+            .where(Rental.id.in_(ids[start:start + 500]))
+        )
+        found.update({rental_id: (status, bank, station) for rental_id, status, bank, station in rows.all()})
+    return found
+
+
+CREDIT_KINDS = ("admin_credit", "topup")
+
+
+async def money_in_not_as_credited(session: AsyncSession, observed: Observations) -> list[str]:
+    """The money each person was credited arrived in their wallet once: none created, none lost."""
+    received = dict((await session.execute(
+        select(Wallet.user_id, func.coalesce(func.sum(LedgerTransfer.amount_minor), 0))
+        .outerjoin(LedgerTransfer, (LedgerTransfer.credit_account_id == Wallet.account_id)
+                   & (LedgerTransfer.state == "posted") & LedgerTransfer.kind.in_(CREDIT_KINDS))
+        .group_by(Wallet.user_id)
+    )).all())
+    problems = []
+    for user_id, credited in observed.credited_minor.items():
+        arrived = int(received.get(uuid.UUID(user_id), 0))
+        if arrived != credited:
+            problems.append(f"user {user_id} was credited {credited} but their wallet received {arrived}")
+    return problems
+
+
+async def rentals_not_paid_as_billed(session: AsyncSession, observed: Observations) -> list[str]:
+    """Every completed rental's fee follows from its times and package, and was paid (money
+    into revenue, points back to the issuer) or left due, to the minor unit."""
+    from powerbank.actors import pricing
+    from powerbank.actors.rental import billable_s, extended_minutes
+    from powerbank.actors.wallet import POINTS_ISSUER_KIND, load_money_config
+
+    ratio = (await load_money_config(session)).ratio
+    paid = await _paid_per_rental(session, POINTS_ISSUER_KIND)
+    rows = (await session.execute(
+        select(Rental, RentalPackage).join(RentalPackage, RentalPackage.id == Rental.package_id).where(Rental.status == "completed")
+    )).all()
+    problems = []
+    for rental, package in rows:
+        used_s = max(0.0, (rental.returned_at - rental.started_at).total_seconds())
+        billed_s = billable_s(used_s, await extended_minutes(session, rental.id))
+        expected_fee = pricing.rental_fee_minor(pricing.Tariff.of(package), billed_s)
+        money, points = paid.get(rental.id, (0, 0))
+        settled = money + pricing.points_value_minor(points, ratio) + rental.due_minor
+        if rental.fee_minor != expected_fee:
+            problems.append(f"rental {rental.id} billed {rental.fee_minor}, its times and package say {expected_fee}")
+        elif settled != rental.fee_minor or rental.charged_minor + rental.due_minor != rental.fee_minor:
+            problems.append(f"rental {rental.id} billed {rental.fee_minor}: ledger paid {money} + {points} points, "
+                            f"charged {rental.charged_minor}, due {rental.due_minor}")
+    return problems
+
+
+async def _paid_per_rental(session: AsyncSession, points_issuer_kind: str) -> dict[uuid.UUID, tuple[int, int]]:
+    """(money into revenue, points back to the issuer) per rental, from posted transfers."""
+    rows = (await session.execute(
+        select(LedgerTransfer.rental_id, LedgerAccount.kind, func.sum(LedgerTransfer.amount_minor))
+        .join(LedgerAccount, LedgerAccount.id == LedgerTransfer.credit_account_id)
+        .where(LedgerTransfer.rental_id.is_not(None), LedgerTransfer.state == "posted",
+               LedgerAccount.kind.in_(("platform_revenue", points_issuer_kind)))
+        .group_by(LedgerTransfer.rental_id, LedgerAccount.kind)
+    )).all()
+    paid: dict[uuid.UUID, tuple[int, int]] = {}
+    for rental_id, kind, amount in rows:
+        money, points = paid.get(rental_id, (0, 0))
+        paid[rental_id] = (money + int(amount), points) if kind == "platform_revenue" else (money, points + int(amount))
+    return paid
+
+
+OBSERVATION_CHECKS = {
+    "acknowledged_rental_not_final": acknowledged_rentals_not_final,
+    "return_not_closing_rental": returns_not_closing_their_rental,
+    "money_in_not_as_credited": money_in_not_as_credited,
+    "rental_not_paid_as_billed": rentals_not_paid_as_billed,
+}
+
+
+async def audit_observations(sessions: async_sessionmaker[AsyncSession], observed: Observations) -> dict[str, list[str]]:
+    """Every observation check; violations by check name (only non-empty ones)."""
+    found: dict[str, list[str]] = {}
+    async with sessions() as session:
+        for name, check in OBSERVATION_CHECKS.items():
+            problems = await check(session, observed)
             if problems:
                 found[name] = problems
     return found
