@@ -140,6 +140,7 @@ async def start_backend(settings: Settings, roles: Iterable[str] = ALL_ROLES, *,
             lane_slots = max(1, min(dispatch.FAST_LANE_CONCURRENCY, 2 * settings.db_pool_size - WORKER_THREADS))
             backend.fast_lane = dispatch.FastLane(settings.redis_url, services.runtime, concurrency=lane_slots)
             backend.tasks.append(asyncio.create_task(backend.fast_lane.run()))
+            services.runtime.follow_up_locally = True
     backend.tasks.append(asyncio.create_task(run_mailbox_sampler(services.readonly)))
     if "scheduler" in roles:
         lease = scheduler.lease_for(services.engine)

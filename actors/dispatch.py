@@ -89,6 +89,14 @@ class RedisDispatcher:
     def ring_soon(self, kind: str, entity_id: str) -> None:
         """Fast lane only: for re-checks whose command already has its durable doorbell."""
         self._fast.add((kind, entity_id))
+        self._flush_soon()
+
+    def ring_durable(self, kind: str, entity_id: str) -> None:
+        """Durable lane only: for mail this process drains itself at once (`Runtime._follow_up`)."""
+        self._durable.add((kind, entity_id))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush())

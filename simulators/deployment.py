@@ -61,9 +61,12 @@ class Deployment:
         self._database_name: str | None = None
         self._secrets: dict[str, str] = {}
 
-    @property
-    def process_pids(self) -> dict[str, int]:
-        return {child.name: child.process.pid for child in self.pool.children}
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by each process of the deployment (the ones it started)."""
+        from powerbank.simulators.bench import process_cpu_s
+
+        used = {child.name: process_cpu_s(child.process.pid) for child in self.pool.children}
+        return {name: round(seconds, 1) for name, seconds in used.items() if seconds is not None}
 
     async def start(self) -> None:
         starters = {"embedded": self._start_embedded, "procfile": self._start_procfile, "external": self._attach}

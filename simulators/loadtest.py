@@ -220,11 +220,13 @@ async def _start_world(deployment: Deployment, services, options: LoadtestOption
 
 @dataclass
 class LoadWindow:
-    """The measured part of the load phase, in the crowd's monotonic clock."""
+    """The measured part of the load phase, in the crowd's monotonic clock, and the CPU each
+    process used during it (the load generator's own included: it shares the machine)."""
 
     started_at: float
     measured_from: float
     ended_at: float
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def measured_s(self) -> float:
@@ -233,6 +235,7 @@ class LoadWindow:
 
 async def _load_phase(deployment: Deployment, world: World, sessions, options: LoadtestOptions) -> tuple[list[Sample], LoadWindow]:
     sampler = Sampler(world, sessions, world.started_at)
+    cpu_before = {**deployment.cpu_s(), "load generator": time.process_time()}
     task = asyncio.get_running_loop().create_task(sampler.run())
     try:
         async with LiveProgress(world, options.progress, title="powerbank loadtest"):
@@ -244,7 +247,9 @@ async def _load_phase(deployment: Deployment, world: World, sessions, options: L
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     ended_at = time.monotonic()
-    return sampler.samples, LoadWindow(world.started_at, world.started_at + options.measured_from_s, ended_at)
+    cpu_after = {**deployment.cpu_s(), "load generator": time.process_time()}
+    cpu_s = {name: round(cpu_after[name] - cpu_before.get(name, 0.0), 1) for name in cpu_after}
+    return sampler.samples, LoadWindow(world.started_at, world.started_at + options.measured_from_s, ended_at, cpu_s)
 
 
 async def settle(sessions, timeout_s: float) -> None:
@@ -308,6 +313,7 @@ def summarise(options: LoadtestOptions, deployment: Deployment, world: World, ti
         "stations_online": timeline[-1].stations_online if timeline else 0,
         "stations_online_min": min((s.stations_online for s in measured), default=0),
         "mailbox_depth_max": max((sum(s.mailboxes.values()) for s in timeline), default=0),
+        "cpu_share_by_process": {name: rounded(used / (load.ended_at - load.started_at), 2) for name, used in load.cpu_s.items()},
         "refusals": dict(stats.refusals),
         "rider_errors": dict(stats.errors),
         "faults": fault_summary(options.faults),
@@ -354,6 +360,10 @@ def add_arguments(parser: argparse.ArgumentParser, add_fault_options) -> None:
     parser.add_argument("--report", type=Path, default=None, help="write report.md and plots into this directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no live progress display")
+    parser.add_argument("--ramp", default=None, metavar="N,N,...",
+                        help="the headline: one run per rider count (fresh deployment each); reports the highest "
+                        "rentals/s whose start-latency p99 stays within --p99-target-ms")
+    parser.add_argument("--p99-target-ms", type=float, default=200.0, help="start-latency p99 target of --ramp (default 200)")
     parser.add_argument("--keep", action="store_true", help="keep the deployment's database and logs (path printed)")
     add_fault_options(parser)
 
@@ -371,10 +381,51 @@ def options_from(args: argparse.Namespace) -> LoadtestOptions:
     )
 
 
+# --- the headline: a ramp ---------------------------------------------------------------------
+
+
+async def run_ramp(options: LoadtestOptions, riders_per_step: list[int], p99_target_ms: float) -> dict[str, Any]:
+    """One run per step, each on a fresh deployment, with more riders each time. The headline is
+    the highest rentals per second of a step whose start-latency p99 stayed within the target
+    and whose audit was clean: what the deployment sustains while people still get their bank
+    promptly. Steps stop after the first one past the target (more riders only queue more)."""
+    steps = []
+    for riders in riders_per_step:
+        step_options = dataclasses.replace(
+            options, riders=riders, report_dir=options.report_dir / f"riders-{riders}" if options.report_dir else None,
+        )
+        summary = (await run_loadtest(step_options)).summary
+        steps.append(summary)
+        say(f"{riders} riders: {summary['rentals_per_s']} rentals/s, start p99 {summary['start_latency_p99_ms']} ms, "
+            f"{summary['invariant_violations']} violations")
+        if summary["start_latency_p99_ms"] > p99_target_ms:
+            break
+    return ramp_summary(steps, p99_target_ms)
+
+
+def ramp_summary(steps: list[dict[str, Any]], p99_target_ms: float) -> dict[str, Any]:
+    within = [s for s in steps if s["start_latency_p99_ms"] <= p99_target_ms and s["invariant_violations"] == 0]
+    best = max(within, key=lambda s: s["rentals_per_s"], default=None)
+    columns = ("riders", "rentals_per_s", "start_latency_p50_ms", "start_latency_p99_ms", "events_per_s",
+               "mailbox_depth_max", "invariant_violations", "cpu_share_by_process")
+    return {
+        **(best or steps[-1]),
+        "headline_rentals_per_s": best["rentals_per_s"] if best else 0.0,
+        "headline_riders": best["riders"] if best else 0,
+        "p99_target_ms": p99_target_ms,
+        "invariant_violations": sum(s["invariant_violations"] for s in steps),
+        "steps": [{key: step[key] for key in columns} for step in steps],
+    }
+
+
 def run_command(args: argparse.Namespace) -> int:
     options = options_from(args)
+    ramp = [int(n) for n in args.ramp.split(",")] if args.ramp else None
     try:
-        summary = asyncio.run(run_loadtest(options)).summary
+        if ramp:
+            summary = asyncio.run(run_ramp(options, ramp, args.p99_target_ms))
+        else:
+            summary = asyncio.run(run_loadtest(options)).summary
     except DeploymentFailed as failed:
         say(f"the deployment failed: {failed}")
         return 2

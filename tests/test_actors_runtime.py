@@ -108,6 +108,40 @@ async def test_follow_up_commands_commit_only_with_their_cause(runtime):
     assert forwarded == 0
 
 
+class _RecordingDoorbells:
+    """Records doorbells by lane and drains nothing: only the runtime's follow-ups apply mail."""
+
+    def __init__(self) -> None:
+        self.fast: list[tuple[str, str]] = []
+        self.durable: list[tuple[str, str]] = []
+
+    def ring(self, kind, entity_id):
+        self.fast.append((kind, entity_id))
+        self.durable.append((kind, entity_id))
+
+    def ring_soon(self, kind, entity_id):
+        self.fast.append((kind, entity_id))
+
+    def ring_durable(self, kind, entity_id):
+        self.durable.append((kind, entity_id))
+
+
+@pytest.mark.postgres
+async def test_a_worker_applies_the_mail_it_sent_itself_and_still_rings_the_durable_lane(postgres_url):
+    from tests.conftest import engine_with_tables
+
+    async with engine_with_tables(postgres_url) as engine:
+        doorbells = _RecordingDoorbells()
+        rt = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=doorbells, locks=AdvisoryLocks())
+        rt.follow_up_locally = True
+        await rt.submit("wallet", "src", "TestForward", {"to": "dst", "item": "x"}, "fwd-src-1")
+        await rt.drain("wallet", "src")
+        await asyncio.gather(*rt._follow_ups)
+        assert await _items(rt, "dst") == ["x"]
+        assert ("wallet", "dst") in doorbells.durable  # for a worker dying mid-drain
+        assert ("wallet", "dst") not in doorbells.fast  # nobody else was woken for it
+
+
 async def test_unknown_command_fails_without_blocking_the_mailbox(runtime):
     bad = await runtime.call("wallet", "m", "NoSuchCommand", {}, "bad-1")
     good = await runtime.call("wallet", "m", "TestAppend", {"item": 1}, "good-1")

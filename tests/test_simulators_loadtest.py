@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from powerbank.demo import FaultOptions
 from powerbank.simulators.deployment import DeploymentOptions
 from powerbank.simulators.load_report import markdown, per_second
-from powerbank.simulators.loadtest import LoadtestOptions, Sample, fault_summary, run_loadtest
+from powerbank.simulators.loadtest import LoadtestOptions, Sample, fault_summary, ramp_summary, run_loadtest
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {"rentals_per_s", "start_latency_p50_ms", "start_latency_p99_ms", "events_per_s", "stations_online",
@@ -42,6 +42,17 @@ def test_the_report_lists_every_violation_kind_and_plot():
     assert "**ledger**: 2" in text and "  - a" in text
     assert "rentals_per_s.png" in text and "event_lag.png" in text
     assert "0 violations" in markdown({"invariant_violations": 0}, {})
+
+
+def test_the_ramp_headline_is_the_best_step_within_the_target_with_a_clean_audit():
+    def step(riders, per_s, p99, violations=0):
+        return {"riders": riders, "rentals_per_s": per_s, "start_latency_p50_ms": p99 / 2, "start_latency_p99_ms": p99,
+                "events_per_s": 1.0, "mailbox_depth_max": 0, "invariant_violations": violations, "cpu_share_by_process": {}}
+
+    summary = ramp_summary([step(5, 2.0, 120), step(10, 4.0, 180), step(20, 6.0, 150, violations=1), step(40, 7.0, 900)], 200)
+    assert (summary["headline_rentals_per_s"], summary["headline_riders"]) == (4.0, 10)
+    assert summary["invariant_violations"] == 1 and len(summary["steps"]) == 4
+    assert ramp_summary([step(5, 2.0, 300)], 200)["headline_rentals_per_s"] == 0.0
 
 
 def test_a_sample_is_plain_data_for_the_timeline():
