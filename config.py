@@ -132,5 +132,14 @@ def _dev_secret(data_dir: Path, name: str) -> str:
         return path.read_text().strip()
     data_dir.mkdir(parents=True, exist_ok=True)
     value = secrets.token_urlsafe(32)
-    path.write_text(value)
+    # Written aside, then linked into place: the file appears whole and only once, so processes
+    # started together on a fresh data dir (the Procfile's) all end up with the first secret.
+    draft = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    draft.write_text(value)
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        value = path.read_text().strip()
+    finally:
+        draft.unlink()
     return value

@@ -77,3 +77,16 @@ def test_station_credentials_replaces_a_password_and_prints_it_once(tmp_path):
     unknown = subprocess.run([sys.executable, "-m", "powerbank.cli", "station-credentials", "NOPE"], cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert unknown.returncode == 1 and "NOPE" in unknown.stderr and unknown.stdout == ""
+
+
+def test_processes_starting_together_on_a_fresh_data_dir_share_one_secret(tmp_path):
+    """The Procfile's processes each load settings at once; they must agree on the JWT secret."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from powerbank.config import _dev_secret
+
+    for round_ in range(20):  # the race needs the threads to overlap: give it many chances
+        data_dir = tmp_path / str(round_)
+        with ThreadPoolExecutor(16) as pool:
+            secrets_seen = set(pool.map(lambda _: _dev_secret(data_dir, "jwt_secret"), range(32)))
+        assert secrets_seen == {(data_dir / ".jwt_secret").read_text()}
