@@ -380,3 +380,47 @@ async def wait_for_start_signal() -> float:
 def print_result_line(data: dict[str, Any]) -> None:
     """The child's last word to `run_in_step`: one JSON line on stdout."""
     print(json.dumps(data), flush=True)
+
+
+# --- the Procfile's web processes ------------------------------------------------------------
+
+WEB_CODE = "from powerbank.cli import main; raise SystemExit(main(['web']))"
+WORKER_CODE = "from powerbank.cli import main; raise SystemExit(main(['worker']))"
+HEALTH_PATH = "/api/app/health"
+
+
+async def start_web_processes(
+    pool: ProcessPool, env: dict[str, str], count: int, *, code: str = WEB_CODE, name: str = "web",
+    health_path: str = HEALTH_PATH,
+) -> list[int]:
+    """`count` processes of the Procfile's `web` role (or `code`, a server that reads its port
+    from HTTP_PORT the same way), each on a free port; returns the ports once each answers
+    `health_path`."""
+    from powerbank.demo import free_port
+
+    ports = [free_port() for _ in range(count)]
+    for index, port in enumerate(ports):
+        pool.start(f"{name}-{index}", python_child_argv(code), {**env, "HTTP_PORT": str(port), "PORT": str(port)})
+    await wait_healthy(pool, ports, health_path)
+    return ports
+
+
+async def wait_healthy(pool: ProcessPool, ports: list[int], path: str = HEALTH_PATH, timeout_s: float = 60) -> None:
+    """Until every port answers 200 on `path`; fails early, with its log, if a child exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=2) as http:
+        for port in ports:
+            while True:
+                dead = pool.dead()
+                if dead:
+                    raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].log_tail()}")
+                try:
+                    if (await http.get(f"http://127.0.0.1:{port}{path}")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"process on port {port} not healthy within {timeout_s} s")
+                await asyncio.sleep(0.2)

@@ -27,16 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from powerbank.simulators.bench import (
+    WORKER_CODE,
     ProcessPool,
     json_line,
     latency_summary_ms,
     python_child_argv,
     ratio,
     rounded,
+    start_web_processes,
 )
 
-WEB_CODE = "from powerbank.cli import main; raise SystemExit(main(['web']))"
-WORKER_CODE = "from powerbank.cli import main; raise SystemExit(main(['worker']))"
 DELIVERY_TIMEOUT_S = 10.0
 
 
@@ -177,34 +177,11 @@ class FanoutBench:
             await services.close()
 
     async def _start(self, database_url: str, redis_url: str, secret: str) -> list[int]:
-        from powerbank.demo import free_port
         from powerbank.simulators.bench_actors import child_env
 
         env = {**child_env(database_url, redis_url, self.work_dir), "JWT_SECRET": secret}
         self.pool.start("worker", python_child_argv(WORKER_CODE), env)
-        ports = [free_port() for _ in range(self.options.web_processes)]
-        for index, port in enumerate(ports):
-            self.pool.start(f"web-{index}", python_child_argv(WEB_CODE), {**env, "HTTP_PORT": str(port)})
-        await self._wait_healthy(ports)
-        return ports
-
-    async def _wait_healthy(self, ports: list[int], timeout_s: float = 60) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=2) as http:
-            for port in ports:
-                while True:
-                    if self.pool.dead():
-                        raise RuntimeError(f"{self.pool.dead()[0].name} exited:\n{self.pool.dead()[0].log_tail()}")
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/api/app/health")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"web on port {port} not healthy within {timeout_s} s")
-                    await asyncio.sleep(0.2)
+        return await start_web_processes(self.pool, env, self.options.web_processes)
 
     def _summary(self, single: Deliveries, many: Deliveries, web_processes: int) -> dict[str, Any]:
         single_ms, many_ms = latency_summary_ms(single.latencies_s), latency_summary_ms(many.latencies_s)
