@@ -318,6 +318,9 @@ def python_child_argv(code: str, *args: str) -> list[str]:
 # --- children that start in step -------------------------------------------------------------
 
 READY = b"ready"
+# A child's result line carries every latency it measured: megabytes at tens of thousands of
+# requests, far past asyncio's 64 KiB default for one line.
+RESULT_LINE_LIMIT_BYTES = 256 * 1024 * 1024
 START_DELAY_S = 0.2
 
 
@@ -338,6 +341,7 @@ async def run_in_step(
             with (log_dir / f"step-{index}.log").open("w") as log:
                 children.append(await asyncio.create_subprocess_exec(
                     *argv, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                    limit=RESULT_LINE_LIMIT_BYTES,
                 ))
         for index, child in enumerate(children):
             line = await asyncio.wait_for(child.stdout.readline(), ready_timeout_s)
