@@ -171,6 +171,7 @@ def _cmd_stripe_emulator(args: argparse.Namespace) -> int:
 BENCH_SUITES = {
     "actors": "powerbank.simulators.bench_actors",
     "fanout": "powerbank.simulators.bench_fanout",
+    "http": "powerbank.simulators.bench_http",
     "stations": "powerbank.simulators.bench_stations",
 }
 
