@@ -15,6 +15,9 @@ balancer would) for `--warmup` + `--duration` seconds:
 - profile_update: PATCH /api/user/profile, an authenticated write (the profile row and a
   user audit-log row in one transaction) that needs no hardware.
 
+`--backend embedded` measures the embedded default instead: one `powerbank serve` process
+(SQLite, the in-process queue, the embedded MQTT broker), against one bare Litestar process.
+
 The reference: the same number of processes serving a bare Litestar app (one JSON handler, no
 middleware, no database) under the same uvicorn settings (`processes.web_server_config`),
 loaded the same way. `<endpoint>_vs_bare_litestar` is the share of the framework-and-server
@@ -61,6 +64,8 @@ ENDPOINTS = ("stations_nearby", "wallet", "rental_history", "profile_update")
 REFERENCE = "bare_litestar"
 DEFAULT_REDIS_DB = 15
 BARE_CODE = "from powerbank.simulators.bench_http import serve_bare; serve_bare()"
+SERVE_CODE = "from powerbank.cli import main; raise SystemExit(main(['serve']))"
+BACKENDS = {"procfile": "procfile_postgres_redis", "embedded": "embedded_sqlite"}
 LOAD_CHILD_CODE = "import sys; from powerbank.simulators.bench_http import load_child_main; sys.exit(load_child_main(sys.argv[1:]))"
 NEARBY_RADIUS_M = 3_000
 NEARBY_POINTS = 64
@@ -80,6 +85,7 @@ class HttpBenchOptions:
     riders: int = 200
     rentals: int = 10
     endpoints: tuple[str, ...] = ENDPOINTS
+    backend: str = "procfile"
     redis_db: int = DEFAULT_REDIS_DB
     total_timeout_s: float = 600.0
 
@@ -116,11 +122,16 @@ def parse_options(argv: list[str]) -> HttpBenchOptions:
     parser.add_argument("--riders", type=int, help="people signed up, whose tokens the load uses (default 200)")
     parser.add_argument("--rentals", type=int, help="finished rentals in each rider's history (default 10)")
     parser.add_argument("--endpoints", type=_endpoint_list, help=f"comma-separated subset of {','.join(ENDPOINTS)}")
+    parser.add_argument("--backend", choices=sorted(BACKENDS),
+                        help="procfile (default: web processes and a worker on PostgreSQL + Redis) or embedded "
+                        "(one `powerbank serve` on SQLite; --web is then 1)")
     parser.add_argument("--redis-db", type=int, help=f"Redis database number to use and flush (default {DEFAULT_REDIS_DB})")
     parser.add_argument("--timeout", dest="total_timeout_s", type=float, help="give up after this many seconds")
     args = vars(parser.parse_args(argv))
     values = dict(QUICK) if args.pop("quick") else {}
     values.update({key: value for key, value in args.items() if value is not None})
+    if values.get("backend") == "embedded":
+        values["web_processes"] = 1  # the embedded default is one process by definition
     return HttpBenchOptions(**values)
 
 
@@ -411,13 +422,17 @@ class Run:
 
     async def _start_backend(self) -> tuple[list[int], Seeded]:
         """The deployment: create and migrate the database, start the worker and the web
-        processes, then seed stations, riders and their histories through it."""
+        processes (or one `powerbank serve`), then seed stations, riders and their histories
+        through it."""
         from powerbank.simulators.bench_actors import child_env
         from powerbank.storage.testing import create_postgres_database, isolated_redis_url
 
         options = self.options
-        self.database_name, database_url = await create_postgres_database("pb_bench_http")
-        redis_url = isolated_redis_url(options.redis_db)
+        if options.backend == "embedded":
+            database_url, redis_url = f"sqlite+aiosqlite:///{self.work_dir / 'powerbank.sqlite3'}", ""
+        else:
+            self.database_name, database_url = await create_postgres_database("pb_bench_http")
+            redis_url = isolated_redis_url(options.redis_db)
         env = {
             **child_env(database_url, redis_url, self.work_dir),
             "JWT_SECRET": secrets.token_urlsafe(32),
@@ -425,15 +440,21 @@ class Run:
             "OTP_RATE_PER_IP": "1000000",
             "ACCESS_TOKEN_TTL_S": "7200",
         }
-        self.say(f"database {self.database_name}: powerbank migrate")
+        if not redis_url:
+            env.pop("REDIS_URL")
+        self.say(f"database {self.database_name or database_url}: powerbank migrate")
         migrated = await asyncio.to_thread(
             subprocess.run, [sys.executable, "-m", "powerbank.cli", "migrate"], env=env, capture_output=True, text=True, timeout=300,
         )
         if migrated.returncode != 0:
             raise RuntimeError(f"powerbank migrate failed:\n{migrated.stderr[-3000:]}")
-        self.say(f"starting 1 worker and {options.web_processes} web processes (Procfile)")
-        self.pool.start("worker", python_child_argv(WORKER_CODE), env)
-        ports = await start_web_processes(self.pool, env, options.web_processes)
+        if options.backend == "embedded":
+            self.say("starting powerbank serve (the embedded default, one process)")
+            ports = await start_web_processes(self.pool, env, 1, code=SERVE_CODE, name="serve")
+        else:
+            self.say(f"starting 1 worker and {options.web_processes} web processes (Procfile)")
+            self.pool.start("worker", python_child_argv(WORKER_CODE), env)
+            ports = await start_web_processes(self.pool, env, options.web_processes)
         self.say(f"seeding {options.stations} stations, {options.riders} riders with {options.rentals} rentals each")
         seeded = await self._seed(database_url, f"http://127.0.0.1:{ports[0]}")
         return ports, seeded
@@ -477,7 +498,7 @@ def assemble_summary(
     """The final line: per endpoint requests/s, p50 and p99 and the ratio to the bare
     reference, flat at the top; each phase's details under `phases`."""
     reference = phases[REFERENCE]
-    summary: dict[str, Any] = {"suite": "http", "backend": "procfile_postgres_redis"}
+    summary: dict[str, Any] = {"suite": "http", "backend": BACKENDS[options.backend]}
     for label, result in phases.items():
         latency = result.as_dict()["latency_ms"]
         summary[f"{label}_requests_per_s"] = rounded(result.ok_per_s, 1)

@@ -41,6 +41,8 @@ def test_quick_defaults_and_explicit_options():
     assert (tuned.web_processes, tuned.endpoints, tuned.concurrency) == (3, ("wallet", "profile_update"), 5)
     with pytest.raises(SystemExit):
         parse_options(["--endpoints", "wallet,nonsense"])
+    embedded = parse_options(["--backend", "embedded", "--web", "3"])
+    assert (embedded.backend, embedded.web_processes) == ("embedded", 1)  # one process by definition
 
 
 def test_requests_are_authenticated_per_rider_and_the_write_has_a_body():
@@ -125,3 +127,18 @@ def test_a_small_run_reports_every_endpoint_against_bare_litestar():
         assert figure > 0
         assert 0 < summary[f"{endpoint}_p50_ms"] <= summary[f"{endpoint}_p99_ms"]
         assert summary[f"{endpoint}_vs_bare_litestar"] == pytest.approx(figure / reference, abs=2e-3)
+
+
+@pytest.mark.slow
+def test_the_embedded_default_is_measured_against_one_bare_process():
+    command = [sys.executable, "-m", "powerbank.cli", "bench", "http", "--quick", "--backend", "embedded",
+               "--endpoints", "wallet,profile_update", "--duration", "1"]
+    out = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (summary["backend"], summary["web_processes"], summary["errors"]) == ("embedded_sqlite", 1, 0)
+    assert "rental_history_requests_per_s" not in summary
+    for endpoint in ("wallet", "profile_update"):
+        assert summary[f"{endpoint}_requests_per_s"] > 0
+        assert summary[f"{endpoint}_vs_bare_litestar"] == pytest.approx(
+            summary[f"{endpoint}_requests_per_s"] / summary["bare_litestar_requests_per_s"], abs=2e-3)
