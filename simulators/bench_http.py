@@ -51,6 +51,7 @@ from powerbank.simulators.bench import (
     ProcessPool,
     closed_loop,
     json_line,
+    process_cpu_s,
     print_result_line,
     python_child_argv,
     ratio,
@@ -396,29 +397,40 @@ class Run:
     async def execute(self) -> dict[str, Any]:
         options = self.options
         phases: dict[str, LoadResult] = {}
+        cpu_ms: dict[str, float] = {}
         self.say(f"reference: {options.web_processes} bare Litestar processes")
         bare_ports = await start_web_processes(self.pool, dict(os.environ), options.web_processes, code=BARE_CODE,
                                                name="bare", health_path="/")
-        phases[REFERENCE] = await self._measure(REFERENCE, bare_ports, [raw_request("GET", "/")])
+        phases[REFERENCE], cpu_ms[REFERENCE] = await self._measure(REFERENCE, bare_ports, [raw_request("GET", "/")])
         await self.pool.astop()
         self.pool = ProcessPool(self.work_dir)
 
         ports, seeded = await self._start_backend()
         for endpoint in options.endpoints:
-            phases[endpoint] = await self._measure(endpoint, ports, endpoint_requests(endpoint, seeded))
-        summary = assemble_summary(options, phases, environment=environment_facts(), elapsed_s=time.monotonic() - self.started)
+            phases[endpoint], cpu_ms[endpoint] = await self._measure(endpoint, ports, endpoint_requests(endpoint, seeded))
+        summary = assemble_summary(options, phases, environment=environment_facts(), elapsed_s=time.monotonic() - self.started,
+                                   server_cpu_ms=cpu_ms)
         self.failed = summary["errors"] > 0
         return summary
 
-    async def _measure(self, label: str, ports: list[int], requests: list[str]) -> LoadResult:
+    async def _measure(self, label: str, ports: list[int], requests: list[str]) -> tuple[LoadResult, float]:
+        """The load result, and the servers' CPU milliseconds per request: on a shared machine
+        the CPU a request costs moves much less than the requests/s others leave us."""
         options = self.options
         self.say(f"{label}: {options.concurrency} in flight from {options.load_processes} processes, "
                  f"{options.warmup_s:g} s warm-up + {options.duration_s:g} s")
+        cpu_before_s = self._servers_cpu_s()
         result = await measure(label, ports, requests, options, self.work_dir)
+        cpu_ms = ratio((self._servers_cpu_s() - cpu_before_s) * 1000, result.completed)
         latency = result.as_dict()["latency_ms"]
         self.say(f"{label}: {result.ok_per_s:.0f} requests/s, p50 {latency['p50']:g} ms, p99 {latency['p99']:g} ms, "
-                 f"{result.errors} errors")
-        return result
+                 f"server CPU {cpu_ms:g} ms per request, {result.errors} errors")
+        return result, cpu_ms
+
+    def _servers_cpu_s(self) -> float:
+        """CPU seconds of the processes serving HTTP (the worker is left out)."""
+        used = (process_cpu_s(child.process.pid) for child in self.pool.children if child.name != "worker")
+        return sum(cpu_s for cpu_s in used if cpu_s is not None)
 
     async def _start_backend(self) -> tuple[list[int], Seeded]:
         """The deployment: create and migrate the database, start the worker and the web
@@ -493,10 +505,12 @@ def environment_facts() -> dict[str, Any]:
 
 
 def assemble_summary(
-    options: HttpBenchOptions, phases: dict[str, LoadResult], *, environment: dict[str, Any], elapsed_s: float
+    options: HttpBenchOptions, phases: dict[str, LoadResult], *, environment: dict[str, Any], elapsed_s: float,
+    server_cpu_ms: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The final line: per endpoint requests/s, p50 and p99 and the ratio to the bare
-    reference, flat at the top; each phase's details under `phases`."""
+    """The final line: per endpoint requests/s, p50 and p99, the servers' CPU per request and
+    the ratio to the bare reference, flat at the top; each phase's details under `phases`."""
+    server_cpu_ms = server_cpu_ms or {}
     reference = phases[REFERENCE]
     summary: dict[str, Any] = {"suite": "http", "backend": BACKENDS[options.backend]}
     for label, result in phases.items():
@@ -504,6 +518,8 @@ def assemble_summary(
         summary[f"{label}_requests_per_s"] = rounded(result.ok_per_s, 1)
         summary[f"{label}_p50_ms"] = latency["p50"]
         summary[f"{label}_p99_ms"] = latency["p99"]
+        if label in server_cpu_ms:
+            summary[f"{label}_server_cpu_ms_per_request"] = server_cpu_ms[label]
         if label != REFERENCE:
             summary[f"{label}_vs_{REFERENCE}"] = ratio(result.ok_per_s, reference.ok_per_s)
     summary.update({
@@ -535,12 +551,13 @@ def print_report(console, summary: dict[str, Any]) -> None:
         console.print(f"[red]benchmark failed:[/red] {summary['error']}")
         return
     table = Table(title="powerbank bench http")
-    for column in ("endpoint", "requests/s", "p50 ms", "p99 ms", f"vs {REFERENCE}"):
+    for column in ("endpoint", "requests/s", "p50 ms", "p99 ms", "server CPU ms/request", f"vs {REFERENCE}"):
         table.add_column(column, justify="left" if column == "endpoint" else "right")
     for label in (REFERENCE, *summary["params"]["endpoints"]):
         vs = summary.get(f"{label}_vs_{REFERENCE}")
         table.add_row(label, f"{summary[f'{label}_requests_per_s']:g}", f"{summary[f'{label}_p50_ms']:g}",
-                      f"{summary[f'{label}_p99_ms']:g}", "reference" if vs is None else f"{vs:g}")
+                      f"{summary[f'{label}_p99_ms']:g}", f"{summary.get(f'{label}_server_cpu_ms_per_request', 0.0):g}",
+                      "reference" if vs is None else f"{vs:g}")
     console.print(table)
     console.print(f"{summary['web_processes']} web processes, {summary['concurrency']} in flight from "
                   f"{summary['load_processes']} load processes, {summary['errors']} errors")

@@ -100,11 +100,13 @@ def _load(ok: int, p_s: float, errors: int = 0) -> LoadResult:
 def test_summary_has_figures_per_endpoint_and_ratios_to_the_bare_reference():
     phases = {REFERENCE: _load(80_000, 0.001), "wallet": _load(4_000, 0.02), "profile_update": _load(2_000, 0.04, errors=3)}
     summary = assemble_summary(HttpBenchOptions(endpoints=("wallet", "profile_update")), phases,
-                               environment={"cpu_count": 2}, elapsed_s=12.0)
+                               environment={"cpu_count": 2}, elapsed_s=12.0,
+                               server_cpu_ms={REFERENCE: 0.1, "wallet": 4.0, "profile_update": 6.0})
     assert summary["bare_litestar_requests_per_s"] == 8000.0
     assert (summary["wallet_requests_per_s"], summary["wallet_p50_ms"], summary["wallet_p99_ms"]) == (400.0, 20.0, 20.0)
     assert summary["wallet_vs_bare_litestar"] == 0.05
     assert summary["profile_update_vs_bare_litestar"] == 0.025
+    assert (summary["bare_litestar_server_cpu_ms_per_request"], summary["wallet_server_cpu_ms_per_request"]) == (0.1, 4.0)
     assert "bare_litestar_vs_bare_litestar" not in summary
     assert summary["errors"] == 3
     assert json.dumps(summary)
@@ -126,6 +128,7 @@ def test_a_small_run_reports_every_endpoint_against_bare_litestar():
         figure = summary[f"{endpoint}_requests_per_s"]
         assert figure > 0
         assert 0 < summary[f"{endpoint}_p50_ms"] <= summary[f"{endpoint}_p99_ms"]
+        assert summary[f"{endpoint}_server_cpu_ms_per_request"] > 0
         assert summary[f"{endpoint}_vs_bare_litestar"] == pytest.approx(figure / reference, abs=2e-3)
 
 
