@@ -177,6 +177,8 @@ def run_suite(suite: Suite, quick: bool, report_dir: Path) -> SuiteRun:
     children on KeyboardInterrupt), then SIGKILL."""
     args = suite.args(quick, report_dir)
     argv = [*suite.program, *args]
+    if any(REPORT_DIR_MARK in arg for arg in (suite.quick_args if quick else suite.full_args)):
+        (report_dir / suite.name).mkdir(exist_ok=True)  # where the suite writes its own report
     log_path, out_path = report_dir / f"{suite.name}.log", report_dir / f"{suite.name}.out"
     timeout_s = suite.quick_timeout_s if quick else suite.timeout_s
     started = time.monotonic()
@@ -187,6 +189,9 @@ def run_suite(suite: Suite, quick: bool, report_dir: Path) -> SuiteRun:
         except subprocess.TimeoutExpired:
             returncode = None
             _stop(process)
+        except KeyboardInterrupt:
+            _stop(process)  # in its own session, the suite did not see the terminal's Ctrl-C
+            raise
     summary = last_json_line(out_path.read_text(errors="replace"))
     if summary is not None:
         (report_dir / f"{suite.name}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
