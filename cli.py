@@ -169,8 +169,10 @@ def _cmd_stripe_emulator(args: argparse.Namespace) -> int:
 
 
 BENCH_SUITES = {
+    "all": "powerbank.simulators.bench_all",
     "actors": "powerbank.simulators.bench_actors",
     "fanout": "powerbank.simulators.bench_fanout",
+    "http": "powerbank.simulators.bench_http",
     "stations": "powerbank.simulators.bench_stations",
 }
 

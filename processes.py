@@ -178,19 +178,17 @@ async def _start_mqtt_parts(backend: Backend) -> None:
         backend.bridge = bridge
 
 
+def web_server_config(app, host: str, port: int) -> uvicorn.Config:
+    """How the web role runs uvicorn: one place, so `powerbank bench http` serves its bare
+    Litestar reference with exactly the same settings."""
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="websockets-sansio")
+
+
 async def _start_web(backend: Backend) -> None:
     from powerbank.http.app import create_app
 
     app = create_app(backend.services)
-    config = uvicorn.Config(
-        app,
-        host=backend.settings.http_host,
-        port=backend.settings.http_port,
-        log_level="warning",
-        lifespan="on",
-        ws="websockets-sansio",
-    )
-    backend.server = _EmbeddedServer(config)
+    backend.server = _EmbeddedServer(web_server_config(app, backend.settings.http_host, backend.settings.http_port))
     backend.server_task = asyncio.create_task(backend.server.serve())
     while not backend.server.started:
         if backend.server_task.done():

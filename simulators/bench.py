@@ -248,6 +248,86 @@ async def _pgbench_once(admin_dsn: str, database: str, script: Path, clients: in
     return process.returncode, output.decode(errors="replace")
 
 
+# --- redis-benchmark, the reference for paths bound by Redis --------------------------------
+
+REDIS_BENCHMARK_REQUESTS = 20_000
+REDIS_BENCHMARK_CLIENTS = 50
+REDIS_BENCHMARK_PAYLOAD = "x" * 200  # about a doorbell's or a bus message's size
+
+
+@dataclass(frozen=True)
+class RedisBenchmarkResult:
+    command: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def parse_redis_benchmark_csv(text: str) -> RedisBenchmarkResult:
+    """redis-benchmark's `--csv` output (Redis 7: test, rps, avg, min, p50, p95, p99, max).
+    Raises ValueError when there is no data row rather than reporting a reference of zero."""
+    import csv
+
+    rows = list(csv.DictReader(line for line in text.splitlines() if line.startswith('"')))
+    if not rows or "rps" not in rows[-1]:
+        raise ValueError(f"redis-benchmark printed no figures:\n{text[-2000:]}")
+    row = rows[-1]
+    return RedisBenchmarkResult(
+        command=row["test"].split(" ", 1)[0].lower(),
+        requests_per_s=float(row["rps"]),
+        p50_ms=float(row.get("p50_latency_ms") or 0.0),
+        p99_ms=float(row.get("p99_latency_ms") or 0.0),
+    )
+
+
+def redis_benchmark_command(redis_url: str, command: list[str], requests: int, clients: int) -> list[str]:
+    """redis-benchmark against the server and database of `redis_url`, one command, bounded by
+    `requests`."""
+    parts = urlsplit(redis_url)
+    argv = ["redis-benchmark", "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379),
+            "--dbnum", (parts.path.strip("/") or "0"), "-n", str(requests), "-c", str(clients), "--csv"]
+    if parts.password:
+        argv += ["-a", unquote(parts.password)]
+    return argv + command
+
+
+async def run_redis_benchmark(
+    redis_url: str, command: str, *, requests: int = REDIS_BENCHMARK_REQUESTS, clients: int = REDIS_BENCHMARK_CLIENTS,
+    timeout_s: float = 60.0,
+) -> RedisBenchmarkResult:
+    """Redis's own throughput for `command` ("publish": PUBLISH to a channel nobody hears;
+    "lpush": LPUSH onto a list, removed afterwards), with a payload the size of ours. The
+    ceiling a path that goes through Redis could reach on this machine, now."""
+    key = "pb-bench-redis-reference"
+    argv = redis_benchmark_command(redis_url, [command.upper(), key, REDIS_BENCHMARK_PAYLOAD], requests, clients)
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    except (TimeoutError, asyncio.CancelledError):
+        process.kill()
+        await process.wait()
+        raise
+    finally:
+        if command.lower() == "lpush":
+            await _delete_redis_key(redis_url, key)
+    text_output = output.decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(f"redis-benchmark exited with {process.returncode}:\n{text_output[-2000:]}")
+    return parse_redis_benchmark_csv(text_output)
+
+
+async def _delete_redis_key(redis_url: str, key: str) -> None:
+    import redis.asyncio as redis_asyncio
+
+    client = redis_asyncio.Redis.from_url(redis_url)
+    try:
+        await client.delete(key)
+    finally:
+        await client.aclose()
+
+
 # --- child processes --------------------------------------------------------------------------
 
 
@@ -318,6 +398,9 @@ def python_child_argv(code: str, *args: str) -> list[str]:
 # --- children that start in step -------------------------------------------------------------
 
 READY = b"ready"
+# A child's result line carries every latency it measured: megabytes at tens of thousands of
+# requests, far past asyncio's 64 KiB default for one line.
+RESULT_LINE_LIMIT_BYTES = 256 * 1024 * 1024
 START_DELAY_S = 0.2
 
 
@@ -338,6 +421,7 @@ async def run_in_step(
             with (log_dir / f"step-{index}.log").open("w") as log:
                 children.append(await asyncio.create_subprocess_exec(
                     *argv, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                    limit=RESULT_LINE_LIMIT_BYTES,
                 ))
         for index, child in enumerate(children):
             line = await asyncio.wait_for(child.stdout.readline(), ready_timeout_s)
@@ -380,3 +464,47 @@ async def wait_for_start_signal() -> float:
 def print_result_line(data: dict[str, Any]) -> None:
     """The child's last word to `run_in_step`: one JSON line on stdout."""
     print(json.dumps(data), flush=True)
+
+
+# --- the Procfile's web processes ------------------------------------------------------------
+
+WEB_CODE = "from powerbank.cli import main; raise SystemExit(main(['web']))"
+WORKER_CODE = "from powerbank.cli import main; raise SystemExit(main(['worker']))"
+HEALTH_PATH = "/api/app/health"
+
+
+async def start_web_processes(
+    pool: ProcessPool, env: dict[str, str], count: int, *, code: str = WEB_CODE, name: str = "web",
+    health_path: str = HEALTH_PATH,
+) -> list[int]:
+    """`count` processes of the Procfile's `web` role (or `code`, a server that reads its port
+    from HTTP_PORT the same way), each on a free port; returns the ports once each answers
+    `health_path`."""
+    from powerbank.demo import free_port
+
+    ports = [free_port() for _ in range(count)]
+    for index, port in enumerate(ports):
+        pool.start(f"{name}-{index}", python_child_argv(code), {**env, "HTTP_PORT": str(port), "PORT": str(port)})
+    await wait_healthy(pool, ports, health_path)
+    return ports
+
+
+async def wait_healthy(pool: ProcessPool, ports: list[int], path: str = HEALTH_PATH, timeout_s: float = 60) -> None:
+    """Until every port answers 200 on `path`; fails early, with its log, if a child exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=2) as http:
+        for port in ports:
+            while True:
+                dead = pool.dead()
+                if dead:
+                    raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].log_tail()}")
+                try:
+                    if (await http.get(f"http://127.0.0.1:{port}{path}")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"process on port {port} not healthy within {timeout_s} s")
+                await asyncio.sleep(0.2)

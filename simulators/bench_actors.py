@@ -16,6 +16,11 @@ Phases, one run, one fresh database and Redis db:
    is the reference, as for pgbench: queueing too many requests on one row lock only hurts it);
 then an audit of the ledger (totals equal the rows, nothing failed or left pending).
 
+A third reference, for the queue: `redis-benchmark` LPUSHing a doorbell-sized message onto a
+list on the same Redis server. `independent_vs_redis_lpush` is how much of Redis's own enqueue
+rate the independent phase reaches (each command rings at least one doorbell through Redis,
+and carries a mailbox row, a lock and a commit that Redis never sees).
+
 After each phase the run records what it cost per command: database commits and rollbacks
 (PostgreSQL's own counters for this database) and CPU seconds of the Python processes doing the
 work. On a shared, noisy machine those explain a throughput figure better than it explains
@@ -69,6 +74,7 @@ from powerbank.simulators.bench import (
     LoadResult,
     PgbenchResult,
     ProcessPool,
+    RedisBenchmarkResult,
     closed_loop,
     json_line,
     latency_summary_ms,
@@ -79,6 +85,7 @@ from powerbank.simulators.bench import (
     rounded,
     run_in_step,
     run_pgbench,
+    run_redis_benchmark,
     wait_for_start_signal,
 )
 from powerbank.storage import ledger
@@ -604,6 +611,7 @@ def assemble_summary(
     elapsed_s: float,
     workers_seen: bool = True,
     db_activity: dict[str, dict[str, Any]] | None = None,
+    redis_lpush: RedisBenchmarkResult | None = None,
 ) -> dict[str, Any]:
     """Everything the final JSON line holds: the headline figures flat at the top, the phases'
     details, the parameters they were measured with, and the references."""
@@ -624,6 +632,9 @@ def assemble_summary(
     }
     figures["hot_entity_vs_pgbench"] = ratio(hot.ok_per_s, reference.tps)
     figures["vs_naive_locking"] = ratio(hot.ok_per_s, naive.ok_per_s)
+    lpush_per_s = redis_lpush.requests_per_s if redis_lpush is not None else 0.0  # 0: not measured
+    figures["redis_lpush_per_s"] = rounded(lpush_per_s, 1)
+    figures["independent_vs_redis_lpush"] = ratio(independent.ok_per_s, lpush_per_s)
     return {
         **figures,
         "goals": goals_met(figures),
@@ -644,6 +655,7 @@ def assemble_summary(
             "pgbench_sql": PGBENCH_SQL,
             "naive_concurrency": naive.concurrency,
             "hot_concurrency": hot.concurrency,
+            "redis_benchmark": "LPUSH of a 200-byte value, 50 clients" if redis_lpush is not None else None,
         },
         "params": {
             **{key: list(v) if isinstance(v, tuple) else v for key, v in dataclasses.asdict(options).items()},
@@ -697,6 +709,8 @@ class Run:
         )
         pgbench_runs = await self._pgbench()
         await self._account(runtime, "pgbench", sum(run.transactions for run in pgbench_runs), python_cpu=False)
+        self.say("redis-benchmark LPUSH on the same Redis server")
+        redis_lpush = await run_redis_benchmark(self.redis_url, "lpush")
         hot_runs = [
             await self._load_phase(f"hot_entity_{concurrency}", runtime, lambda n: str(hot_user), concurrency)
             for concurrency in options.hot_concurrency
@@ -711,7 +725,7 @@ class Run:
         summary = assemble_summary(
             options, idle=idle[BENCH_DEBIT], idle_noop=idle[BENCH_NOOP], independent=independent, hot_runs=hot_runs, naive_runs=naive_runs, pgbench_runs=pgbench_runs,
             audit_report=audit_report, environment=environment, elapsed_s=time.monotonic() - started,
-            workers_seen=workers_seen, db_activity=self.db_activity,
+            workers_seen=workers_seen, db_activity=self.db_activity, redis_lpush=redis_lpush,
         )
         self.failed = not audit_report["ok"]
         self.say("done; stopping processes and dropping the database")
@@ -897,7 +911,7 @@ def print_report(console, summary: dict[str, Any]) -> None:
     for key in (
         "idle_roundtrip_p50_ms", "idle_roundtrip_p99_ms", "idle_noop_roundtrip_p50_ms", "independent_commands_per_s",
         "hot_entity_commands_per_s", "pgbench_hot_row_tps", "hot_entity_vs_pgbench",
-        "naive_locking_commands_per_s", "vs_naive_locking",
+        "naive_locking_commands_per_s", "vs_naive_locking", "redis_lpush_per_s", "independent_vs_redis_lpush",
     ):
         goal = ""
         if key in goals:

@@ -10,6 +10,12 @@ moment the operator's request is sent to the moment a client has the update.
 The reference, measured in the same run on the same processes: the same changes watched by a
 single client. `fanout_vs_single_p50` is how much slower the median delivery is when a thousand
 maps watch instead of one (the clients' own decoding is included: they share this process).
+
+A second reference for the leg through Redis: `redis-benchmark` PUBLISHing a message of the
+bus's size on the same server. `fanout_deliveries_per_s` is the rate at which sockets get a
+change while a thousand watch (deliveries over the time from each change's request to its last
+delivery); `fanout_deliveries_vs_redis_publish` compares it with Redis's PUBLISH rate: one
+change is one PUBLISH per web process, so above 1 the fan-out multiplies what Redis alone moves.
 """
 
 from __future__ import annotations
@@ -27,16 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from powerbank.simulators.bench import (
+    WORKER_CODE,
     ProcessPool,
+    RedisBenchmarkResult,
     json_line,
     latency_summary_ms,
     python_child_argv,
     ratio,
     rounded,
+    run_redis_benchmark,
+    start_web_processes,
 )
 
-WEB_CODE = "from powerbank.cli import main; raise SystemExit(main(['web']))"
-WORKER_CODE = "from powerbank.cli import main; raise SystemExit(main(['worker']))"
 DELIVERY_TIMEOUT_S = 10.0
 
 
@@ -61,6 +69,7 @@ def parse_options(argv: list[str]) -> FanoutOptions:
 class Deliveries:
     latencies_s: list[float]
     missing: int
+    elapsed_s: float = 0.0  # summed over changes: request sent until its last delivery (or the timeout)
 
 
 async def open_clients(urls: list[str], count: int) -> list[Any]:
@@ -93,7 +102,9 @@ async def deliver(sockets: list[Any], change) -> Deliveries:
     waiting = [asyncio.create_task(receive(socket, sent_at)) for socket in sockets]
     await change()
     results = await asyncio.gather(*waiting)
-    return Deliveries([r for r in results if r is not None], sum(1 for r in results if r is None))
+    latencies_s = [r for r in results if r is not None]
+    missing = len(results) - len(latencies_s)
+    return Deliveries(latencies_s, missing, DELIVERY_TIMEOUT_S if missing else max(latencies_s, default=0.0))
 
 
 class FanoutBench:
@@ -143,7 +154,9 @@ class FanoutBench:
             single = await self._measure(await open_clients(urls[:1], 1), change)
             self.say(f"{options.clients} clients over {len(ports)} web processes")
             many = await self._measure(await open_clients(urls, options.clients), change)
-        return self._summary(single, many, len(ports))
+        self.say("reference: redis-benchmark PUBLISH on the same server")
+        publish = await run_redis_benchmark(redis_url, "publish")
+        return self._summary(single, many, len(ports), publish)
 
     async def _measure(self, sockets: list[Any], change) -> Deliveries:
         total = Deliveries([], 0)
@@ -153,6 +166,7 @@ class FanoutBench:
                 result = await deliver(sockets, change)
                 total.latencies_s += result.latencies_s
                 total.missing += result.missing
+                total.elapsed_s += result.elapsed_s
         finally:
             await asyncio.gather(*(socket.close() for socket in sockets), return_exceptions=True)
         return total
@@ -177,37 +191,15 @@ class FanoutBench:
             await services.close()
 
     async def _start(self, database_url: str, redis_url: str, secret: str) -> list[int]:
-        from powerbank.demo import free_port
         from powerbank.simulators.bench_actors import child_env
 
         env = {**child_env(database_url, redis_url, self.work_dir), "JWT_SECRET": secret}
         self.pool.start("worker", python_child_argv(WORKER_CODE), env)
-        ports = [free_port() for _ in range(self.options.web_processes)]
-        for index, port in enumerate(ports):
-            self.pool.start(f"web-{index}", python_child_argv(WEB_CODE), {**env, "HTTP_PORT": str(port)})
-        await self._wait_healthy(ports)
-        return ports
+        return await start_web_processes(self.pool, env, self.options.web_processes)
 
-    async def _wait_healthy(self, ports: list[int], timeout_s: float = 60) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=2) as http:
-            for port in ports:
-                while True:
-                    if self.pool.dead():
-                        raise RuntimeError(f"{self.pool.dead()[0].name} exited:\n{self.pool.dead()[0].log_tail()}")
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/api/app/health")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"web on port {port} not healthy within {timeout_s} s")
-                    await asyncio.sleep(0.2)
-
-    def _summary(self, single: Deliveries, many: Deliveries, web_processes: int) -> dict[str, Any]:
+    def _summary(self, single: Deliveries, many: Deliveries, web_processes: int, publish: RedisBenchmarkResult) -> dict[str, Any]:
         single_ms, many_ms = latency_summary_ms(single.latencies_s), latency_summary_ms(many.latencies_s)
+        deliveries_per_s = len(many.latencies_s) / many.elapsed_s if many.elapsed_s > 0 else 0.0
         return {
             "suite": "fanout",
             "clients": self.options.clients,
@@ -221,6 +213,10 @@ class FanoutBench:
             "single_client_p50_ms": single_ms["p50"],
             "single_client_p99_ms": single_ms["p99"],
             "fanout_vs_single_p50": ratio(many_ms["p50"], single_ms["p50"]),
+            "fanout_deliveries_per_s": rounded(deliveries_per_s, 1),
+            "redis_publish_per_s": rounded(publish.requests_per_s, 1),
+            "redis_publish_p50_ms": publish.p50_ms,
+            "fanout_deliveries_vs_redis_publish": ratio(deliveries_per_s, publish.requests_per_s),
         }
 
 

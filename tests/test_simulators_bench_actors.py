@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from powerbank.simulators import bench
-from powerbank.simulators.bench import LoadResult, PgbenchResult, closed_loop, parse_pgbench_output
+from powerbank.simulators.bench import (
+    LoadResult,
+    PgbenchResult,
+    RedisBenchmarkResult,
+    closed_loop,
+    parse_pgbench_output,
+    parse_redis_benchmark_csv,
+)
 from powerbank.simulators.bench_actors import BenchOptions, IdleSample, assemble_summary, db_activity, parse_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +35,8 @@ REQUIRED_FIGURES = (
     "hot_entity_vs_pgbench",
     "naive_locking_commands_per_s",
     "vs_naive_locking",
+    "redis_lpush_per_s",
+    "independent_vs_redis_lpush",
 )
 
 PGBENCH_15_OUTPUT = """\
@@ -58,6 +67,28 @@ def test_pgbench_output_without_tps_is_an_error_not_a_zero_reference():
     truncated = PGBENCH_15_OUTPUT.replace("tps = 4558.635515 (without initial connection time)\n", "")
     with pytest.raises(ValueError, match="tps"):
         parse_pgbench_output(truncated)
+
+
+REDIS_BENCHMARK_7_CSV = """\
+"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+"LPUSH pb-bench-redis-reference xxxx","43956.04","0.711","0.208","0.695","1.063","1.287","4.103"
+"""
+
+
+def test_redis_benchmark_csv_is_read():
+    assert parse_redis_benchmark_csv(REDIS_BENCHMARK_7_CSV) == RedisBenchmarkResult(
+        command="lpush", requests_per_s=43956.04, p50_ms=0.695, p99_ms=1.287
+    )
+    with pytest.raises(ValueError, match="no figures"):
+        parse_redis_benchmark_csv("Could not connect to Redis at 127.0.0.1:6379: Connection refused\n")
+
+
+def test_redis_benchmark_command_names_server_database_and_bounds(tmp_path):
+    command = bench.redis_benchmark_command("redis://127.0.0.1:6380/10", ["LPUSH", "k", "v"], 20000, 50)
+    joined = " ".join(command)
+    assert command[0] == "redis-benchmark" and command[-3:] == ["LPUSH", "k", "v"]
+    for part in ("-p 6380", "--dbnum 10", "-n 20000", "-c 50", "--csv"):
+        assert part in joined
 
 
 def test_pgbench_command_names_server_database_and_script(tmp_path):
@@ -141,6 +172,7 @@ def test_summary_holds_figures_ratios_goals_references_and_parameters():
         audit_report={"ok": True},
         environment={"cpu_count": 2},
         elapsed_s=100.0,
+        redis_lpush=RedisBenchmarkResult(command="lpush", requests_per_s=40000.0, p50_ms=0.7, p99_ms=1.3),
     )
     for key in REQUIRED_FIGURES:
         assert isinstance(summary[key], float), key
@@ -156,6 +188,8 @@ def test_summary_holds_figures_ratios_goals_references_and_parameters():
     assert summary["naive_locking_commands_per_s"] == 2000.0  # the best in-flight level is the reference
     assert summary["reference"]["naive_concurrency"] == 16
     assert summary["vs_naive_locking"] == 2.5
+    assert summary["redis_lpush_per_s"] == 40000.0
+    assert summary["independent_vs_redis_lpush"] == 0.075  # 3000/s of 40000/s
     assert all(summary["goals"].values())
     params = summary["params"]
     for key in ("worker_processes", "phase_s", "warmup_s", "batch_size", "worker_threads", "hot_concurrency",
@@ -188,6 +222,7 @@ def test_summary_with_nothing_measured_stays_valid_json():
         elapsed_s=1.0,
     )
     assert summary["hot_entity_vs_pgbench"] == 0.0 and summary["vs_naive_locking"] == 0.0
+    assert summary["redis_lpush_per_s"] == 0.0 and summary["independent_vs_redis_lpush"] == 0.0
     assert not summary["goals"]["vs_naive_locking >= 2.0"]
     json.loads(bench.json_line(summary))
 
@@ -207,6 +242,9 @@ def test_quick_run_ends_with_a_complete_json_line():
     assert summary["hot_entity_commands_per_s"] > 0
     assert summary["pgbench_hot_row_tps"] > 0
     assert summary["naive_locking_commands_per_s"] > 0
+    assert summary["redis_lpush_per_s"] > 0
+    assert summary["independent_vs_redis_lpush"] == pytest.approx(
+        summary["independent_commands_per_s"] / summary["redis_lpush_per_s"], abs=2e-3)
     assert summary["params"]["quick"] is True
     assert summary["params"]["worker_processes"] == 2
     assert summary["audit"]["ok"], summary["audit"]

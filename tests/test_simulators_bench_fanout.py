@@ -35,3 +35,6 @@ def test_a_small_run_delivers_every_change_to_every_client():
     assert (summary["deliveries"], summary["deliveries_missing"]) == (40 * 3, 0)
     assert summary["web_processes"] == 2
     assert 0 < summary["single_client_p50_ms"] and 0 < summary["fanout_p50_ms"] <= summary["fanout_p99_ms"]
+    assert summary["fanout_deliveries_per_s"] > 0 and summary["redis_publish_per_s"] > 0
+    assert summary["fanout_deliveries_vs_redis_publish"] == pytest.approx(
+        summary["fanout_deliveries_per_s"] / summary["redis_publish_per_s"], abs=2e-3)
