@@ -91,11 +91,6 @@ class RedisDispatcher:
         self._fast.add((kind, entity_id))
         self._flush_soon()
 
-    def ring_durable(self, kind: str, entity_id: str) -> None:
-        """Durable lane only: for mail this process drains itself at once (`Runtime._follow_up`)."""
-        self._durable.add((kind, entity_id))
-        self._flush_soon()
-
     def _flush_soon(self) -> None:
         if not self._flushing:
             self._flushing = True

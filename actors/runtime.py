@@ -648,16 +648,18 @@ class Runtime:
 
     def _follow_up(self, kind: str, entity_id: str) -> None:
         """Drain the recipient of mail this worker just committed, here and now, instead of
-        ringing the fast lane for some worker to pop: a rental's next step starts without a
-        Redis round trip and a wake-up in another process (each hop of a rental was ~12 ms at
-        idle, `powerbank loadtest`). It is an ordinary drain (same lock, same mailbox order), so
-        whether this worker or another applies the command changes nothing; the durable
-        doorbell still goes out, for a worker that dies before or during the drain."""
-        ring_durable = getattr(self.dispatcher, "ring_durable", None)
-        if ring_durable is None or len(self._follow_ups) >= FOLLOW_UPS_MAX:
+        ringing for some worker to pop it: a rental's next step starts without a Redis round
+        trip and a wake-up in another process (each hop of a rental was ~12 ms at idle,
+        `powerbank loadtest`). It is an ordinary drain (same lock, same mailbox order), so which
+        worker applies the command changes nothing.
+
+        No Dramatiq doorbell either: its consumer took ~40% of a loaded worker's busy time (a
+        py-spy profile under `powerbank loadtest`), and what it guards, this process dying before
+        the drain commits, the scheduler's stalled-mailbox sweep covers (pending for 2 s, swept
+        every 5 s). Past `FOLLOW_UPS_MAX` drains in flight the mail is rung as usual."""
+        if len(self._follow_ups) >= FOLLOW_UPS_MAX:
             self.ring(kind, entity_id)
             return
-        ring_durable(kind, entity_id)
         task = asyncio.get_running_loop().create_task(self._drain_follow_up(kind, entity_id))
         self._follow_ups.add(task)
         task.add_done_callback(self._follow_ups.discard)
@@ -666,7 +668,9 @@ class Runtime:
         try:
             await self.drain(kind, entity_id)
         except Exception:
-            log.exception("follow-up drain of %s/%s failed; its durable doorbell will retry", kind, entity_id)
+            # Pending still: the next look at the entity applies it, at the latest the scheduler's sweep.
+            log.exception("follow-up drain of %s/%s failed", kind, entity_id)
+            self._ring_later(kind, entity_id, delay_s=RETRY_DELAY_S)
 
     def _deliver_in_background(self, outbox_ids: list[int]) -> None:
         """The single writer's pump does not wait for MQTT: its commits' outbox rows queue here
