@@ -853,3 +853,20 @@ async def test_a_silent_station_heard_by_a_batched_heartbeat_stays_online(rt):
     result = await apply(rt, back, "MarkOffline", {"reason": "silent", "seen_before": seen_before.isoformat()})
     assert result == {"ok": True, "ignored": "seen_since"}
     assert (await station_row(rt, back)).status == "online"
+
+
+async def test_a_heartbeat_of_a_station_another_drainer_holds_goes_to_the_mailbox(rt):
+    """The batch only takes entities whose lock it gets (another process may be applying the
+    station's commands right now)."""
+    held = await make_station(rt, "ST-HB-HELD")
+    free = await make_station(rt, "ST-HB-FREE")
+    async with rt.sessions() as other:
+        await other.begin()
+        assert await rt.locks.try_lock(other, "station", held)
+        try:
+            results = await rt.apply_idle_batch("station", "Heartbeat", [heartbeat_envelope(held, 1), heartbeat_envelope(free, 1)])
+        finally:
+            await other.rollback()
+            rt.locks.release("station", held)
+    assert [r is not None for r in results] == [False, True]
+    assert await events_of(rt, held) == [] and await events_of(rt, free) == [(1, "heartbeat")]
