@@ -314,6 +314,8 @@ class Runtime:
         self._draining: set[tuple[str, str]] = set()
         self._drain_again: set[tuple[str, str]] = set()
         self._acceptor = mailbox.Acceptor(self._insert_many)
+        # Commands accepted (or sent by a handler) here and not yet applied here: see `backlog`.
+        self._unapplied = 0
 
     # --- the sending side ------------------------------------------------------------------
 
@@ -345,8 +347,19 @@ class Runtime:
         engine = self.sessions.kw["bind"]
         if engine.dialect.name != "postgresql":
             async with self.sessions.begin() as session:
-                return await mailbox.accept(session, engine.dialect.name, envelopes)
-        return await mailbox.accept_autocommit(engine, envelopes)
+                accepted = await mailbox.accept(session, engine.dialect.name, envelopes)
+        else:
+            accepted = await mailbox.accept_autocommit(engine, envelopes)
+        self._unapplied += len(accepted)
+        return accepted
+
+    def backlog(self) -> int | None:
+        """On a single writer, the commands waiting in the mailboxes: accepted (or sent by a
+        handler) in this process and not yet applied, counted in memory, so it costs no query
+        (commands left pending by an earlier run of the process are not counted). The embedded
+        broker's login gate watches it (broker/embedded.Admission). None where other processes
+        apply commands too, since this process cannot know."""
+        return max(0, self._unapplied) if self.single_writer else None
 
     async def call(
         self,
@@ -404,6 +417,7 @@ class Runtime:
                 self.locks.release(row.kind, row.entity_id)
         metrics.APPLIED_IN_CALLER.labels(row.kind).inc()
         _record_batch(row.kind, ctx)
+        self._unapplied += len(ctx.sent)
         # Nobody else can be waiting for this result: a concurrent submit of the same id either
         # found the row and reads it, or made this insert fail. So only the effects go out.
         ctx.settled = []
@@ -489,6 +503,7 @@ class Runtime:
         metrics.APPLIED_IN_CALLER.labels(kind).inc(len(rows))
         ctx.settled = rows
         _record_batch(kind, ctx)
+        self._unapplied += len(ctx.sent)
         for row in rows:
             metrics.APPLY_SECONDS.labels(kind).observe(elapsed_s / len(rows))
         # Nobody waits for these results (a concurrent submit of the same id would have made
@@ -648,6 +663,7 @@ class Runtime:
                 if kind is not None:
                     self.locks.release(kind, entity_id)
         _record_batch(kind or metrics.ALL_KINDS, ctx)
+        self._unapplied += len(ctx.sent) - len(ctx.settled)
         if rows:
             await self._after_commit(ctx)
         for retry_kind, retry_entity in ctx.retry:
