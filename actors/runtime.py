@@ -463,9 +463,8 @@ class Runtime:
         for index, envelope in enumerate(envelopes):
             first.setdefault(envelope.entity_id, index)
         locked: set[str] = set()
-        ctx = ActorContext(session=None, now=utcnow())  # type: ignore[arg-type]
         async with self.sessions() as session:
-            ctx.session = session
+            ctx = ActorContext(session=session, now=utcnow())
             await session.begin()
             try:
                 locked = await self.locks.try_lock_many(session, kind, list(first))
