@@ -165,6 +165,8 @@ async def _start_mqtt_parts(backend: Backend) -> None:
         from powerbank.broker.embedded import start_embedded_broker
 
         backend.broker_handle = await start_embedded_broker(settings, services.sessions, readonly=services.readonly)
+        if services.runtime.single_writer:  # logins at the pace the one writer applies boots
+            backend.broker_handle.authority.admission.mailbox_backlog = services.runtime.backlog
     if backend.roles & {"mqtt", "worker", "scheduler"}:
         # The bridge subscribes to stations only in the mqtt role; elsewhere it just publishes
         # the outbox (eject commands, config) through its own client.

@@ -162,6 +162,48 @@ async def has_pending(session: AsyncSession, kind: str, entity_id: str) -> bool:
     return (await session.execute(_HAS_PENDING, {"kind": kind, "entity_id": entity_id})).first() is not None
 
 
+async def pending_entities(session: AsyncSession, kind: str, entity_ids: list[str]) -> set[str]:
+    """Which of these entities have a command pending (one statement)."""
+    if not entity_ids:
+        return set()
+    rows = await session.execute(
+        select(TABLE.c.entity_id).distinct()
+        .where(TABLE.c.status == PENDING, TABLE.c.kind == kind, TABLE.c.entity_id.in_(entity_ids))
+    )
+    return {entity_id for (entity_id,) in rows.all()}
+
+
+async def existing_command_ids(session: AsyncSession, kind: str, command_ids: list[str]) -> set[str]:
+    """Which of these command ids the mailbox has (in any status)."""
+    if not command_ids:
+        return set()
+    rows = await session.execute(
+        select(TABLE.c.command_id).where(TABLE.c.kind == kind, TABLE.c.command_id.in_(command_ids))
+    )
+    return {command_id for (command_id,) in rows.all()}
+
+
+def _insert_applied_many_statement(dialect_name: str):
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    return (
+        dialect.insert(TABLE)
+        .on_conflict_do_nothing(index_elements=["kind", "command_id"])
+        .returning(TABLE.c.command_id)
+    )
+
+
+async def insert_applied_many(session: AsyncSession, rows: list[Pending]) -> int:
+    """Record commands accepted and applied in this transaction; how many were inserted (fewer
+    than given when a command id exists already: the caller must then roll back)."""
+    values = [
+        dict(kind=r.kind, entity_id=r.entity_id, command_id=r.command_id, name=r.name, payload=r.payload,
+             status=r.status, result=r.result, attempts=r.attempts, accepted_at=r.accepted_at, applied_at=r.applied_at)
+        for r in rows
+    ]
+    result = await session.execute(_insert_applied_many_statement(session.bind.dialect.name), values)
+    return len(result.all())
+
+
 _INSERT_APPLIED = {
     name: dialect.insert(TABLE)
     .values({column: bindparam(column) for column in (

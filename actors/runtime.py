@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[["ActorContext", str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 BatchHandler = Callable[["ActorContext", str, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
+IdleBatchHandler = Callable[["ActorContext", list[tuple[str, dict[str, Any]]]], Awaitable[list[dict[str, Any] | None]]]
 HANDLERS: dict[tuple[str, str], Handler] = {}
 BATCH_HANDLERS: dict[tuple[str, str], BatchHandler] = {}
+IDLE_BATCH_HANDLERS: dict[tuple[str, str], IdleBatchHandler] = {}
 DEFAULT_BATCH_SIZE = 256
 # An unexpected error (a lost race on a unique key, a dropped connection) is retried this many
 # times, in order, before the command is marked failed and its mailbox moves on.
@@ -82,6 +84,21 @@ def handles_batch(kind: str, name: str) -> Callable[[BatchHandler], BatchHandler
 
     def register(fn: BatchHandler) -> BatchHandler:
         BATCH_HANDLERS[(kind, name)] = fn
+        return fn
+
+    return register
+
+
+def handles_idle_batch(kind: str, name: str) -> Callable[[IdleBatchHandler], IdleBatchHandler]:
+    """Register a function that applies one `name` command to each of many *idle* entities of
+    `kind` at once (`Runtime.apply_idle_batch`): it gets (entity id, payload) pairs, one per
+    entity, each entity locked with an empty mailbox, and returns per pair either a result (it
+    applied the command, with a few set-based statements for the whole batch) or None (it
+    declined: that command goes to the mailbox as usual, so a declined command must leave no
+    write behind)."""
+
+    def register(fn: IdleBatchHandler) -> IdleBatchHandler:
+        IDLE_BATCH_HANDLERS[(kind, name)] = fn
         return fn
 
     return register
@@ -193,6 +210,10 @@ class EntityLocks(Protocol):
         to undo but the transaction."""
         ...
 
+    async def try_lock_many(self, session: AsyncSession, kind: str, entity_ids: list[str]) -> set[str]:
+        """Lock as many of the entities as are free; the ones locked. Each must be released."""
+        ...
+
     def release(self, kind: str, entity_id: str) -> None: ...
 
 
@@ -220,8 +241,18 @@ class AdvisoryLocks:
         row = (await session.execute(_LOCK_IF_IDLE, {"key": lock_key(kind, entity_id), "kind": kind, "entity_id": entity_id})).one()
         return bool(row.locked) and not row.pending
 
+    async def try_lock_many(self, session: AsyncSession, kind: str, entity_ids: list[str]) -> set[str]:
+        by_key = {lock_key(kind, entity_id): entity_id for entity_id in entity_ids}
+        rows = await session.execute(_LOCK_MANY, {"keys": list(by_key)})
+        return {by_key[key] for (key,) in rows.all()}
+
     def release(self, kind: str, entity_id: str) -> None:
         return None
+
+
+_LOCK_MANY = text(
+    "SELECT key FROM unnest(CAST(:keys AS bigint[])) AS given(key) WHERE pg_try_advisory_xact_lock(given.key)"
+)
 
 
 class ProcessLocks:
@@ -239,6 +270,9 @@ class ProcessLocks:
 
     async def try_lock_idle(self, session: AsyncSession, kind: str, entity_id: str) -> bool:
         return await self.try_lock(session, kind, entity_id) and not await mailbox.has_pending(session, kind, entity_id)
+
+    async def try_lock_many(self, session: AsyncSession, kind: str, entity_ids: list[str]) -> set[str]:
+        return {entity_id for entity_id in entity_ids if await self.try_lock(session, kind, entity_id)}
 
     def release(self, kind: str, entity_id: str) -> None:
         self._held.discard((kind, entity_id))
@@ -285,6 +319,8 @@ class Runtime:
         # A worker applies the mail its own commits sent (see `_follow_up`); off elsewhere.
         self.follow_up_locally = False
         self._follow_ups: set[asyncio.Task] = set()
+        # Commands accepted (or sent by a handler) here and not yet applied here: see `backlog`.
+        self._unapplied = 0
 
     # --- the sending side ------------------------------------------------------------------
 
@@ -316,8 +352,19 @@ class Runtime:
         engine = self.sessions.kw["bind"]
         if engine.dialect.name != "postgresql":
             async with self.sessions.begin() as session:
-                return await mailbox.accept(session, engine.dialect.name, envelopes)
-        return await mailbox.accept_autocommit(engine, envelopes)
+                accepted = await mailbox.accept(session, engine.dialect.name, envelopes)
+        else:
+            accepted = await mailbox.accept_autocommit(engine, envelopes)
+        self._unapplied += len(accepted)
+        return accepted
+
+    def backlog(self) -> int | None:
+        """On a single writer, the commands waiting in the mailboxes: accepted (or sent by a
+        handler) in this process and not yet applied, counted in memory, so it costs no query
+        (commands left pending by an earlier run of the process are not counted). The embedded
+        broker's login gate watches it (broker/embedded.Admission). None where other processes
+        apply commands too, since this process cannot know."""
+        return max(0, self._unapplied) if self.single_writer else None
 
     async def call(
         self,
@@ -375,6 +422,7 @@ class Runtime:
                 self.locks.release(row.kind, row.entity_id)
         metrics.APPLIED_IN_CALLER.labels(row.kind).inc()
         _record_batch(row.kind, ctx)
+        self._unapplied += len(ctx.sent)
         # Nobody else can be waiting for this result: a concurrent submit of the same id either
         # found the row and reads it, or made this insert fail. So only the effects go out.
         ctx.settled = []
@@ -397,6 +445,78 @@ class Runtime:
             return None
         await user_events.record(session, ctx.notifications, ctx.now)
         return ctx
+
+    async def apply_idle_batch(self, kind: str, name: str, envelopes: list[Envelope]) -> list[dict[str, Any] | None]:
+        """The idle fast path for many entities at once: in one transaction, the commands of
+        the entities that are free (their lock taken) and have nothing pending are applied by
+        the kind's `handles_idle_batch` handler and recorded as applied commands, with set-based
+        statements for the whole batch. Returns each envelope's result, or None for the ones
+        left alone (an entity busy, with mail, named twice, a command id seen before, or
+        declined by the handler): the caller submits those as usual.
+
+        Why the promises hold: this is `call`'s idle fast path (docs/actors.md) per entity. The
+        command is applied under the entity's lock, after a read (its own statement, after the
+        lock) found its mailbox empty, so it is the command the entity would apply next; it is
+        recorded as applied in the same transaction as its effect (a crash keeps both or
+        neither); its id is unique, so a repeat finds the row and is a duplicate. On a single
+        writer the write transaction itself excludes the pump."""
+        handler = IDLE_BATCH_HANDLERS.get((kind, name))
+        results: list[dict[str, Any] | None] = [None] * len(envelopes)
+        if handler is None or not envelopes:
+            return results
+        first: dict[str, int] = {}
+        for index, envelope in enumerate(envelopes):
+            first.setdefault(envelope.entity_id, index)
+        locked: set[str] = set()
+        async with self.sessions() as session:
+            ctx = ActorContext(session=session, now=utcnow())
+            await session.begin()
+            try:
+                locked = await self.locks.try_lock_many(session, kind, list(first))
+                idle = locked - await mailbox.pending_entities(session, kind, list(locked))
+                seen = await mailbox.existing_command_ids(session, kind, [envelopes[i].command_id for i in first.values()])
+                chosen = [i for e, i in first.items() if e in idle and envelopes[i].command_id not in seen]
+                if not chosen:
+                    await session.rollback()
+                    return results
+                started = time.perf_counter()
+                answers = await handler(ctx, [(envelopes[i].entity_id, envelopes[i].payload) for i in chosen])
+                if len(answers) != len(chosen):
+                    raise RuntimeError(f"{(kind, name)} answered {len(answers)} of {len(chosen)} commands")
+                rows = [
+                    Pending(0, kind, envelopes[i].entity_id, envelopes[i].command_id, name, envelopes[i].payload, 0,
+                            ctx.now, status="applied", result=answer or {"ok": True}, applied_at=ctx.now, changed=True)
+                    for i, answer in zip(chosen, answers) if answer is not None
+                ]
+                if not rows or ctx.outbox_ids:
+                    await session.rollback()
+                    return results
+                if await mailbox.insert_applied_many(session, rows) != len(rows):
+                    # A command id accepted meanwhile elsewhere: leave all of it to the mailbox.
+                    await session.rollback()
+                    return results
+                await user_events.record(session, ctx.notifications, ctx.now)
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+            finally:
+                for entity_id in locked:
+                    self.locks.release(kind, entity_id)
+        elapsed_s = time.perf_counter() - started
+        metrics.APPLIED_IN_CALLER.labels(kind).inc(len(rows))
+        ctx.settled = rows
+        _record_batch(kind, ctx)
+        self._unapplied += len(ctx.sent)
+        for row in rows:
+            metrics.APPLY_SECONDS.labels(kind).observe(elapsed_s / len(rows))
+        # Nobody waits for these results (a concurrent submit of the same id would have made
+        # the insert fail), so only the effects go out, as in `call`'s fast path.
+        ctx.settled = []
+        await self._after_commit(ctx)
+        by_command = {row.command_id: row.result for row in rows}
+        return [by_command.get(envelope.command_id) if first[envelope.entity_id] == index else None
+                for index, envelope in enumerate(envelopes)]
 
     async def _await_result(self, subscription, kind: str, command_id: str, timeout_s: float):
         try:
@@ -547,6 +667,7 @@ class Runtime:
                 if kind is not None:
                     self.locks.release(kind, entity_id)
         _record_batch(kind or metrics.ALL_KINDS, ctx)
+        self._unapplied += len(ctx.sent) - len(ctx.settled)
         if rows:
             await self._after_commit(ctx)
         for retry_kind, retry_entity in ctx.retry:

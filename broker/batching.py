@@ -58,3 +58,53 @@ class BatchedLookup(Generic[K, V]):
             for key, future in batch.items():
                 if not future.done():
                     future.set_result(found.get(key))
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatchedCalls(Generic[T, R]):
+    """`await calls.run(item)` from many tasks; `run_many(items)` runs once per batch and
+    returns one answer per item, in order. One batch is in flight at a time; items given
+    meanwhile wait for the next, so the busier the callee, the bigger its batches (group
+    commit). An error fails that batch's callers only."""
+
+    def __init__(self, run_many: Callable[[list[T]], Awaitable[list[R]]], *, max_items: int = MAX_KEYS_PER_QUERY) -> None:
+        self._run_many = run_many
+        self._max_items = max_items
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task | None = None
+        self.batches = 0
+
+    async def run(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._waiting.append((item, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let the other calls of this turn join
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self._max_items], self._waiting[self._max_items:]
+            self.batches += 1
+            try:
+                answers = await self._run_many([item for item, _ in batch])
+            except Exception as error:  # noqa: BLE001 - handed to exactly the callers it concerns
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), answer in zip(batch, answers):
+                if not future.done():
+                    future.set_result(answer)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        waiting, self._waiting = self._waiting, []
+        for _, future in waiting:
+            future.cancel()

@@ -39,7 +39,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from powerbank.actors.runtime import Runtime
 from powerbank.broker import mqtt
-from powerbank.broker.batching import BatchedLookup
+from powerbank.actors.mailbox import Envelope
+from powerbank.broker.batching import BatchedCalls, BatchedLookup
 from powerbank.broker.protocol import (
     UNKNOWN_STATION,
     UNKNOWN_TOPIC,
@@ -144,6 +145,7 @@ class StationBridge:
         deliver_wait_s: float = 5.0,
         deliver_concurrency: int = 256,
         readonly: async_sessionmaker[AsyncSession] | None = None,
+        batch_heartbeats: bool = True,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -179,6 +181,10 @@ class StationBridge:
         self._id_lookup: BatchedLookup[str, str] = BatchedLookup(self._station_ids_of)
         self._unknown_until: dict[str, float] = {}
         self._stopping = False
+        # Heartbeats of idle online stations, applied many per transaction (`_apply_heartbeats`).
+        self.batch_heartbeats = batch_heartbeats
+        self._heartbeats: BatchedCalls[tuple[str, Submission], bool] = BatchedCalls(self._apply_heartbeats)
+        self.heartbeats_batched = 0
 
     @property
     def malformed_count(self) -> int:
@@ -212,6 +218,7 @@ class StationBridge:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._heartbeats.close()
         self._lanes.clear()
         self._supervisor = self._outbox_pump = None
 
@@ -299,13 +306,34 @@ class StationBridge:
             await self._reject(serial, Rejection(UNKNOWN_STATION, serial, getattr(message, "seq", None)))
             return
         submission = submission_for(serial, message, received_at)
-        if not await self._submit(station_id, submission):
+        if not await self._applied_at_once(station_id, submission) and not await self._submit(station_id, submission):
             return  # not durable, so no ack: the station re-sends it
         self.accepted += 1
         MESSAGES_ACCEPTED.labels(submission.payload["type"]).inc()
         if submission.ack_seq is not None:
             if await self._publish(self.topics.commands(serial), encode(Ack(seq=submission.ack_seq))):
                 self.acks_sent += 1
+
+    async def _applied_at_once(self, station_id: str, submission: Submission) -> bool:
+        """A heartbeat of an online station with nothing pending is applied with the others
+        that arrive meanwhile, in one transaction (`Runtime.apply_idle_batch`); True when it
+        was. Any other, or on any error, goes through the mailbox as usual (False)."""
+        if not self.batch_heartbeats or submission.name != "Heartbeat":
+            return False
+        try:
+            return await self._heartbeats.run((station_id, submission))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("batched heartbeats failed, sending them to the mailbox: %r", exc)
+            return False
+
+    async def _apply_heartbeats(self, items: list[tuple[str, Submission]]) -> list[bool]:
+        envelopes = [Envelope("station", station_id, s.name, s.payload, s.command_id) for station_id, s in items]
+        results = await self.runtime.apply_idle_batch("station", "Heartbeat", envelopes)
+        applied = [result is not None for result in results]
+        self.heartbeats_batched += sum(applied)
+        return applied
 
     async def _submit(self, station_id: str, submission: Submission) -> bool:
         for attempt in range(self.submit_attempts):

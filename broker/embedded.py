@@ -78,6 +78,9 @@ VERIFIED_CACHE_SIZE = 50_000
 # (fanned out and not yet acknowledged by it, or not yet fanned out), for at most
 # ADMISSION_WAIT_MAX_S; then it is refused and the station tries again later (see `Admission`).
 ADMISSION_BACKLOG_MAX = 400
+# ... and while more than this many commands wait in the mailboxes of a single writer (the
+# embedded default), each login being about one boot to apply: see `Admission`.
+ADMISSION_MAILBOX_MAX = 1000
 ADMISSION_WAIT_MAX_S = 3.0
 ADMISSION_TICK_S = 0.05
 ADMISSIONS_PER_TICK_MAX = 50
@@ -167,19 +170,32 @@ class Admission:
     ADMISSION_BACKLOG_MAX; waiting logins are let in in arrival order, at most
     ADMISSIONS_PER_TICK_MAX every ADMISSION_TICK_S, and one that waited ADMISSION_WAIT_MAX_S
     is refused (reason `busy`): the station logs in again after its back-off, which costs the
-    backend a TCP connection and a cached password check, not a boot."""
+    backend a TCP connection and a cached password check, not a boot.
+
+    The same holds one step further on a single writer (the embedded default): a boot the bridge
+    has submitted still waits in the mailbox until the one writer applies it, and a station
+    whose boot waits keeps sending heartbeats, which queue behind the boot (they must follow it)
+    and cost the writer a command each. 10,000 stations admitted as fast as the bridge took
+    their boots left the writer minutes behind, stations waiting longer than the 90 s after
+    which the scheduler takes them for silent, and 6,177 online at the end (`powerbank bench
+    stations`). So with `mailbox_backlog` (the runtime's in-memory count of commands waiting),
+    a login also waits while more than `mailbox_max` commands wait: logins then come at the
+    pace boots are applied."""
 
     def __init__(self, backlog=lambda: 0, *, backlog_max: int = ADMISSION_BACKLOG_MAX,
-                 wait_max_s: float = ADMISSION_WAIT_MAX_S) -> None:
+                 wait_max_s: float = ADMISSION_WAIT_MAX_S, mailbox_backlog=None,
+                 mailbox_max: int = ADMISSION_MAILBOX_MAX) -> None:
         self.backlog = backlog
         self.backlog_max = backlog_max
+        self.mailbox_backlog = mailbox_backlog
+        self.mailbox_max = mailbox_max
         self.wait_max_s = wait_max_s
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._ticker: asyncio.Task | None = None
 
     async def enter(self) -> bool:
         """True once there is room (at once when nobody waits and the backlog is small)."""
-        if not self._waiting and self.backlog() <= self.backlog_max:
+        if not self._waiting and self.room() >= 0:
             return True
         turn = asyncio.get_running_loop().create_future()
         self._waiting.append(turn)
@@ -196,7 +212,7 @@ class Admission:
     async def _let_in(self) -> None:
         """Every tick, let in as many waiting logins as the backlog has room for."""
         while self._waiting:
-            room = min(ADMISSIONS_PER_TICK_MAX, self.backlog_max - self.backlog())
+            room = min(ADMISSIONS_PER_TICK_MAX, self.room())
             while room > 0 and self._waiting:
                 turn = self._waiting.popleft()
                 if not turn.done():
@@ -204,6 +220,14 @@ class Admission:
                     room -= 1
             if self._waiting:
                 await asyncio.sleep(ADMISSION_TICK_S)
+
+    def room(self) -> int:
+        """How many more logins the backend takes now (negative: it is over its limit)."""
+        room = self.backlog_max - self.backlog()
+        waiting = self.mailbox_backlog() if self.mailbox_backlog is not None else None
+        if waiting is not None:
+            room = min(room, self.mailbox_max - waiting)
+        return room
 
     def close(self) -> None:
         if self._ticker is not None:

@@ -399,6 +399,24 @@ async def test_the_single_writer_pump_keeps_each_transaction_short_and_applies_e
     await engine.dispose()
 
 
+async def test_a_single_writer_counts_the_commands_waiting_without_a_query(tmp_path):
+    """The embedded broker's login gate watches this count (embedded.Admission): accepted
+    commands and follow-ups add to it, applied or failed ones take from it."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'count.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    pump = Runtime(session_factory(engine), bus=LocalBus(), dispatcher=None, locks=None, single_writer=True)
+    for n in range(3):
+        await pump.submit("wallet", f"count-{n}", "TestSlow", {}, f"count:{n}")
+    await pump.submit("wallet", "count-0", "TestSlow", {}, "count:0")  # a duplicate adds nothing
+    await pump.submit("wallet", "count-9", "NoSuchCommand", {}, "count:unknown")  # fails, still counted
+    assert pump.backlog() == 4
+    await pump.drain("wallet", "count-0")
+    assert pump.backlog() == 0
+    assert Runtime(session_factory(engine), bus=LocalBus(), single_writer=False).backlog() is None
+    await engine.dispose()
+
+
 class _CountingDispatcher:
     def __init__(self) -> None:
         self.rings: list[tuple[str, str]] = []

@@ -339,3 +339,36 @@ async def test_the_outbox_leaves_in_commit_order_per_station_and_stations_at_onc
         await bridge.deliver(rows)
     assert [n for topic, n in started if topic == "pb/S1/commands"] == [1, 4]  # 7 and 10 wait behind 4
     assert len(started) == 2 + 4 + 4
+
+
+async def test_heartbeats_of_online_stations_are_applied_in_batches_and_acknowledged(stack):
+    """Heartbeats of stations already online skip the mailbox queue: the bridge applies those
+    arriving together in one transaction (Runtime.apply_idle_batch), still one applied command
+    and one event row each, acknowledged once committed."""
+    knobs = FaultKnobs(resend_after_s=1.0, charge_tick_s=0.05, charge_percent_per_minute=0)
+    async with running_fleet(stack, n_stations=3, knobs=knobs) as (fleet, specs):
+        for sim in fleet:
+            await sim.wait_until(lambda sim=sim: sim.config is not None)
+        await stack.dispatcher.settle()
+        for sim in fleet:
+            sim.heartbeat_interval_s = 0.1
+        await eventually(lambda: _at_least(stack.bridge.heartbeats_batched, 9), timeout_s=15)
+        for sim in fleet:
+            sim.heartbeat_interval_s = 3600
+        await asyncio.sleep(0.3)
+        await stack.dispatcher.settle()
+        beats = await commands(stack, "station", "Heartbeat")
+        assert beats and all(c.status == "applied" for c in beats)
+        async with stack.sessions() as db:
+            recorded = {(str(s), q) for s, q in (await db.execute(
+                select(StationEvent.station_id, StationEvent.seq).where(StationEvent.kind == "heartbeat"))).all()}
+        by_serial = {spec.serial: spec.station_id for spec in specs}
+        assert recorded == {(by_serial[c.payload["serial"]], c.payload["seq"]) for c in beats}
+        for sim in fleet:
+            row = await station_row(stack, sim.serial)
+            assert row.status == "online" and row.last_event_seq == sim.seq and row.last_heartbeat_at is not None
+            assert {c.payload["seq"] for c in beats if c.payload["serial"] == sim.serial} <= sim.acked
+
+
+async def _at_least(value, wanted):
+    return value >= wanted

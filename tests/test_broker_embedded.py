@@ -328,6 +328,27 @@ async def test_logins_wait_while_the_bridge_is_behind_are_let_in_in_order_and_re
     admission.close()
 
 
+async def test_logins_also_wait_while_the_single_writer_has_many_commands_waiting():
+    """On the embedded default a boot the bridge took still waits for the one writer; a station
+    admitted meanwhile heartbeats behind it. Logins come at the pace commands are applied."""
+    waiting_commands = [0]
+    admission = embedded.Admission(lambda: 0, backlog_max=10, wait_max_s=0.3,
+                                   mailbox_backlog=lambda: waiting_commands[0], mailbox_max=5)
+    assert admission.room() == 5 and await admission.enter()
+    waiting_commands[0] = 6  # the writer is behind
+    assert admission.room() == -1
+    late = asyncio.ensure_future(admission.enter())
+    await asyncio.sleep(0.1)
+    assert not late.done()
+    waiting_commands[0] = 2  # it caught up
+    assert await late
+    waiting_commands[0] = 9
+    assert not await admission.enter()  # it stayed behind: refused, the station comes back later
+    admission.mailbox_backlog = lambda: None  # a runtime that cannot tell: only the bridge counts
+    assert admission.room() == 10
+    admission.close()
+
+
 async def test_a_station_login_is_refused_as_busy_when_the_bridge_stays_behind(stack, monkeypatch):
     a = stack.specs[0]
     authority = stack.embedded.authority

@@ -783,3 +783,118 @@ async def test_a_service_eject_is_refused_for_an_empty_ejecting_or_reserved_slot
     outcome = await apply_outcome(rt, offline, "ServiceEject", {"slot": 1, "reason": "x"})
     assert outcome.result == {"ok": False, "reason": "station_offline", "slot": 1}
     assert (await bank(rt, "PB-9")).status == "in_slot"
+
+
+# --- heartbeats of idle online stations, many per transaction ------------------------------------
+
+
+def heartbeat_envelope(station_id, seq, received_at=None, ts_ms=None):
+    from powerbank.actors.mailbox import Envelope
+
+    received_at = received_at or utcnow()
+    payload = {"type": "heartbeat", **event(seq, ts_ms=ts_ms, uptime_s=60), "received_at": received_at.isoformat()}
+    return Envelope("station", station_id, "Heartbeat", payload, f"evt:{station_id}:{seq}")
+
+
+async def station_row(rt, station_id) -> Station:
+    async with rt.sessions() as db:
+        return await db.get(Station, uuid.UUID(station_id))
+
+
+async def events_of(rt, station_id) -> list[tuple[int, str]]:
+    async with rt.sessions() as db:
+        rows = await db.execute(
+            select(StationEvent.seq, StationEvent.kind).where(StationEvent.station_id == uuid.UUID(station_id))
+            .order_by(StationEvent.seq)
+        )
+        return [tuple(row) for row in rows.all()]
+
+
+async def test_heartbeats_of_idle_online_stations_are_applied_together_exactly_as_the_actor_would(rt):
+    """The batch writes what `heartbeat` writes through the mailbox (a twin station gets the same
+    heartbeat that way), records each as an applied command, and a repeat is a duplicate."""
+    batched = await make_station(rt, "ST-HB-BATCH", [("PB-HBB", 90)])
+    twin = await make_station(rt, "ST-HB-TWIN", [("PB-HBT", 90)])
+    received_at = utcnow()
+    station_ts = epoch_ms(received_at) - 4000  # the station's clock is 4 s behind
+    [result] = await rt.apply_idle_batch("station", "Heartbeat", [heartbeat_envelope(batched, 9, received_at, station_ts)])
+    twin_envelope = heartbeat_envelope(twin, 9, received_at, station_ts)
+    twin_result = await apply(rt, twin, "Heartbeat", twin_envelope.payload, twin_envelope.command_id)
+    assert result == twin_result == {"ok": True, "seq": 9, "clock_offset_ms": 4000}
+    one, other = await station_row(rt, batched), await station_row(rt, twin)
+    fields = ("status", "last_seen_at", "last_heartbeat_at", "clock_offset_ms", "last_event_seq")
+    assert [getattr(one, f) for f in fields] == [getattr(other, f) for f in fields]
+    assert one.last_heartbeat_at == received_at and one.last_event_seq == 9
+    assert await events_of(rt, batched) == await events_of(rt, twin) == [(9, "heartbeat")]
+    outcome = await rt.outcome("station", f"evt:{batched}:9")
+    assert (outcome.status, outcome.result) == ("applied", result)
+    # The same command again: not applied twice, and the mailbox answers it as a duplicate.
+    assert await rt.apply_idle_batch("station", "Heartbeat", [heartbeat_envelope(batched, 9)]) == [None]
+    again = await rt.submit("station", batched, "Heartbeat", heartbeat_envelope(batched, 9).payload, f"evt:{batched}:9")
+    assert again.duplicate and again.result == result
+
+
+async def test_a_heartbeat_the_batch_cannot_take_is_left_untouched_for_the_mailbox(rt):
+    """Offline, parked or unknown stations change status (history, map update), a station with
+    mail must hear its commands in order, a seq seen before is a duplicate: all declined, with
+    nothing written, and the mailbox applies them as before."""
+    idle = await make_station(rt, "ST-HB-IDLE")
+    offline = await make_station(rt, "ST-HB-OFF", status="offline")
+    parked = await make_station(rt, "ST-HB-PARK", status="maintenance")
+    busy = await make_station(rt, "ST-HB-BUSY")
+    resent = await make_station(rt, "ST-HB-SEEN")
+    await apply(rt, resent, "BankInserted", event(5, slot=1, bank="PB-HBS", charge=50))
+    await rt.submit("station", busy, "MarkOffline", {"reason": "last_will"}, "t:busy-offline")  # pending
+    unknown = str(uuid.uuid4())
+    envelopes = [heartbeat_envelope(idle, 1), heartbeat_envelope(offline, 1), heartbeat_envelope(parked, 1),
+                 heartbeat_envelope(busy, 1), heartbeat_envelope(resent, 5), heartbeat_envelope(unknown, 1),
+                 heartbeat_envelope(idle, 2)]  # the same station twice: only its first
+    results = await rt.apply_idle_batch("station", "Heartbeat", envelopes)
+    assert [r is not None for r in results] == [True, False, False, False, False, False, False]
+    for station_id in (offline, parked, busy):
+        assert await events_of(rt, station_id) == []
+        assert await rt.outcome("station", f"evt:{station_id}:1") is None
+    # Through the mailbox, as ever: the offline station comes back, the busy one goes offline
+    # first and then comes back, in the order it said so.
+    for envelope in (envelopes[1], envelopes[3]):
+        await apply(rt, envelope.entity_id, "Heartbeat", envelope.payload, envelope.command_id)
+    assert (await station_row(rt, offline)).status == "online"
+    assert await status_changes(rt, busy) == [("online", "offline", "last_will"), ("offline", "online", "heartbeat")]
+
+
+async def test_a_silent_station_heard_by_a_batched_heartbeat_stays_online(rt):
+    """The offline detector judged by a last-seen time; a batched heartbeat that moved it since
+    makes its MarkOffline a no-op, exactly as a heartbeat through the mailbox does."""
+    station_id = await make_station(rt, "ST-HB-RACE")
+    later = utcnow() + timedelta(seconds=91)
+    assert await mark_silent_stations_offline(rt, now=later) == 1  # MarkOffline now pending
+    # While it is pending the heartbeat is not taken by the batch (it must follow the command).
+    assert await rt.apply_idle_batch("station", "Heartbeat", [heartbeat_envelope(station_id, 1, later)]) == [None]
+    await rt.drain("station", station_id)
+    assert (await station_row(rt, station_id)).status == "offline"
+    # The other order: the detector reads, a batched heartbeat lands, then its MarkOffline.
+    back = await make_station(rt, "ST-HB-RACE2")
+    async with rt.sessions() as db:
+        seen_before = (await db.get(Station, uuid.UUID(back))).last_seen_at
+    [applied] = await rt.apply_idle_batch("station", "Heartbeat", [heartbeat_envelope(back, 1, later)])
+    assert applied is not None
+    result = await apply(rt, back, "MarkOffline", {"reason": "silent", "seen_before": seen_before.isoformat()})
+    assert result == {"ok": True, "ignored": "seen_since"}
+    assert (await station_row(rt, back)).status == "online"
+
+
+async def test_a_heartbeat_of_a_station_another_drainer_holds_goes_to_the_mailbox(rt):
+    """The batch only takes entities whose lock it gets (another process may be applying the
+    station's commands right now)."""
+    held = await make_station(rt, "ST-HB-HELD")
+    free = await make_station(rt, "ST-HB-FREE")
+    async with rt.sessions() as other:
+        await other.begin()
+        assert await rt.locks.try_lock(other, "station", held)
+        try:
+            results = await rt.apply_idle_batch("station", "Heartbeat", [heartbeat_envelope(held, 1), heartbeat_envelope(free, 1)])
+        finally:
+            await other.rollback()
+            rt.locks.release("station", held)
+    assert [r is not None for r in results] == [False, True]
+    assert await events_of(rt, held) == [] and await events_of(rt, free) == [(1, "heartbeat")]
